@@ -1,0 +1,159 @@
+"""Calibration: input covariances of every layer's K/V projections, and the factor file built from them.
+
+Runs the checkpoint in plain transformers (no vLLM) over calibration text. Results are cached on disk under
+``$VLLM_KVC_CACHE`` (default ``~/.cache/vllm_kvc``):
+
+- ``cov/<key>.safetensors``: per-layer covariance, keyed by the checkpoint and the calibration settings;
+- ``factors/<key>.safetensors``: per-layer ``A_k, B_k, A_v, B_v`` for every head group, keyed by the
+  checkpoint, the calibration and the plan (ranks, group size, factorization, rotation).
+
+The vLLM plugin loads the factor file (building it first if missing, under a file lock so that
+tensor-parallel workers compute it once).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from vllm_kvc.checkpoints import cache_root
+from vllm_kvc.config import CalibrationConfig, CompressionConfig
+from vllm_kvc.factorize import group_factors
+from vllm_kvc.plan import CompressionPlan
+
+log = logging.getLogger("vllm_kvc")
+FACTOR_FORMAT = 2
+
+
+def checkpoint_fingerprint(model_dir: str) -> str:
+    p = Path(model_dir)
+    h = hashlib.sha256()
+    h.update((p / "config.json").read_bytes() if (p / "config.json").exists() else model_dir.encode())
+    for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _load_hf(model_dir: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if dev == "cpu" else torch.bfloat16)
+    return tok, model.to(dev).eval()
+
+
+def _attn_modules(model):
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def compute_covariances(model, tok, calib: CalibrationConfig) -> torch.Tensor:
+    from vllm_kvc.corpus import load_text, token_chunks
+
+    chunks = token_chunks(tok, load_text(calib.corpus, "calibration"), calib.tokens, calib.seq_len)
+    attn = _attn_modules(model)
+    hidden = model.config.hidden_size
+    covs = torch.zeros(len(attn), hidden, hidden, dtype=torch.float64)
+    count = 0
+    hooks = []
+    for i, a in enumerate(attn):
+        def hook(mod, args, i=i):
+            x = args[0].reshape(-1, hidden).double().cpu()
+            covs[i] += x.t() @ x
+        hooks.append(a.k_proj.register_forward_pre_hook(hook))
+    t0 = time.time()
+    dev = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for n, ids in enumerate(chunks):
+                model(torch.tensor([ids], device=dev))
+                count += len(ids)
+                log.info("calibration %d/%d chunks (%.0f s)", n + 1, len(chunks), time.time() - t0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return covs / count
+
+
+def covariance_path(model_dir: str, calib: CalibrationConfig) -> Path:
+    return cache_root() / "cov" / f"{_key(checkpoint_fingerprint(model_dir), calib.model_dump())}.safetensors"
+
+
+def factors_path(model_dir: str, cfg: CompressionConfig, plan: CompressionPlan) -> Path:
+    key = _key(FACTOR_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(), cfg.factorization,
+               plan.group_size, plan.ranks_k, plan.ranks_v, plan.latent_dtype == "int8")
+    return cache_root() / "factors" / f"{key}.safetensors"
+
+
+def build_factors(model_dir: str, cfg: CompressionConfig, plan: CompressionPlan) -> Path:
+    """Compute (or find in the cache) the factor file of this checkpoint, calibration and plan."""
+    from safetensors.torch import load_file, save_file
+
+    out = factors_path(model_dir, cfg, plan)
+    if out.exists():
+        return out
+    with _file_lock(out):
+        if out.exists():
+            return out
+        tok, model = _load_hf(model_dir)
+        covs = None
+        if cfg.factorization == "whitened":
+            cpath = covariance_path(model_dir, cfg.calibration)
+            with _file_lock(cpath):
+                if cpath.exists():
+                    covs = load_file(str(cpath))["cov"].double()
+                else:
+                    covs = compute_covariances(model, tok, cfg.calibration)
+                    save_file({"cov": covs.float()}, str(cpath))
+        hd, gs = plan.shape.head_dim, plan.group_size
+        rotate = plan.latent_dtype == "int8"
+        tensors = {}
+        t0 = time.time()
+        for i, a in enumerate(_attn_modules(model)):
+            cov = covs[i] if covs is not None else None
+            for kind, proj, rank in (("k", a.k_proj, plan.ranks_k[i]), ("v", a.v_proj, plan.ranks_v[i])):
+                A, B = group_factors(proj.weight.detach().float().cpu(), gs, hd, rank, cov, rotate)
+                tensors[f"{i}.a_{kind}"] = A.float().contiguous()
+                tensors[f"{i}.b_{kind}"] = B.float().contiguous()
+        meta = {"plan": json.dumps(plan.to_json()), "format": str(FACTOR_FORMAT)}
+        tmp = out.with_suffix(".partial")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, out)
+        log.info("factors for %d layers written to %s (%.1f s)", plan.shape.num_layers, out, time.time() - t0)
+        del model
+        return out
+
+
+def load_layer_factors(path: Path, layer: int, groups: slice):
+    """(A_k, B_k, A_v, B_v) of one layer restricted to a range of head groups (a TP rank's)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        ak, bk = f.get_tensor(f"{layer}.a_k"), f.get_tensor(f"{layer}.b_k")
+        av, bv = f.get_tensor(f"{layer}.a_v"), f.get_tensor(f"{layer}.b_v")
+    rk, rv = bk.shape[1], bv.shape[1]
+    g0, g1 = groups.start, groups.stop
+    return ak[:, g0 * rk:g1 * rk], bk[g0:g1], av[:, g0 * rv:g1 * rv], bv[g0:g1]

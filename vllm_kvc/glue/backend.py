@@ -1,0 +1,151 @@
+"""vLLM v1 attention backend over latent KV rows: backend / metadata builder / impl.
+
+The layer hands the impl its latents (in the ``key`` slot of vLLM's attention op); the impl writes them into
+the layer's paged cache at ``slot_mapping`` and computes attention by rebuilding keys (then RoPE) and folding
+B_v after the weighted sum. CUDA tensors go to the Triton kernels when they import; everything else to the
+plain-torch reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+
+from vllm_kvc.kernels import reference
+
+
+class LatentAttentionBackend(AttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", "float32"]
+    forward_includes_kv_cache_update: bool = True
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return LatentAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return LatentMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        return [MultipleOf(1)]
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+@dataclass
+class LatentMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    query_start_loc_cpu: torch.Tensor
+    seq_lens: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class LatentMetadataBuilder(AttentionMetadataBuilder[LatentMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> LatentMetadata:
+        m = common_attn_metadata
+        n = m.num_reqs
+        seq_lens_cpu = m.seq_lens_cpu_upper_bound
+        if seq_lens_cpu is None or m.seq_lens.device.type == "cpu":
+            seq_lens_cpu = m.seq_lens.cpu()
+        return LatentMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
+            query_start_loc=m.query_start_loc[: n + 1],
+            query_start_loc_cpu=m.query_start_loc_cpu[: n + 1],
+            seq_lens=m.seq_lens[:n],
+            seq_lens_cpu=seq_lens_cpu[:n],
+            block_table=m.block_table_tensor[:n],
+            slot_mapping=m.slot_mapping,
+        )
+
+
+def _triton_ops():
+    try:
+        from vllm_kvc.kernels import triton_latent  # noqa: F401
+        return triton_latent
+    except Exception:  # triton missing or no GPU backend
+        return None
+
+
+class LatentAttentionImpl(AttentionImpl[LatentMetadata]):
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
+                 kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, **kwargs):
+        if alibi_slopes is not None or sliding_window is not None or logits_soft_cap:
+            raise NotImplementedError("latent KV attention supports plain causal decoder attention only")
+        if kv_sharing_target_layer_name is not None:
+            raise NotImplementedError("KV sharing across layers is not supported with latent KV")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self._triton = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
+                output_block_scale=None):
+        assert output is not None
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by latent KV attention")
+        if attn_metadata is None:  # profiling / dummy run: no cache to touch
+            return output.fill_(0)
+        layout = layer.layout
+        n = attn_metadata.num_actual_tokens
+        cache = kv_cache.select(1, 0) if kv_cache.dim() == 4 else kv_cache  # [B, 1, N, C] -> [B, N, C]
+        lat = key[:n]
+        g, rk, rv = layout.groups, layout.rank_k, layout.rank_v
+        lat_k = lat[:, : g * rk].reshape(n, g, rk)
+        lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
+        q = query[:n]
+        if q.is_cuda:
+            if self._triton is None:
+                self._triton = _triton_ops() or False
+            if self._triton:
+                reference.write_latents(cache, attn_metadata.slot_mapping[:n], layout, lat_k, lat_v)
+                self._triton.latent_attention(
+                    q, cache, layout, attn_metadata.block_table, attn_metadata.seq_lens,
+                    attn_metadata.query_start_loc, layer.b_k, layer.b_v, layer.bias_k, layer.bias_v,
+                    layer.cos_sin_cache, self.scale, layer.is_neox, out=output[:n])
+                return output
+        reference.write_latents(cache, attn_metadata.slot_mapping[:n], layout, lat_k, lat_v)
+        reference.latent_attention(
+            q, cache, layout, attn_metadata.block_table, attn_metadata.seq_lens_cpu,
+            attn_metadata.query_start_loc_cpu, layer.b_k, layer.b_v, layer.bias_k, layer.bias_v,
+            layer.cos_sin_cache, self.scale, layer.is_neox, out=output[:n])
+        return output

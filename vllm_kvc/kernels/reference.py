@@ -1,0 +1,132 @@
+"""Plain-torch reference of latent paged attention: the CPU path and the oracle for the Triton kernels.
+
+Importable without vLLM. Conventions (same as vLLM's v1 attention metadata):
+
+- ``kv_cache``: ``[num_blocks, block_size, layout.row_elems]`` of ``layout.cache_dtype`` (see layout.py).
+- ``slot_mapping[i]``: flat slot (block * block_size + offset) where token i's latent row is written.
+- A batch holds ``R`` requests; request r owns queries ``query_start_loc[r]:query_start_loc[r+1]``, which are
+  the *last* tokens of its sequence of ``seq_lens[r]`` tokens (context + new), whose rows are found through
+  ``block_table[r]``. Cached token j sits at position j (RoPE is applied at that position when rebuilt).
+- Factors on this rank: ``b_k [G, rank_k, gs*hd]``, ``b_v [G, rank_v, gs*hd]``, optional biases
+  ``bias_k, bias_v [G*gs*hd]``. K_j = RoPE(c_k B_k + bias_k); V = c_v B_v + bias_v, with B_v applied after the
+  attention-weighted sum of latents (it is linear, and the weights sum to one, so the bias is added once).
+- ``q``: ``[num_tokens, Hq, hd]``, RoPE already applied. ``cos_sin_cache``: ``[max_pos, rot_dim]`` (vLLM's
+  format: cos halves then sin halves), neox or GPT-J style.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_kvc.layout import LatentLayout
+
+
+def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, layout: LatentLayout,
+                  lat_k: torch.Tensor, lat_v: torch.Tensor) -> None:
+    """Store ``lat_k [N, G, rank_k]``, ``lat_v [N, G, rank_v]`` at ``slot_mapping [N]`` (slots < 0 skipped).
+
+    ``kv_cache`` is ``[num_blocks, block_size, row]`` with any strides (vLLM may interleave layers)."""
+    rows = layout.pack(lat_k, lat_v)
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        rows, slot_mapping = rows[valid], slot_mapping[valid]
+    slots = slot_mapping.long()
+    bs = kv_cache.shape[1]
+    kv_cache[slots // bs, slots % bs] = rows
+
+
+def gather_rows(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Rows of positions 0..seq_len-1 of one request: [seq_len, row_elems]."""
+    bs = kv_cache.shape[1]
+    nblk = (seq_len + bs - 1) // bs
+    rows = kv_cache[block_row[:nblk].long()].reshape(nblk * bs, kv_cache.shape[-1])
+    return rows[:seq_len]  # advanced indexing copies, so any block strides work
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+               is_neox: bool = True) -> torch.Tensor:
+    """x [T, H, hd] float; rotates the first rot_dim dims of each head at ``positions [T]``."""
+    rot = cos_sin_cache.shape[-1]
+    cs = cos_sin_cache.index_select(0, positions.long()).to(x.dtype)
+    cos, sin = cs[:, None, : rot // 2], cs[:, None, rot // 2 :]
+    xr, rest = x[..., :rot], x[..., rot:]
+    if is_neox:
+        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, rest], dim=-1) if rest.numel() else out
+
+
+def rebuild_keys(ck: torch.Tensor, b_k: torch.Tensor, bias_k, layout: LatentLayout,
+                 cos_sin_cache: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    """ck [T, G, rank_k] -> roped keys [T, G*gs, hd] at positions 0..T-1."""
+    t = ck.shape[0]
+    k = torch.einsum("tgr,grd->tgd", ck, b_k.to(ck.dtype)).reshape(t, layout.num_kv_heads, layout.head_dim)
+    if bias_k is not None:
+        k = k + bias_k.to(k.dtype).view(layout.num_kv_heads, layout.head_dim)
+    pos = torch.arange(t, device=ck.device)
+    return apply_rope(k, pos, cos_sin_cache, is_neox)
+
+
+def head_factor_views(b_v: torch.Tensor, layout: LatentLayout, num_q_heads: int):
+    """Per query head: index of its latent group and its [rank_v, hd] slice of B_v -> (grp [Hq], bv [Hq, rv, hd])."""
+    q_per_kv = num_q_heads // layout.num_kv_heads
+    kv_head = torch.arange(num_q_heads, device=b_v.device) // q_per_kv
+    grp = kv_head // layout.group_size
+    within = kv_head % layout.group_size
+    bv = b_v.view(layout.groups, layout.rank_v, layout.group_size, layout.head_dim)
+    return grp, bv[grp, :, within, :]
+
+
+def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                     b_k: torch.Tensor, b_v: torch.Tensor, bias_k, bias_v,
+                     cos_sin_cache: torch.Tensor, scale: float, is_neox: bool = True,
+                     out: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Varlen causal attention over latent paged KV (prefill, chunked prefill and decode alike)."""
+    n_tok, hq, hd = q.shape
+    if out is None:
+        out = torch.empty(n_tok, hq, hd, dtype=q.dtype, device=q.device)
+    q_per_kv = hq // layout.num_kv_heads
+    grp, bv_heads = head_factor_views(b_v.to(compute_dtype), layout, hq)
+    bias_v_heads = None
+    if bias_v is not None:
+        bias_v_heads = bias_v.to(compute_dtype).view(layout.num_kv_heads, hd).repeat_interleave(q_per_kv, 0)
+    qsl = query_start_loc.tolist()
+    sls = seq_lens.tolist()
+    for r in range(len(sls)):
+        qs, qe, s = qsl[r], qsl[r + 1], sls[r]
+        if qe <= qs:
+            continue
+        rows = gather_rows(kv_cache, block_table[r], s)
+        ck, cv = layout.unpack(rows, compute_dtype)
+        k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox)  # [s, Hkv, hd]
+        qr = q[qs:qe].to(compute_dtype).transpose(0, 1)  # [Hq, nq, hd]
+        k = k.transpose(0, 1).repeat_interleave(q_per_kv, 0)  # [Hq, s, hd]
+        scores = torch.matmul(qr, k.transpose(1, 2)) * scale  # [Hq, nq, s]
+        nq = qe - qs
+        if nq > 1:
+            qpos = torch.arange(s - nq, s, device=q.device)
+            mask = torch.arange(s, device=q.device)[None, :] > qpos[:, None]
+            scores = scores.masked_fill(mask, float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        u = torch.matmul(p, cv.transpose(0, 1)[grp])  # [Hq, nq, rv]
+        o = torch.matmul(u, bv_heads)  # [Hq, nq, hd]
+        if bias_v_heads is not None:
+            o = o + bias_v_heads[:, None, :]
+        out[qs:qe] = o.transpose(0, 1).to(out.dtype)
+    return out
+
+
+def dense_reference(q, k, v, scale, causal_offset: int = 0):
+    """Plain attention for tests: q [nq, Hq, hd], k/v [s, Hkv, hd] (k already roped)."""
+    hq, hkv = q.shape[1], k.shape[1]
+    rep = hq // hkv
+    kk = k.transpose(0, 1).repeat_interleave(rep, 0).float()
+    vv = v.transpose(0, 1).repeat_interleave(rep, 0).float()
+    s = torch.matmul(q.transpose(0, 1).float(), kk.transpose(1, 2)) * scale
+    nq, sl = q.shape[0], k.shape[0]
+    qpos = torch.arange(sl - nq, sl)
+    s = s.masked_fill(torch.arange(sl)[None, :] > qpos[:, None], float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), vv).transpose(0, 1)

@@ -1,0 +1,153 @@
+"""Per-layer rank plan: turns a CompressionConfig and a model's shape into (rank_k, rank_v) per layer.
+
+Plain Python (reads a HF config.json); importable without vLLM or torch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vllm_kvc.config import SUPPORTED_ARCHITECTURES, CompressionConfig, ConfigError
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "int8": 1}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelShape":
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else "<none>"
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError("model", f"architecture {arch} is not supported: expected one of "
+                                       f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
+        return cls(arch, cfg["num_hidden_layers"], cfg["hidden_size"], heads,
+                   cfg.get("num_key_value_heads", heads), head_dim, str(dtype))
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> "ModelShape":
+        p = Path(path) / "config.json"
+        if not p.exists():
+            raise ConfigError("model", f"{p} not found: expected a Hugging Face checkpoint folder")
+        return cls.from_hf_config(json.loads(p.read_text()))
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    shape: ModelShape
+    group_size: int
+    latent_dtype: str  # resolved: bfloat16 / float16 / float32 / int8
+    ranks_k: tuple[int, ...]  # per layer, per head group
+    ranks_v: tuple[int, ...]
+
+    @property
+    def group_dim(self) -> int:
+        return self.group_size * self.shape.head_dim
+
+    @property
+    def num_groups(self) -> int:
+        return self.shape.num_kv_heads // self.group_size
+
+    def layer_bytes_per_token(self, layer: int, tp_size: int = 1) -> int:
+        """Bytes one token costs in this layer's cache on one TP rank (scales included)."""
+        groups = max(1, self.num_groups // tp_size) if self.shape.num_kv_heads >= tp_size else 1
+        w = groups * (self.ranks_k[layer] + self.ranks_v[layer])
+        if self.latent_dtype == "int8":
+            return w + 4 * groups
+        return w * _DTYPE_BYTES[self.latent_dtype]
+
+    def bytes_per_token(self, tp_size: int = 1) -> int:
+        return sum(self.layer_bytes_per_token(i, tp_size) for i in range(self.shape.num_layers))
+
+    def baseline_bytes_per_token(self, tp_size: int = 1, dtype_bytes: int | None = None) -> int:
+        db = dtype_bytes or _DTYPE_BYTES.get(self.shape.dtype, 2)
+        kv = max(1, self.shape.num_kv_heads // tp_size)
+        return self.shape.num_layers * 2 * kv * self.shape.head_dim * db
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["shape"] = asdict(self.shape)
+        return d
+
+
+def _clip(r: float, full: int) -> int:
+    return int(min(full, max(1, round(r))))
+
+
+def schedule_ranks(ratio: float, num_layers: int, full: int, schedule: str, spread: float) -> list[int]:
+    """Rank per layer for a mean rank of ``ratio * full``.
+
+    ``uniform``: every layer the same. ``progressive`` (LoRC): ranks fall linearly with depth, layer 0 keeping
+    ``(1+spread)`` and the last ``(1-spread)`` times the mean; what clipping at full rank removes from shallow
+    layers is given back to the deepest ones that have room, so the total matches the uniform budget.
+    """
+    mean = ratio * full
+    if schedule == "uniform" or num_layers == 1:
+        return [_clip(mean, full)] * num_layers
+    if schedule != "progressive":
+        raise ConfigError("compression.schedule", f"unknown schedule {schedule!r}")
+    weights = [1 + spread - 2 * spread * i / (num_layers - 1) for i in range(num_layers)]
+    ranks = [_clip(mean * w, full) for w in weights]
+    budget = _clip(mean, full) * num_layers
+    # rebalance to the uniform budget: add to the shallowest layers with room, remove from the deepest
+    i = 0
+    while sum(ranks) < budget and any(r < full for r in ranks):
+        if ranks[i % num_layers] < full:
+            ranks[i % num_layers] += 1
+        i += 1
+    j = num_layers - 1
+    while sum(ranks) > budget and any(r > 1 for r in ranks):
+        if ranks[j % num_layers] > 1:
+            ranks[j % num_layers] -= 1
+        j -= 1
+    return ranks
+
+
+def build_plan(cfg: CompressionConfig, shape: ModelShape, tp_size: int = 1) -> CompressionPlan:
+    gs = cfg.group_size
+    if shape.num_kv_heads % gs:
+        raise ConfigError("compression.group_size",
+                          f"{gs} does not divide the model's {shape.num_kv_heads} KV heads")
+    if tp_size > 1:
+        if shape.num_kv_heads >= tp_size:
+            per_rank = shape.num_kv_heads // tp_size
+            if shape.num_kv_heads % tp_size or per_rank % gs:
+                raise ConfigError("compression.group_size",
+                                  f"{gs} must divide the {per_rank} KV heads each of {tp_size} tensor-parallel "
+                                  f"ranks holds, so no head group straddles two ranks")
+        elif gs != 1:
+            raise ConfigError("compression.group_size",
+                              f"with tensor_parallel_size {tp_size} > {shape.num_kv_heads} KV heads each rank "
+                              f"holds one replicated KV head: expected group_size 1")
+    full = gs * shape.head_dim
+    n = shape.num_layers
+    if cfg.ranks is not None:
+        for kind, lst in (("k", cfg.ranks.k), ("v", cfg.ranks.v)):
+            if len(lst) != n:
+                raise ConfigError(f"compression.ranks.{kind}",
+                                  f"has {len(lst)} entries: expected one per layer ({n})")
+            for i, r in enumerate(lst):
+                if r > full:
+                    raise ConfigError(f"compression.ranks.{kind}[{i}]",
+                                      f"rank {r} is larger than the head-group dimension {full} "
+                                      f"(group_size {gs} x head_dim {shape.head_dim})")
+        rk, rv = list(cfg.ranks.k), list(cfg.ranks.v)
+    else:
+        rk = schedule_ranks(cfg.k_ratio, n, full, cfg.schedule, cfg.progressive_spread)
+        rv = schedule_ranks(cfg.v_ratio, n, full, cfg.schedule, cfg.progressive_spread)
+    dt = cfg.latent_dtype
+    if dt == "auto":
+        dt = shape.dtype if shape.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+    return CompressionPlan(shape, gs, dt, tuple(rk), tuple(rv))
