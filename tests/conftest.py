@@ -1,0 +1,39 @@
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from vllm_kvc.checkpoints import ensure_default_model
+
+    return str(ensure_default_model())
+
+
+def run_engine(engine: dict, prompts=None, max_tokens: int = 32, inspect: bool = False,
+               kv_space_gib: str = "1", timeout: int = 900, prompts_first=None) -> dict:
+    """One real vLLM engine in a child process (see engine_child.py)."""
+    with tempfile.TemporaryDirectory() as d:
+        spec, out, log = Path(d) / "spec.json", Path(d) / "out.json", Path(d) / "log.txt"
+        spec.write_text(json.dumps({"engine": engine, "prompts": prompts or [], "max_tokens": max_tokens,
+                                    "inspect": inspect, "prompts_first": prompts_first or []}))
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=kv_space_gib)
+        with open(log, "w") as fh:
+            p = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_child.py"), str(spec), str(out)],
+                               env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
+        if p.returncode != 0 or not out.exists():
+            raise AssertionError(f"engine failed ({p.returncode}):\n" + log.read_text()[-6000:])
+        return json.loads(out.read_text())
+
+
+def vllm_kvc(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "vllm-kvc"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kw)

@@ -1,0 +1,77 @@
+"""Independent emulation of a factor file in plain transformers (no vLLM, no paged cache).
+
+Each layer's k_proj / v_proj become the low-rank products of the factor file, K = (x A_k) B_k, applied through
+forward hooks on the projections' inputs, with the latent rounded to the latent dtype (bf16/fp16, or int8 with
+one absmax scale per token and head group). Perplexity is computed on the same token chunks as the vLLM eval:
+the two must agree, which checks the whole vLLM path (cache layout, paging, rebuild, RoPE, folding of B_v).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_kvc.layout import quantize_int8
+
+
+def _round_latent(c: torch.Tensor, dtype: str, groups: int) -> torch.Tensor:
+    if dtype in ("bfloat16", "float16"):
+        return c.to(getattr(torch, dtype)).float()
+    if dtype == "int8":
+        shp = c.shape
+        cg = c.reshape(*shp[:-1], groups, shp[-1] // groups)
+        q, s = quantize_int8(cg)
+        return (q.float() * s[..., None]).reshape(shp)
+    return c
+
+
+def install_factors(model, factors_path: str, latent_dtype: str) -> list:
+    """Replace every layer's k_proj/v_proj output by its low-rank emulation; returns hook handles."""
+    from safetensors.torch import load_file
+
+    f = load_file(factors_path)
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        for kind, proj in (("k", attn.k_proj), ("v", attn.v_proj)):
+            a = f[f"{i}.a_{kind}"].float()  # [hidden, G*r]
+            b = f[f"{i}.b_{kind}"].float()  # [G, r, gdim]
+            groups = b.shape[0]
+
+            def hook(mod, args, out, a=a, b=b, groups=groups):
+                x = args[0].float()
+                c = _round_latent(x @ a, latent_dtype, groups)
+                c = c.reshape(*c.shape[:-1], groups, -1)
+                y = torch.einsum("...gr,grd->...gd", c, b).reshape(*x.shape[:-1], -1)
+                if mod.bias is not None:
+                    y = y + mod.bias.float()
+                return y.to(out.dtype)
+
+            handles.append(proj.register_forward_hook(hook))
+    return handles
+
+
+@torch.no_grad()
+def perplexity(model, chunks: list[list[int]]) -> float:
+    nll, n = 0.0, 0
+    for ids in chunks:
+        t = torch.tensor([ids])
+        logits = model(t).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1)
+        tgt = t[0, 1:]
+        nll -= lp.gather(1, tgt[:, None]).sum().item()
+        n += len(ids) - 1
+    return math.exp(nll / n)
+
+
+def emulate_ppl(model_dir: str, factors_path: str | None, latent_dtype: str, chunks: list[list[int]],
+                model=None) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = model or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    handles = install_factors(model, factors_path, latent_dtype) if factors_path else []
+    try:
+        return perplexity(model, chunks)
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,60 @@
+"""``vllm-kvc serve --config DEPLOYMENT.yaml``: vLLM's own OpenAI server with this deployment's settings.
+
+The deployment is validated and its factors calibrated before the engine starts; then vLLM's own argument
+parser and ``run_server`` take over, with the compression passed through ``--additional-config`` and the
+plugin's route and metrics through ``--middleware``. Extra arguments after the config go to vLLM unchanged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from vllm_kvc.config import ADDITIONAL_CONFIG_KEY
+from vllm_kvc.server.app import MIDDLEWARE
+from vllm_kvc.validate import Checked
+
+log = logging.getLogger("vllm_kvc")
+
+
+def vllm_cli_args(checked: Checked, host: str | None, port: int | None) -> list[str]:
+    """The equivalent ``vllm serve`` command line (documented, and used to seed vLLM's parser)."""
+    dep = checked.deployment
+    args = ["--model", checked.model_dir,
+            "--host", host or dep.server.host, "--port", str(port or dep.server.port),
+            "--middleware", MIDDLEWARE]
+    if dep.served_model_name:
+        args += ["--served-model-name", dep.served_model_name]
+    if dep.compression is not None:
+        args += ["--additional-config",
+                 json.dumps({ADDITIONAL_CONFIG_KEY: dep.compression.model_dump(mode="json")})]
+    return args
+
+
+def serve(checked: Checked, host: str | None = None, port: int | None = None, extra: list[str] | None = None):
+    import uvloop
+
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_kvc.calibrate import build_factors
+
+    dep = checked.deployment
+    if dep.compression is not None:
+        build_factors(checked.model_dir, dep.compression, checked.plan)
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(description="vllm-kvc serve"))
+    argv = vllm_cli_args(checked, host, port)
+    args = parser.parse_args(argv)
+    for key, value in dep.engine.items():  # engine args by their EngineArgs field names
+        setattr(args, key, value)
+    if extra:
+        args = parser.parse_args(argv + list(extra), namespace=args)
+    validate_parsed_serve_args(args)
+    log.info("vllm-kvc: equivalent command: vllm serve %s", " ".join(_quote(a) for a in argv))
+    uvloop.run(run_server(args))
+
+
+def _quote(a: str) -> str:
+    return f"'{a}'" if any(c in a for c in " {}\"") else a
