@@ -26,6 +26,8 @@ def run_engine(engine: dict, prompts=None, max_tokens: int = 32, inspect: bool =
         spec.write_text(json.dumps({"engine": engine, "prompts": prompts or [], "max_tokens": max_tokens,
                                     "inspect": inspect, "prompts_first": prompts_first or []}))
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=kv_space_gib)
+        if inspect:  # collective_rpc with a test-local function needs pickle transport
+            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         with open(log, "w") as fh:
             p = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_child.py"), str(spec), str(out)],
                                env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)

@@ -15,7 +15,7 @@ from torch import nn
 
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
-from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 
 from vllm_kvc.glue.layer import LatentSelfAttention
@@ -69,8 +69,21 @@ class KvcMistralForCausalLM(_LatentMixin, MistralForCausalLM):
         if getattr(vllm_config.model_config.hf_config, "llama_4_scaling", None):
             raise NotImplementedError("vllm_kvc: Mistral llama_4_scaling attention is not supported")
         self.kvc_enabled = True
-        layer = partial(LlamaDecoderLayer, attn_layer_type=_latent_attn(setup))
+        layer = partial(_LatentMistralDecoderLayer, kvc_attn=_latent_attn(setup))
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer)
+
+
+class _LatentMistralDecoderLayer(MistralDecoderLayer):
+    """MistralDecoderLayer (its forward, which takes t_cond) around LatentSelfAttention."""
+
+    def __init__(self, vllm_config, prefix: str = "", config=None, *, kvc_attn):
+        config = config or vllm_config.model_config.hf_config
+        if getattr(config, "ada_rms_norm_t_cond", False):
+            raise NotImplementedError("vllm_kvc: Mistral ada_rms_norm_t_cond is not supported")
+        LlamaDecoderLayer.__init__(self, vllm_config=vllm_config, prefix=prefix, config=config,
+                                   attn_layer_type=kvc_attn)
+        self.layer_idx = int(prefix.split(sep=".")[-1])
+        self.ada_rms_norm_t_cond = None
 
 
 class _LatentQwen2DecoderLayer(Qwen2DecoderLayer):
