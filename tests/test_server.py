@@ -1,0 +1,132 @@
+"""The product as a user meets it: `vllm-kvc serve` (vLLM's own OpenAI server + the plugin), live, on loopback."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    fh = open(log, "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "vllm-kvc"), "serve", "--config",
+                             "configs/default.yaml", "--port", str(port)], cwd=ROOT, env=env, stdout=fh,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("server exited:\n" + log.read_text()[-5000:])
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("server not healthy in 600 s:\n" + log.read_text()[-5000:])
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    fh.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key="unused")
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
+                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+    text = r.choices[0].message.content
+    assert "Paris" in text, text
+    assert r.usage.completion_tokens > 0
+
+
+def test_streamed_completion_equals_non_streamed(client):
+    kw = dict(model="smollm2", prompt="The three primary colors are", temperature=0, max_tokens=32)
+    full = client.completions.create(**kw).choices[0].text
+    parts = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert len(parts) > 3
+    assert "".join(parts) == full
+    assert len(full) > 10
+
+
+def test_kv_compression_route(server):
+    d = requests.get(server + "/v1/kv_compression", timeout=10).json()
+    assert d["enabled"] and d["method"] == "lowrank"
+    assert d["latent_dtype"] == "int8" and d["group_size"] == 3
+    assert len(d["layers"]) == 30
+    assert all(l["rank_k"] == 120 and l["rank_v"] == 192 for l in d["layers"])
+    assert d["kv_bytes_per_token"] == 30 * (120 + 192 + 4)
+    assert d["kv_bytes_per_token_baseline"] == 30 * 2 * 3 * 64 * 2
+    # vLLM's own capacity: the whole 1 GiB over the true bytes per token, in whole blocks
+    assert d["kv_capacity_tokens"] == (1 << 30) // (d["block_size"] * d["kv_bytes_per_token"]) * d["block_size"]
+    assert d["kv_capacity_tokens_baseline"] < d["kv_capacity_tokens"] / 2.3
+    assert d["compression_ratio"] > 2.4
+    assert requests.post(server + "/v1/kv_compression", timeout=10).status_code == 405
+
+
+def test_bad_request_gets_error_json_and_server_keeps_serving(server, client):
+    r = requests.post(server + "/v1/completions", json={"model": "smollm2", "prompt": "hi", "max_tokens": -5},
+                      timeout=30)
+    assert r.status_code == 400
+    body = r.json()
+    assert "max_tokens" in json.dumps(body)
+    r = requests.post(server + "/v1/completions", json={"model": "nope", "prompt": "hi"}, timeout=30)
+    assert r.status_code == 404 and "nope" in r.text
+    ok = client.completions.create(model="smollm2", prompt="Hello", max_tokens=4, temperature=0)
+    assert ok.choices[0].text
+
+
+def test_metrics_exported_with_sane_values(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model="smollm2", prompt="Count: one, two,", max_tokens=8, temperature=0)
+    text = requests.get(server + "/metrics", timeout=10).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {}
+    for f in fams.values():
+        for s in f.samples:
+            samples.setdefault(s.name, []).append(s)
+    val = lambda n: samples[n][0].value
+    assert val("vllm_kvc_kv_cache_bytes_per_token") == 30 * 316
+    assert val("vllm_kvc_kv_cache_baseline_bytes_per_token") == 23040
+    assert 2.4 < val("vllm_kvc_compression_ratio") < 2.5
+    assert val("vllm_kvc_kv_capacity_tokens") > 2.4 * val("vllm_kvc_kv_capacity_baseline_tokens")
+    ranks = {(s.labels["layer"], s.labels["kind"]): s.value for s in samples["vllm_kvc_layer_rank"]}
+    assert len(ranks) == 60 and ranks[("0", "k")] == 120 and ranks[("29", "v")] == 192
+    info = samples["vllm_kvc_deployment_info"][0]
+    assert info.value == 1 and info.labels["method"] == "lowrank" and info.labels["latent_dtype"] == "int8"
+    assert info.labels["model_name"] == "smollm2"
+    assert val("vllm_kvc_latent_cache_used_bytes") >= 0
+    for name in samples:
+        if name.startswith("vllm_kvc_"):
+            assert all(s.labels.get("model_name") == "smollm2" for s in samples[name])
+    from promql_names import missing_from_exposition
+    assert not missing_from_exposition(text)
