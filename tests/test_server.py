@@ -130,3 +130,82 @@ def test_metrics_exported_with_sane_values(server, client):
             assert all(s.labels.get("model_name") == "smollm2" for s in samples[name])
     from promql_names import missing_from_exposition
     assert not missing_from_exposition(text)
+
+
+def test_plain_vllm_server_with_plugin_flags(model_dir, tmp_path):
+    """The same plugin through vLLM's own entry point and flags only (what `vllm serve` users type)."""
+    port = _free_port()
+    comp = {"ratio": 0.5, "ratio_v": 1.0, "group_size": 3, "latent_dtype": "int8"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", "smol", "--port", str(port), "--enforce-eager", "--max-model-len", "2048",
+           "--additional-config", json.dumps({"kv_compression": comp}),
+           "--middleware", "vllm_kvc.server.app.kv_compression_middleware"]
+    log = tmp_path / "vllm.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.time() + 600
+            while time.time() < deadline:
+                assert proc.poll() is None, log.read_text()[-5000:]
+                try:
+                    if requests.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    time.sleep(2)
+            d = requests.get(url + "/v1/kv_compression", timeout=10).json()
+            assert d["enabled"] and d["settings"]["ratio"] == 0.5 and d["model"] == "smol"
+            assert d["layers"][0]["rank_k"] == 96 and d["layers"][0]["rank_v"] == 192
+            r = requests.post(url + "/v1/completions", json={"model": "smol", "prompt": "The capital of France is",
+                                                             "max_tokens": 8, "temperature": 0}, timeout=60)
+            assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["text"]
+            cap = (1 << 30) // (d["block_size"] * 30 * (96 + 192 + 4)) * d["block_size"]
+            assert d["kv_capacity_tokens"] == cap
+            assert f"CPU KV cache size: {cap:,} tokens" in log.read_text()
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+
+
+def test_prometheus_scrapes_the_live_server_and_answers_queries(server, client, tmp_path):
+    """A real Prometheus server (Debian's, run on loopback) scrapes /metrics and answers the dashboard's queries."""
+    import shutil
+
+    prom = shutil.which("prometheus")
+    if prom is None:
+        pytest.fail("prometheus binary missing: `make test` installs it via scripts/setup_tools.sh")
+    target = server.split("//")[1]
+    (tmp_path / "prom.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "rule_files: [%s]\n"
+        "scrape_configs:\n  - job_name: vllm-kvc\n    static_configs: [{targets: ['%s']}]\n"
+        % (ROOT / "deploy" / "prometheus" / "alerts.yml", target))
+    port = _free_port()
+    proc = subprocess.Popen([prom, f"--config.file={tmp_path / 'prom.yml'}", f"--storage.tsdb.path={tmp_path / 'db'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client.completions.create(model="smollm2", prompt="Hello there", max_tokens=8, temperature=0)
+        api = f"http://127.0.0.1:{port}/api/v1/query"
+        deadline = time.time() + 60
+        result = []
+        while time.time() < deadline and not result:
+            time.sleep(1)
+            try:
+                result = requests.get(api, params={"query": "vllm_kvc_compression_ratio"}, timeout=5) \
+                    .json()["data"]["result"]
+            except (requests.ConnectionError, KeyError):
+                result = []
+        assert result, "Prometheus never scraped vllm_kvc_compression_ratio"
+        assert 2.4 < float(result[0]["value"][1]) < 2.5
+        assert result[0]["metric"]["job"] == "vllm-kvc"
+        q = 'sum by (kind) (vllm_kvc_layer_rank{model_name="smollm2"})'
+        by_kind = {r["metric"]["kind"]: float(r["value"][1])
+                   for r in requests.get(api, params={"query": q}, timeout=5).json()["data"]["result"]}
+        assert by_kind == {"k": 30 * 120.0, "v": 30 * 192.0}
+        rules = requests.get(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5).json()["data"]["groups"]
+        assert sum(len(g["rules"]) for g in rules) >= 5
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
