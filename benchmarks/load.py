@@ -39,9 +39,9 @@ def workload(n: int, seed: int = 0):
     rng = random.Random(seed)
     jobs = []
     for i in range(n):
-        p = prompts[i % len(prompts)]
-        jobs.append({"prompt": p, "max_tokens": LENGTHS[(i // len(prompts) + i) % len(LENGTHS)],
-                     "stream": rng.random() < 0.5, "chat": rng.random() < 0.3})
+        k = i % len(prompts)  # length and API depend on the prompt only: 100 distinct requests to compare
+        jobs.append({"prompt": prompts[k], "max_tokens": LENGTHS[k % len(LENGTHS)],
+                     "stream": rng.random() < 0.5, "chat": k % 3 == 0})
     return jobs
 
 

@@ -124,7 +124,18 @@ def ensure_default_model(install: bool = True) -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """Deployment configs may name the embedded model by the alias ``smollm2`` / ``default``."""
+    """A local checkpoint folder for ``model``: the embedded default (aliases ``smollm2`` / ``default``), a
+    folder, or a Hugging Face hub id fetched into the hub cache (calibration needs the weights locally)."""
     if model in ("default", "smollm2", DEFAULT_MODEL_NAME):
         return str(ensure_default_model())
-    return model
+    if Path(model).is_dir() or model.startswith(("/", ".")):
+        return model
+    from huggingface_hub import snapshot_download
+
+    from vllm_kvc.config import ConfigError
+
+    try:
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+    except Exception as e:  # offline, gated, or unknown id
+        raise ConfigError("model", f"{model!r} is neither a local folder nor a fetchable hub id "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None

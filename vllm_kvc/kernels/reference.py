@@ -59,14 +59,15 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Te
 
 
 def rebuild_keys(ck: torch.Tensor, b_k: torch.Tensor, bias_k, layout: LatentLayout,
-                 cos_sin_cache: torch.Tensor, is_neox: bool) -> torch.Tensor:
-    """ck [T, G, rank_k] -> roped keys [T, G*gs, hd] at positions 0..T-1."""
+                 cos_sin_cache: torch.Tensor, is_neox: bool, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """ck [T, G, rank_k] -> roped keys [T, G*gs, hd] at ``positions`` (default 0..T-1)."""
     t = ck.shape[0]
     k = torch.einsum("tgr,grd->tgd", ck, b_k.to(ck.dtype)).reshape(t, layout.num_kv_heads, layout.head_dim)
     if bias_k is not None:
         k = k + bias_k.to(k.dtype).view(layout.num_kv_heads, layout.head_dim)
-    pos = torch.arange(t, device=ck.device)
-    return apply_rope(k, pos, cos_sin_cache, is_neox)
+    if positions is None:
+        positions = torch.arange(t, device=ck.device)
+    return apply_rope(k, positions, cos_sin_cache, is_neox)
 
 
 def head_factor_views(b_v: torch.Tensor, layout: LatentLayout, num_q_heads: int):
@@ -84,39 +85,83 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      b_k: torch.Tensor, b_v: torch.Tensor, bias_k, bias_v,
                      cos_sin_cache: torch.Tensor, scale: float, is_neox: bool = True,
                      out: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Varlen causal attention over latent paged KV (prefill, chunked prefill and decode alike)."""
+    """Varlen causal attention over latent paged KV (prefill, chunked prefill and decode alike).
+
+    Requests with one query token (decodes) are computed together as one padded batch; the others one by one."""
     n_tok, hq, hd = q.shape
     if out is None:
         out = torch.empty(n_tok, hq, hd, dtype=q.dtype, device=q.device)
-    q_per_kv = hq // layout.num_kv_heads
     grp, bv_heads = head_factor_views(b_v.to(compute_dtype), layout, hq)
     bias_v_heads = None
     if bias_v is not None:
+        q_per_kv = hq // layout.num_kv_heads
         bias_v_heads = bias_v.to(compute_dtype).view(layout.num_kv_heads, hd).repeat_interleave(q_per_kv, 0)
     qsl = query_start_loc.tolist()
     sls = seq_lens.tolist()
+    decodes = [r for r in range(len(sls)) if qsl[r + 1] - qsl[r] == 1]
+    if len(decodes) > 1:
+        _decode_batch(q, kv_cache, layout, block_table, sls, qsl, decodes, b_k, grp, bv_heads, bias_k, bias_v_heads,
+                      cos_sin_cache, scale, is_neox, out, compute_dtype)
+        done = set(decodes)
+    else:
+        done = set()
     for r in range(len(sls)):
         qs, qe, s = qsl[r], qsl[r + 1], sls[r]
-        if qe <= qs:
+        if qe <= qs or r in done:
             continue
         rows = gather_rows(kv_cache, block_table[r], s)
         ck, cv = layout.unpack(rows, compute_dtype)
         k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox)  # [s, Hkv, hd]
-        qr = q[qs:qe].to(compute_dtype).transpose(0, 1)  # [Hq, nq, hd]
-        k = k.transpose(0, 1).repeat_interleave(q_per_kv, 0)  # [Hq, s, hd]
-        scores = torch.matmul(qr, k.transpose(1, 2)) * scale  # [Hq, nq, s]
-        nq = qe - qs
-        if nq > 1:
-            qpos = torch.arange(s - nq, s, device=q.device)
-            mask = torch.arange(s, device=q.device)[None, :] > qpos[:, None]
-            scores = scores.masked_fill(mask, float("-inf"))
-        p = torch.softmax(scores, dim=-1)
-        u = torch.matmul(p, cv.transpose(0, 1)[grp])  # [Hq, nq, rv]
-        o = torch.matmul(u, bv_heads)  # [Hq, nq, hd]
-        if bias_v_heads is not None:
-            o = o + bias_v_heads[:, None, :]
-        out[qs:qe] = o.transpose(0, 1).to(out.dtype)
+        o = _attend(q[qs:qe].to(compute_dtype)[None], k[None], cv[None], torch.tensor([s]), grp, bv_heads,
+                    bias_v_heads, scale, causal=True)
+        out[qs:qe] = o[0].to(out.dtype)
     return out
+
+
+def _attend(q, k, cv, seq_lens, grp, bv_heads, bias_v_heads, scale, causal):
+    """q [B, nq, Hq, hd], k [B, S, Hkv, hd], cv [B, S, G, rv] -> [B, nq, Hq, hd].
+
+    Key j of batch row b is visible to query i if j < seq_lens[b] and (causal) j <= seq_lens[b] - nq + i."""
+    b, nq, hq, hd = q.shape
+    s = k.shape[1]
+    rep = hq // k.shape[2]
+    kk = k.permute(0, 2, 1, 3).repeat_interleave(rep, 1)  # [B, Hq, S, hd]
+    scores = torch.matmul(q.permute(0, 2, 1, 3), kk.transpose(2, 3)) * scale  # [B, Hq, nq, S]
+    j = torch.arange(s, device=q.device)
+    sl = seq_lens.to(q.device)[:, None, None]
+    limit = sl - nq + torch.arange(nq, device=q.device)[None, :, None] if causal else sl.expand(b, nq, 1)
+    mask = (j[None, None, :] > limit) | (j[None, None, :] >= sl)  # [B, nq, S]
+    scores = scores.masked_fill(mask[:, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    u = torch.matmul(p, cv.permute(0, 2, 1, 3)[:, grp])  # [B, Hq, nq, rv]
+    o = torch.matmul(u, bv_heads)  # [B, Hq, nq, hd]
+    if bias_v_heads is not None:
+        o = o + bias_v_heads[None, :, None, :]
+    return o.permute(0, 2, 1, 3)
+
+
+def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, grp, bv_heads, bias_k, bias_v_heads,
+                  cos_sin_cache, scale, is_neox, out, compute_dtype):
+    bs = kv_cache.shape[1]
+    lens = torch.tensor([sls[r] for r in reqs])
+    smax = int(lens.max())
+    nblk = (smax + bs - 1) // bs
+    idx = torch.tensor(reqs, device=block_table.device)
+    blocks = block_table.index_select(0, idx)[:, :nblk].long()
+    rows = kv_cache[blocks].reshape(len(reqs), nblk * bs, kv_cache.shape[-1])[:, :smax]
+    ck, cv = layout.unpack(rows, compute_dtype)  # [B, S, G, r]
+    # rows past a request's length are whatever its padding blocks hold: zero them (0 * NaN would leak)
+    valid = (torch.arange(smax, device=ck.device)[None, :] < lens.to(ck.device)[:, None])[..., None, None]
+    ck = torch.where(valid, ck, torch.zeros((), dtype=ck.dtype))
+    cv = torch.where(valid, cv, torch.zeros((), dtype=cv.dtype))
+    b = len(reqs)
+    pos = torch.arange(smax, device=ck.device).repeat(b)
+    k = rebuild_keys(ck.reshape(b * smax, layout.groups, layout.rank_k), b_k, bias_k, layout, cos_sin_cache,
+                     is_neox, positions=pos).view(b, smax, layout.num_kv_heads, layout.head_dim)
+    qi = torch.tensor([qsl[r] for r in reqs], device=q.device)
+    o = _attend(q.index_select(0, qi).to(compute_dtype)[:, None], k, cv, lens, grp, bv_heads, bias_v_heads,
+                scale, causal=False)
+    out.index_copy_(0, qi, o[:, 0].to(out.dtype))
 
 
 def dense_reference(q, k, v, scale, causal_offset: int = 0):
