@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/load.py [--config configs/default.yaml] [--requests 1000] [--concurrency 64]
     .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000 ...   (an already running server)
+    .venv/bin/python benchmarks/load.py --config configs/smollm2-dense.yaml   (vLLM's dense KV, same load)
 
 Starts `vllm-kvc serve` on a free loopback port unless --url is given. Every request is greedy; each distinct
 (prompt, max_tokens) pair is then asked again alone, sequentially, and the concurrent outputs are compared
@@ -75,9 +76,14 @@ async def one(client, model, job):
 
 
 async def run(url, model, jobs, concurrency):
+    import httpx
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    # no retries: every failure counts. Idle pooled connections expire before the server's 5 s keep-alive
+    # (uvicorn's default), so the client never reuses a connection the server is closing.
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 8, keepalive_expiry=2.0),
+                             timeout=httpx.Timeout(600.0))
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, http_client=http)
     sem = asyncio.Semaphore(concurrency)
     results = [None] * len(jobs)
 
@@ -101,14 +107,14 @@ def _free_port():
 
 def start_server(config):
     port = _free_port()
-    log = open(ROOT / "benchmarks" / "results" / "load_server.log", "w")
+    log = open(ROOT / "benchmarks" / "results" / f"load_server_{Path(config).stem}.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "vllm-kvc"), "serve", "--config", config,
                              "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         if proc.poll() is not None:
-            raise SystemExit("server exited; see benchmarks/results/load_server.log")
+            raise SystemExit(f"server exited; see {log.name}")
         try:
             if requests.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
@@ -125,7 +131,7 @@ def main():
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--out", default="benchmarks/results/load.json")
+    ap.add_argument("--out")
     a = ap.parse_args()
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
     proc = None
@@ -146,7 +152,8 @@ def main():
         lat = sorted(r[1] for _, r in ok)
         ttft = sorted(r[2] for _, r in ok if r[2] is not None)
         pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
-        kvc = requests.get(url + "/v1/kv_compression", timeout=10).json()
+        kvc = requests.get(url + "/v1/kv_compression", timeout=10)
+        kvc = kvc.json() if kvc.status_code == 200 else {}
         summary = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "requests": len(jobs), "concurrency": a.concurrency, "failures": len(failures),
@@ -160,7 +167,8 @@ def main():
                                                       "kv_bytes_per_token_baseline", "kv_capacity_tokens")},
             "first_failures": failures[:5],
         }
-        Path(a.out).write_text(json.dumps(summary, indent=1))
+        out = Path(a.out or f"benchmarks/results/load_{Path(a.config).stem}.json")
+        out.write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary, indent=1))
         return 0 if not failures else 1
     finally:
