@@ -1,0 +1,498 @@
+"""Decode (and prefill) attention on latent paged KV vs dense bf16 attention, one Llama-3-8B layer, on one GPU.
+
+    PYTHONPATH=. python benchmarks/gpu_decode.py [--json out.json] [--sweep quick|full] [--no-prefill]
+
+Per case (batch x context, latent ratio) it prints median times (triton.testing.do_bench, L2 flushed between
+runs) of: dense bf16 SDPA (contiguous K/V, best of two GQA formulations), the naive path (rebuild K and V from
+the latents with matmuls, RoPE, then SDPA), and our Triton kernel (best configuration found by a small sweep,
+for each head-group size), next to the bytes floor (bytes read / measured copy bandwidth) and FLOP floor (FLOPs /
+measured bf16 matmul rate) of each. "ratio" = (rank_k + rank_v) / (2 * group_size * head_dim) per group.
+Needs a CUDA GPU, torch and triton; not vLLM.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from vllm_kvc.kernels import triton_latent as tk  # noqa: E402
+from vllm_kvc.layout import LatentLayout  # noqa: E402
+
+HQ, HKV, HD = 32, 8, 128  # Llama-3-8B layer
+QPK = HQ // HKV
+BS = 16  # vLLM block size
+DEV = "cuda"
+
+
+TIMER = {"mode": "cudagraph"}
+
+
+def bench(fn, warmup=25, rep=100) -> float:
+    """Median ms per call. Default: replays of a CUDA graph (triton.testing.do_bench_cudagraph), which removes the
+    host's launch overhead (vLLM runs decode under CUDA graphs too); --timer events: do_bench with an L2 flush
+    before each call (host overhead can show for runs under ~0.1 ms)."""
+    if TIMER["mode"] == "cudagraph":
+        try:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+        except Exception as e:  # noqa: BLE001
+            print(f"  (graph capture failed: {str(e).splitlines()[0][:100]}; timing with events)", flush=True)
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def measure_ceilings():
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate, timed with events (single large ops, so host
+    overhead does not matter; graph replays of back-to-back copies read lower)."""
+    n = 1 << 30  # 1 GiB copy
+    a = torch.empty(n, dtype=torch.uint8, device=DEV).random_(0, 255)
+    b = torch.empty_like(a)
+    t = float(do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median"))
+    bw = 2 * n / (t * 1e-3)
+    del a, b
+    m = 8192
+    x = torch.randn(m, m, device=DEV, dtype=torch.bfloat16)
+    y = torch.randn(m, m, device=DEV, dtype=torch.bfloat16)
+    t = float(do_bench(lambda: x @ y, warmup=25, rep=200, return_mode="median"))
+    flops = 2 * m ** 3 / (t * 1e-3)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw, flops
+
+
+def rope_cache(max_pos, rot=HD, base=500000.0):
+    inv = 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.cat([ang.cos(), ang.sin()], -1).to(torch.bfloat16).to(DEV)  # vLLM keeps it in the model dtype
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+class DecodeCase:
+    def __init__(self, B, S, gs, rk, rv, lat_dtype="bfloat16", seed=0):
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        self.B, self.S, self.gs = B, S, gs
+        G = HKV // gs
+        self.layout = L = LatentLayout(G, gs, HD, rk, rv, lat_dtype)
+        nblk = S // BS
+        self.q = torch.randn(B, HQ, HD, device=DEV, dtype=torch.bfloat16, generator=g)
+        # latents ~ N(0,1); factors scaled so that keys/values are O(1)
+        ck = torch.randn(B * S, G, rk, device=DEV, generator=g)
+        cv = torch.randn(B * S, G, rv, device=DEV, generator=g)
+        self.b_k = (torch.randn(G, rk, gs * HD, device=DEV, generator=g) / math.sqrt(rk)).bfloat16()
+        self.b_v = (torch.randn(G, rv, gs * HD, device=DEV, generator=g) / math.sqrt(rv)).bfloat16()
+        rows = L.pack(ck, cv)  # [B*S, row_elems]
+        self.lat_flat = rows.view(B, S, -1)
+        perm = torch.randperm(B * nblk, device=DEV, generator=g)
+        self.block_table = perm.view(B, nblk).int()
+        self.cache = torch.empty(B * nblk, BS, L.row_elems, dtype=L.cache_dtype, device=DEV)
+        self.cache[perm] = rows.view(B * nblk, BS, -1)
+        self.seq_lens = torch.full((B,), S, dtype=torch.int32, device=DEV)
+        self.cs = rope_cache(S + 1)
+        self.scale = HD ** -0.5
+        self.factors = tk.prepare_factors(L, self.b_k, self.b_v, None, None, self.cs, True, tk._compute_dtype(self.q))
+        del ck, cv
+
+    # --- costs
+    def kernel_bytes(self):
+        L = self.layout
+        return (self.B * self.S * L.row_bytes + 2 * self.q.numel() * 2 + (self.b_k.numel() + self.b_v.numel()) * 2
+                + self.S * HD * 2 + self.block_table.numel() * 4)
+
+    def kernel_flops(self):
+        L = self.layout
+        per_tok = 2 * L.groups * L.rank_k * L.group_size * HD + 2 * HQ * HD + 2 * HQ * L.rank_v
+        return self.B * self.S * per_tok + self.B * 2 * HQ * L.rank_v * HD
+
+    def dense_bytes(self):
+        return self.B * self.S * HKV * HD * 2 * 2 + 2 * self.q.numel() * 2
+
+    def dense_flops(self):
+        return self.B * self.S * HQ * HD * 4
+
+    # --- paths
+    def run_kernel(self, **cfg):
+        return tk.latent_decode(self.q, self.cache, self.layout, self.block_table, self.seq_lens, self.factors,
+                                self.scale, **cfg)
+
+    def rebuild_dense(self):
+        """Naive rebuild: K = RoPE(c_k B_k), V = c_v B_v as [B, Hkv, S, hd] bf16."""
+        L = self.layout
+        lat = self.lat_flat
+        if L.quantized:
+            ck, cv = L.unpack(lat, torch.bfloat16)
+        else:
+            ck = lat[..., : L.v_offset].unflatten(-1, (L.groups, L.rank_k))
+            cv = lat[..., L.v_offset:].unflatten(-1, (L.groups, L.rank_v))
+        k = torch.einsum("bsgr,grd->bsgd", ck, self.b_k).reshape(self.B, self.S, HKV, HD)
+        v = torch.einsum("bsgr,grd->bsgd", cv, self.b_v).reshape(self.B, self.S, HKV, HD)
+        cos = self.cs[: self.S, : HD // 2][None, :, None, :]
+        sin = self.cs[: self.S, HD // 2:][None, :, None, :]
+        k1, k2 = k[..., : HD // 2], k[..., HD // 2:]
+        k = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], -1)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def run_naive(self):
+        k, v = self.rebuild_dense()
+        q4 = self.q.view(self.B, HKV, QPK, HD)
+        return F.scaled_dot_product_attention(q4, k, v, scale=self.scale).reshape(self.B, HQ, HD)
+
+
+def dense_paths(B, S, seed=1):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, HQ, HD, device=DEV, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, HKV, S, HD, device=DEV, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, HKV, S, HD, device=DEV, dtype=torch.bfloat16, generator=g)
+    sc = HD ** -0.5
+    q4 = q.view(B, HKV, QPK, HD)
+    paths = {
+        "sdpa_q4": lambda: F.scaled_dot_product_attention(q4, k, v, scale=sc),  # 4 query rows per KV head
+        "sdpa_gqa": lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=sc, enable_gqa=True),
+    }
+    return paths, (q, k, v)
+
+
+def kernel_configs(sweep: str, gs: int):
+    """Launch configurations (without the split factor, which is swept per case: it is a run-time argument)."""
+    keys = ("block_t", "num_warps", "num_stages", "trans", "pieces", "prefetch")
+    if sweep == "final":  # the winners of the quick sweeps (benchmarks/RESULTS_gpu.md), timed again
+        base = [(64, 4, 3, True, 1, True), (64, 4, 2, True, 1, True), (64, 4, 2, True, 2, True),
+                (64, 4, 2, True, 2, False)] if gs == 1 else [(64, 4, 3, True, 1, True), (64, 4, 2, True, 2, True)]
+    elif sweep == "full":
+        base = [(bt, w, st, tr, nh, pf) for bt in (64, 128) for w in (4, 8) for st in (2, 3, 4) for tr in (True, False)
+                for nh in (1, 2) for pf in (True, False)]
+    elif gs == 1:
+        base = [(64, 4, 3, True, 1, True), (64, 4, 2, True, 1, True), (64, 4, 3, True, 2, True),
+                (64, 4, 2, True, 2, True), (64, 4, 2, True, 2, False), (64, 4, 3, False, 1, True),
+                (128, 4, 3, True, 2, True), (128, 4, 2, True, 2, True)]
+    elif gs == 2:
+        base = [(64, 4, 3, True, 2, True), (64, 4, 2, True, 2, True), (64, 4, 3, True, 1, True),
+                (64, 4, 2, False, 1, True)]
+    else:
+        base = [(64, 4, 2, True, 2, True), (64, 4, 3, True, 1, True)]
+    return [dict(zip(keys, c)) for c in base]
+
+
+def kernel_stats():
+    out = {}
+    for name, k in tk.LAST_LAUNCH.items():
+        try:
+            out[name] = dict(regs=k.n_regs, spills=k.n_spills, smem=k.metadata.shared)
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+def _warm_job(job):
+    """Compile one kernel variant in a worker process (fills Triton's disk cache for the main process)."""
+    kind, gs, rk, rv, lat, cfg = job
+    t = time.time()
+    try:
+        if kind == "decode":
+            c = DecodeCase(2, 256, gs, rk, rv, lat)
+            c.run_kernel(**cfg)
+        else:
+            c = DecodeCase(2, 256, gs, rk, rv, lat)
+            qf = torch.randn(2 * 256, HQ, HD, device=DEV, dtype=torch.bfloat16)
+            qsl = torch.arange(0, 2 * 256 + 1, 256, device=DEV, dtype=torch.int32)
+            tk.latent_attention(qf, c.cache, c.layout, c.block_table, c.seq_lens, qsl, c.b_k, c.b_v, None, None,
+                                c.cs, c.scale, factors=c.factors, **cfg)
+        torch.cuda.synchronize()
+        return None, time.time() - t
+    except Exception as e:  # noqa: BLE001
+        return str(e).splitlines()[0][:200], time.time() - t
+
+
+def precompile(jobs, workers):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    t = time.time()
+    errs = 0
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        for job, (err, dt) in zip(jobs, ex.map(_warm_job, jobs)):
+            if err:
+                errs += 1
+                print(f"  compile failed {job}: {err}", flush=True)
+    print(f"precompiled {len(jobs)} variants in {time.time() - t:.0f}s with {workers} workers ({errs} failed)",
+          flush=True)
+
+
+def variant_shapes(ratio, gs):
+    if ratio == "int8":
+        return HD // 2, HD // 2, "int8"
+    r = int(round(ratio * gs * HD))
+    return r, r, "bfloat16"
+
+
+def run_decode(args, bw, mm, results):
+    cases = [(16, 4096), (64, 4096), (64, 16384)]
+    if args.cases:
+        cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    ratios = [0.5, 0.25]
+    group_sizes = [int(x) for x in args.group_sizes.split(",")]
+    rows = []
+    for (B, S) in cases:
+        paths, keep = dense_paths(B, S)
+        dense_t = {name: bench(fn) for name, fn in paths.items()}
+        dense_best = min(dense_t.values())
+        ref_case_bytes = B * S * HKV * HD * 4
+        del keep, paths
+        torch.cuda.empty_cache()
+        for ratio in ratios + (["int8"] if args.int8 else []):
+            variants = []
+            for gs in group_sizes:
+                if ratio == "int8" and gs != 1:
+                    continue
+                rk, rv, lat = variant_shapes(ratio, gs)  # int8: the ratio-0.5 ranks stored as int8
+                c = DecodeCase(B, S, gs, rk, rv, lat)
+                t0 = time.time()
+                naive_t = bench(c.run_naive)
+                ref_out = c.run_naive()
+                best = None
+                tried = []
+                for kc in kernel_configs(args.sweep, gs):
+                    for ns in ((1, 2, 4) if args.sweep == "final" else (1, 2, 4, 8)):
+                        cfg = dict(kc, num_splits=ns)
+                        try:
+                            out = c.run_kernel(**cfg)
+                            torch.cuda.synchronize()
+                            err = rel(out, ref_out)
+                            t = bench(lambda: c.run_kernel(**cfg))
+                        except Exception as e:  # noqa: BLE001  (out of resources etc.)
+                            tried.append(dict(cfg=cfg, error=str(e).splitlines()[0][:120]))
+                            continue
+                        tried.append(dict(cfg=cfg, ms=t, err=err))
+                        if best is None or t < best["ms"]:
+                            best = dict(cfg=cfg, ms=t, err=err)
+                if best:
+                    c.run_kernel(**best["cfg"])
+                    best["stats"] = kernel_stats()
+                kb, kf = c.kernel_bytes(), c.kernel_flops()
+                v = dict(B=B, S=S, ratio=ratio, gs=gs, rank_k=c.layout.rank_k, rank_v=c.layout.rank_v,
+                         lat_dtype=c.layout.dtype, naive_ms=naive_t, kernel=best, bytes=kb, flops=kf,
+                         bytes_floor_ms=kb / bw * 1e3, flop_floor_ms=kf / mm * 1e3, tried=tried,
+                         sweep_s=time.time() - t0)
+                variants.append(v)
+                print(f"  B={B} S={S} ratio={ratio} gs={gs}: naive {naive_t:.3f} ms, kernel "
+                      f"{best['ms'] if best else float('nan'):.3f} ms {best['cfg'] if best else ''} "
+                      f"err={best['err'] if best else float('nan'):.1e} floors bytes {v['bytes_floor_ms']:.3f} "
+                      f"flops {v['flop_floor_ms']:.3f} ({v['sweep_s']:.0f}s)", flush=True)
+                del c
+                torch.cuda.empty_cache()
+            ok = [v for v in variants if v["kernel"]]
+            if not ok:
+                continue
+            bestv = min(ok, key=lambda v: v["kernel"]["ms"])
+            dfl = max(B * S * HKV * HD * 4 / bw, B * S * HQ * HD * 4 / mm) * 1e3
+            row = dict(B=B, S=S, ratio=ratio, dense_ms=dense_best, dense_paths=dense_t, dense_floor_ms=dfl,
+                       dense_bytes=ref_case_bytes, best=bestv, variants=variants)
+            rows.append(row)
+            results["decode"] = rows
+            save_json(args, results)
+    results["decode"] = rows
+    return rows
+
+
+def save_json(args, results):
+    with open(args.json, "w") as fh:
+        json.dump(results, fh, indent=1)
+
+
+def print_decode_table(rows, md=False):
+    hdr = ("| batch x ctx | ratio | dense SDPA ms | dense floor ms | naive ms | kernel ms (gs, cfg) | bytes floor ms"
+           " | FLOP floor ms | binds | kernel/floor | speedup vs dense | vs naive |")
+    print(hdr)
+    print("|" + "---|" * 12)
+    for r in rows:
+        b = r["best"]
+        k = b["kernel"]
+        fl = max(b["bytes_floor_ms"], b["flop_floor_ms"])
+        binds = "bytes" if b["bytes_floor_ms"] >= b["flop_floor_ms"] else "FLOPs"
+        cfg = k["cfg"]
+        cs = f"gs={b['gs']}, T={cfg['block_t']}, w={cfg['num_warps']}, st={cfg['num_stages']}, " \
+             f"split={cfg['num_splits']}, {'T' if cfg['trans'] else 'N'}{'+tau' if cfg.get('rope_tau') else ''}" \
+             f"{', p=2' if cfg.get('pieces', 1) == 2 else ''}{', pf' if cfg.get('prefetch', True) else ''}"
+        rat = r["ratio"] if r["ratio"] != "int8" else "0.5 int8"
+        print(f"| {r['B']}x{r['S']} | {rat} | {r['dense_ms']:.3f} | {r['dense_floor_ms']:.3f} | {b['naive_ms']:.3f} | "
+              f"{k['ms']:.3f} ({cs}) | {b['bytes_floor_ms']:.3f} | {b['flop_floor_ms']:.3f} | {binds} | "
+              f"{k['ms'] / fl:.2f} | {r['dense_ms'] / k['ms']:.2f}x | {b['naive_ms'] / k['ms']:.2f}x |")
+    print()
+    print("| batch x ctx | ratio | " + " | ".join(f"gs={g} ms" for g in sorted({v['gs'] for r in rows
+                                                                                for v in r['variants']})) + " |")
+    gss = sorted({v['gs'] for r in rows for v in r['variants']})
+    print("|" + "---|" * (2 + len(gss)))
+    for r in rows:
+        by = {v["gs"]: v for v in r["variants"]}
+        cells = []
+        for g in gss:
+            v = by.get(g)
+            if v is None or not v["kernel"]:
+                cells.append("-")
+            else:
+                cells.append(f"{v['kernel']['ms']:.3f} (floor {max(v['bytes_floor_ms'], v['flop_floor_ms']):.3f})")
+        rat = r["ratio"] if r["ratio"] != "int8" else "0.5 int8"
+        print(f"| {r['B']}x{r['S']} | {rat} | " + " | ".join(cells) + " |")
+
+
+# ------------------------------------------------------------------------------------------------ prefill
+def prefill_configs():
+    return [dict(block_q=bq, block_t=bt, num_warps=w, trans=tr, num_splits=1)
+            for bq in (16, 32) for bt in (64, 128) for w in (4, 8) for tr in (True, False)]
+
+
+def run_prefill(args, bw, mm, results):
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.prefill_cases.split(",")]
+    out_rows = []
+    for (B, S) in cases:
+        g = torch.Generator(device=DEV).manual_seed(7)
+        q = torch.randn(B, HQ, S, HD, device=DEV, dtype=torch.bfloat16, generator=g)
+        k = torch.randn(B, HKV, S, HD, device=DEV, dtype=torch.bfloat16, generator=g)
+        v = torch.randn(B, HKV, S, HD, device=DEV, dtype=torch.bfloat16, generator=g)
+        kx, vx = k.repeat_interleave(QPK, 1), v.repeat_interleave(QPK, 1)
+        sc = HD ** -0.5
+        dense = {
+            "sdpa_gqa": bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc,
+                                                                     enable_gqa=True)),
+            "sdpa_expanded": bench(lambda: F.scaled_dot_product_attention(q, kx, vx, is_causal=True, scale=sc)),
+        }
+        del q, k, v, kx, vx
+        torch.cuda.empty_cache()
+        dense_flops = B * HQ * HD * 4 * S * (S + 1) / 2
+        c = DecodeCase(B, S, 1, HD // 2, HD // 2)  # ratio 0.5, gs=1
+        qf = torch.randn(B * S, HQ, HD, device=DEV, dtype=torch.bfloat16, generator=g)
+        qsl = torch.arange(0, B * S + 1, S, device=DEV, dtype=torch.int32)
+
+        def naive():
+            kk, vv = c.rebuild_dense()
+            qq = qf.view(B, S, HQ, HD).transpose(1, 2)
+            return F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=c.scale, enable_gqa=True)
+
+        naive_t = bench(naive)
+        ref = naive().transpose(1, 2).reshape(B * S, HQ, HD)
+        best, tried = None, []
+        for cfg in prefill_configs():
+            fn = lambda: tk.latent_attention(qf, c.cache, c.layout, c.block_table, c.seq_lens, qsl,  # noqa: E731
+                                             c.b_k, c.b_v, None, None, c.cs, c.scale, factors=c.factors, **cfg)
+            try:
+                err = rel(fn(), ref)
+                t = bench(fn, warmup=5, rep=40)
+            except Exception as e:  # noqa: BLE001
+                tried.append(dict(cfg=cfg, error=str(e).splitlines()[0][:120]))
+                continue
+            tried.append(dict(cfg=cfg, ms=t, err=err))
+            if best is None or t < best["ms"]:
+                best = dict(cfg=cfg, ms=t, err=err)
+        L = c.layout
+        # our kernel's FLOPs with query tiles of block_q tokens: QK + P c_v, + key rebuild once per (q tile, kv tile)
+        bq = best["cfg"]["block_q"] if best else 16
+        pairs = B * S * (S + 1) / 2
+        kflops = pairs * (2 * HQ * HD + 2 * HQ * L.rank_v) + B * (S / bq) * (S / 2) * 2 * HKV * L.rank_k * HD
+        row = dict(B=B, S=S, dense=dense, dense_ms=min(dense.values()), dense_flops=dense_flops,
+                   dense_flop_floor_ms=dense_flops / mm * 1e3, naive_ms=naive_t, kernel=best, kernel_flops=kflops,
+                   kernel_flop_floor_ms=kflops / mm * 1e3, tried=tried)
+        out_rows.append(row)
+        results["prefill"] = out_rows
+        save_json(args, results)
+        print(f"  prefill B={B} S={S}: dense {row['dense_ms']:.3f} ms {dense}, naive {naive_t:.3f}, kernel "
+              f"{best['ms'] if best else float('nan'):.3f} {best['cfg'] if best else ''} err "
+              f"{best['err'] if best else float('nan'):.1e}", flush=True)
+        del c, qf
+        torch.cuda.empty_cache()
+    results["prefill"] = out_rows
+    return out_rows
+
+
+def print_prefill_table(rows):
+    print("| prefill batch x len (causal) | dense SDPA ms | dense FLOP floor ms | naive ms | kernel ms (cfg) | "
+          "kernel FLOP floor ms | kernel vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        k = r["kernel"]
+        cfg = k["cfg"]
+        print(f"| {r['B']}x{r['S']} | {r['dense_ms']:.3f} | {r['dense_flop_floor_ms']:.3f} | {r['naive_ms']:.3f} | "
+              f"{k['ms']:.3f} (q={cfg['block_q']}, T={cfg['block_t']}, w={cfg['num_warps']}, "
+              f"{'T' if cfg['trans'] else 'N'}) | {r['kernel_flop_floor_ms']:.3f} | {r['dense_ms'] / k['ms']:.2f}x |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_decode.json"))
+    ap.add_argument("--sweep", default="quick", choices=["quick", "full", "final"])
+    ap.add_argument("--cases", default="", help="e.g. 16x4096,64x4096")
+    ap.add_argument("--group-sizes", default="1,2,4")
+    ap.add_argument("--timer", default="cudagraph", choices=["cudagraph", "events"])
+    ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--no-int8", dest="int8", action="store_false")
+    ap.add_argument("--precompile", type=int, default=min(12, os.cpu_count() or 1),
+                    help="worker processes compiling the kernel variants first (0: off)")
+    ap.add_argument("--prefill-cases", default="1x4096,1x16384,8x2048")
+    ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1,<latent_decode kwargs>: run that "
+                    "kernel 5 times and exit (for ncu)")
+    args = ap.parse_args()
+    TIMER["mode"] = args.timer
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if args.profile:
+        kv = dict(x.split("=") for x in args.profile.split(","))
+        B, S, gs = int(kv.pop("B")), int(kv.pop("S")), int(kv.pop("gs"))
+        ratio = kv.pop("ratio")
+        rk, rv, lat = variant_shapes(ratio if ratio == "int8" else float(ratio), gs)
+        c = DecodeCase(B, S, gs, rk, rv, lat)
+        cfg = {k: (v == "1") if k in ("trans", "rope_tau", "group_fast", "prefetch") else int(v) for k, v in kv.items()}
+        for _ in range(5):
+            c.run_kernel(**cfg)
+        torch.cuda.synchronize()
+        print("profiled", cfg, kernel_stats())
+        return
+    props = torch.cuda.get_device_properties(0)
+    results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+                   triton=triton.__version__, argv=sys.argv[1:], timer=args.timer)
+    bw, mm = measure_ceilings()
+    results.update(copy_bw=bw, matmul_flops=mm)
+    print(f"{results['date']} {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+          f"triton {triton.__version__}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True)
+    if args.precompile:
+        cases_r = [0.5, 0.25] + (["int8"] if args.int8 else [])
+        jobs = []
+        for gs in [int(x) for x in args.group_sizes.split(",")]:
+            for ratio in cases_r:
+                if ratio == "int8" and gs != 1:
+                    continue
+                rk, rv, lat = variant_shapes(ratio, gs)
+                for kc in kernel_configs(args.sweep, gs):
+                    for ns in (1, 2):
+                        jobs.append(("decode", gs, rk, rv, lat, dict(kc, num_splits=ns)))
+        if args.no_decode:
+            jobs = []
+        if not args.no_prefill:
+            for cfg in prefill_configs():
+                jobs.append(("prefill", 1, HD // 2, HD // 2, "bfloat16", cfg))
+        precompile(jobs, args.precompile)
+    rows = run_decode(args, bw, mm, results) if not args.no_decode else []
+    prow = None if args.no_prefill else run_prefill(args, bw, mm, results)
+    save_json(args, results)
+    print()
+    print(f"decode, one Llama-3-8B layer (32 q / 8 kv heads, d=128), bf16, block size {BS}; median ms ({args.timer})")
+    if rows:
+        print_decode_table(rows)
+    if prow:
+        print()
+        print_prefill_table(prow)
+    print(f"\nJSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,716 @@
+"""Triton kernels for attention over latent paged KV (the CUDA path of the latent backend).
+
+Same semantics as :func:`vllm_kvc.kernels.reference.latent_attention` (read its docstring for the conventions).
+One program serves (a tile of queries, one head group, one KV split). For each tile of BLOCK_T cached tokens it
+loads the group's key latents ``c_k [BLOCK_T, rank_k]`` once (through the block table), rebuilds the keys of the
+group's KV heads with one tensor-core dot against ``B_k`` (loaded once per program), adds ``bias_k``, applies RoPE
+at the cached positions and scores them against all query heads of the group, so that latent bytes are read
+once per group. Values stay latent: the program accumulates ``p @ c_v`` with an online softmax (exp2) and
+``B_v`` (and ``bias_v``) is applied once to the normalised weighted sum, in the epilogue or, with split-KV
+(flash decoding), in the reduce kernel.
+
+RoPE without shuffles: ``B_k``'s columns are stored with each RoPE pair side by side (x1_0, x2_0, x1_1, ...), so
+the rebuilt tile splits into its x1 and x2 halves with a register-local reshape; the kernel rotates
+``(k1 cos - k2 sin, k2 cos + k1 sin)`` elementwise and scores ``q1.r1 + q2.r2`` with two dots (q is read as its
+two halves). GPT-J (interleaved) style and partial rotary are handled by permuting the head dims of ``B_k``,
+``bias_k`` and ``q`` the same way (a dot product does not change under a common permutation) and padding cos/sin
+with 1/0 for dims that are not rotated.
+
+int8 latents (layout.py's original int8 layout): values are read as int8, cast exactly to bf16 for the tensor
+cores, and the per-token fp16 scales multiply the rebuilt keys (rows) and the softmax weights (columns) before
+``p @ c_v``. Other integer layouts (int4, int2, grouped scales) and layouts whose factors do not fit on chip
+raise NotImplementedError (:func:`check_supported`): callers use the reference for them.
+
+Launch options (measured on an H100, benchmarks/RESULTS_gpu.md): ``trans`` (scores as [BLOCK_T, rows], keys as
+the register A operand), ``pieces=2`` (rebuild in two column halves: fewer live registers), ``prefetch`` (block
+ids and int8 scales loaded one tile ahead), split-KV for small batches. ``rope_tau`` is experimental (wrong
+results with triton 3.6 on the GPU; interpreter-only tests).
+
+Importable without vLLM; runs on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 is then computed in fp32, see
+``_compute_dtype``).
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from vllm_kvc.layout import LatentLayout
+
+LOG2E = 1.4426950408889634
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _bv_epilogue(u, g, tok, head, kvj, row_ok, bv_ptr, biasv_ptr, out_ptr, stride_ot, stride_oh,
+                 GS: tl.constexpr, HD: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
+                 DCH: tl.constexpr, HAS_BV: tl.constexpr):
+    """out[tok, head, :] = u @ B_v[g, :, kv head slice] (+ bias_v); u [M_P, RV_P] in the factor dtype."""
+    cv = tl.arange(0, RV_P)
+    dd = tl.arange(0, DCH)
+    out_row = out_ptr + tok.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+    for j in tl.static_range(GS):
+        ok = row_ok & (kvj == j)
+        for dc in tl.static_range(HD // DCH):
+            bvt = tl.load(bv_ptr + (g * RV + cv[:, None]) * (GS * HD) + (j * HD + dc * DCH) + dd[None, :],
+                          mask=(cv < RV)[:, None], other=0.0)
+            o = tl.dot(u, bvt)
+            if HAS_BV:
+                o += tl.load(biasv_ptr + (g * GS + j) * HD + dc * DCH + dd)[None, :]
+            tl.store(out_row[:, None] + dc * DCH + dd[None, :], o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _load_scale(cache_ptr, row_off, idx, t_ok, WIDTH: tl.constexpr):
+    """fp16 scale number ``idx`` of int8 rows (byte offsets ``row_off``), read as two bytes (no alignment needed)."""
+    p = cache_ptr + row_off + WIDTH + 2 * idx
+    lo = tl.load(p, mask=t_ok, other=0).to(tl.uint16)
+    hi = tl.load(p + 1, mask=t_ok, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["num_reqs", "num_splits"])
+def _latent_attn_fwd(
+    q_ptr, stride_qt, stride_qh,
+    cache_ptr, stride_cb, stride_cs,
+    bt_ptr, stride_bt,
+    seq_lens_ptr, qsl_ptr, tile_start_ptr, num_reqs,
+    bk_ptr, bias1_ptr, bias2_ptr,
+    cos_ptr, sin_ptr, stride_cos,
+    bv_ptr, biasv_ptr,
+    out_ptr, stride_ot, stride_oh,
+    pm_ptr, pl_ptr, pacc_ptr,
+    qk_scale, num_splits,
+    G: tl.constexpr, GS: tl.constexpr, QPK: tl.constexpr, HD: tl.constexpr,
+    RK: tl.constexpr, RV: tl.constexpr, RCH: tl.constexpr, RV_P: tl.constexpr, WIDTH: tl.constexpr,
+    BS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, M_P: tl.constexpr,
+    SPLIT: tl.constexpr, DCH: tl.constexpr,
+    INT8: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, DIRECT: tl.constexpr,
+    TRANS: tl.constexpr, ROPE_TAU: tl.constexpr, OFF64: tl.constexpr, FAST_TILES: tl.constexpr,
+    NH: tl.constexpr, GROUP_FAST: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """One program: (query tile, head group, KV split). Keys are rebuilt per KV tile by a dot in interleaved
+    column order (x1_0, x2_0, x1_1, ...): ``bk_ptr`` holds B_k as [G, gs, rank_k, hd] in that order, so RoPE's
+    pairs sit side by side in the accumulator and a reshape/split separates them without data movement; the
+    scores are q1.r1 + q2.r2 (two dots; q is read as its x1 and x2 halves). NH = 2 rebuilds the columns in two
+    pieces (fewer live registers, more dots).
+
+    ROPE_TAU: rotate by R_tau (tau = t - t0 < BLOCK_T, table rows 0..BLOCK_T-1 held in registers) and rotate q by
+    R_t0^T once per tile instead of reading cos/sin rows of every position of every tile (q.R_t0 R_tau k ==
+    q.R_(t0+tau) k; the composition matches the table to within the table's own rounding).
+    """
+    HALF: tl.constexpr = HD // 2
+    HG: tl.constexpr = GS * QPK
+    NRC: tl.constexpr = (RK + RCH - 1) // RCH
+    HOIST_B: tl.constexpr = (GS == 1) & (NRC == 1)
+    DT = bk_ptr.dtype.element_ty
+
+    if GROUP_FAST:  # the G programs of one request run side by side (they read the same latent rows)
+        g = tl.program_id(0)
+        pid = tl.program_id(1)
+    else:
+        pid = tl.program_id(0)
+        g = tl.program_id(1)
+    sp = tl.program_id(2)
+    if DIRECT:  # decode: program pid serves request pid, whose single query is token pid
+        r = pid
+        q_start = pid
+        q_end = pid + 1
+        tile = 0
+    else:  # varlen: find the request whose q tiles contain tile pid (largest r with tile_start[r] <= pid)
+        total = tl.load(tile_start_ptr + num_reqs)
+        if pid >= total:
+            return
+        lo = num_reqs * 0
+        hi = num_reqs - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            ok = tl.load(tile_start_ptr + mid) <= pid
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        r = lo
+        tile = pid - tl.load(tile_start_ptr + r)
+        q_start = tl.load(qsl_ptr + r)
+        q_end = tl.load(qsl_ptr + r + 1)
+    seq_len = tl.load(seq_lens_ptr + r)
+    q0 = q_start + tile * BLOCK_Q
+    nq = tl.minimum(q_end - q0, BLOCK_Q)
+    if nq <= 0:
+        return
+    pos0 = seq_len - (q_end - q_start) + (q0 - q_start)  # position of the tile's first query
+    kv_end = pos0 + nq  # causal: keys < kv_end
+    n_tiles = tl.cdiv(kv_end, BLOCK_T)
+    per_split = tl.cdiv(n_tiles, num_splits)
+    t_begin = sp * per_split * BLOCK_T
+    t_stop = tl.minimum(kv_end, t_begin + per_split * BLOCK_T)
+    # tiles wholly below t_stop and below every query's position need no masks
+    if FAST_TILES:
+        t_mid = tl.maximum(t_begin, t_begin + ((tl.minimum(t_stop, pos0 + 1) - t_begin) // BLOCK_T) * BLOCK_T)
+    else:
+        t_mid = t_begin
+
+    rows = tl.arange(0, M_P)
+    qi = rows // HG
+    hh = rows % HG
+    kvj = hh // QPK
+    row_ok = (rows < BLOCK_Q * HG) & (qi < nq)
+    row_pos = pos0 + qi
+    tok = q0 + qi
+    head = g * HG + hh
+    q_row = q_ptr + tok.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+    PW: tl.constexpr = HALF // NH  # RoPE pairs per piece (the rebuild runs in NH column pieces)
+    dp = tl.arange(0, PW)
+    dc = tl.arange(0, 2 * PW)
+    cr = tl.arange(0, RCH)
+    cv = tl.arange(0, RV_P)
+    tt = tl.arange(0, BLOCK_T)
+    bt_row = bt_ptr + r.to(tl.int64) * stride_bt
+
+    # loop invariants (named per piece: Triton has no lists of tensors)
+    if GS == 1:
+        if not ROPE_TAU:
+            q1t_a = tl.trans(tl.load(q_row[:, None] + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+            q2t_a = tl.trans(tl.load(q_row[:, None] + HALF + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+            if NH == 2:
+                q1t_b = tl.trans(tl.load(q_row[:, None] + PW + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+                q2t_b = tl.trans(tl.load(q_row[:, None] + HALF + PW + dp[None, :], mask=row_ok[:, None],
+                                         other=0.0).to(DT))
+    if HOIST_B:
+        bmask = (cr < RK)[:, None]
+        bih_a = tl.load(bk_ptr + (g * RK + cr[:, None]) * HD + dc[None, :], mask=bmask, other=0.0)
+        if NH == 2:
+            bih_b = tl.load(bk_ptr + (g * RK + cr[:, None]) * HD + 2 * PW + dc[None, :], mask=bmask, other=0.0)
+    if ROPE_TAU:
+        ctau_a = tl.load(cos_ptr + tt[:, None] * stride_cos + dp[None, :])
+        stau_a = tl.load(sin_ptr + tt[:, None] * stride_cos + dp[None, :])
+        if NH == 2:
+            ctau_b = tl.load(cos_ptr + tt[:, None] * stride_cos + PW + dp[None, :])
+            stau_b = tl.load(sin_ptr + tt[:, None] * stride_cos + PW + dp[None, :])
+
+    m_i = tl.full([M_P], -1.0e30, tl.float32)
+    l_i = tl.zeros([M_P], tl.float32)
+    if TRANS:  # scores as [BLOCK_T, M_P] (rebuilt keys are the A operand, kept in registers); acc as [RV_P, M_P]
+        acc = tl.zeros([RV_P, M_P], tl.float32)
+    else:  # scores as [M_P, BLOCK_T] (rebuilt keys transposed into the B operand); acc as [M_P, RV_P]
+        acc = tl.zeros([M_P, RV_P], tl.float32)
+
+    for phase in tl.static_range(2):
+        if phase == 1:
+            lo_t = t_mid
+            hi_t = t_stop
+        else:
+            lo_t = t_begin
+            hi_t = t_mid
+        if PREFETCH:  # block ids (and int8 scales) one tile ahead: their load latency leaves the critical path
+            tn = lo_t + tt
+            blk_nxt = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
+            if INT8:
+                ro_nxt = blk_nxt.to(tl.int64) * stride_cb + (tn % BS).to(tl.int64) * stride_cs
+                sk_nxt = _load_scale(cache_ptr, ro_nxt, g, tn < hi_t, WIDTH)
+                sv_nxt = _load_scale(cache_ptr, ro_nxt, G + g, tn < hi_t, WIDTH)
+        for t0 in range(lo_t, hi_t, BLOCK_T):
+            t = t0 + tt
+            if PREFETCH:
+                blk = blk_nxt
+                tn = t + BLOCK_T
+                blk_nxt = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
+                if INT8:
+                    sk = sk_nxt
+                    sv = sv_nxt
+                    ro_nxt = blk_nxt.to(tl.int64) * stride_cb + (tn % BS).to(tl.int64) * stride_cs
+                    sk_nxt = _load_scale(cache_ptr, ro_nxt, g, tn < hi_t, WIDTH)
+                    sv_nxt = _load_scale(cache_ptr, ro_nxt, G + g, tn < hi_t, WIDTH)
+            if phase == 1:
+                t_ok = t < t_stop
+                if not PREFETCH:
+                    blk = tl.load(bt_row + t // BS, mask=t_ok, other=0)
+            else:
+                t_ok = tt < BLOCK_T
+                if not PREFETCH:
+                    blk = tl.load(bt_row + t // BS)
+            if OFF64:
+                row_off = blk.to(tl.int64) * stride_cb + (t % BS).to(tl.int64) * stride_cs
+            else:
+                row_off = blk * stride_cb + (t % BS) * stride_cs
+            if INT8 and (not PREFETCH):
+                sk = _load_scale(cache_ptr, row_off, g, t_ok, WIDTH)
+                sv = _load_scale(cache_ptr, row_off, G + g, t_ok, WIDTH)
+            if NRC == 1:  # the key latents of this tile, shared by all pieces and heads of the group
+                cptr = cache_ptr + row_off[:, None] + g * RK + cr[None, :]
+                if (phase == 1) or (RK != RCH):
+                    ck1 = tl.load(cptr, mask=t_ok[:, None] & (cr < RK)[None, :], other=0)
+                else:
+                    ck1 = tl.load(cptr)
+                if INT8:
+                    ck1 = ck1.to(tl.int8, bitcast=True)
+                ck1 = ck1.to(DT)
+
+            if TRANS:
+                s = tl.zeros([BLOCK_T, M_P], tl.float32)
+            else:
+                s = tl.zeros([M_P, BLOCK_T], tl.float32)
+            for j in tl.static_range(GS):
+                for hp in tl.static_range(NH):
+                    # rebuild columns [hp * 2PW, (hp + 1) * 2PW) of kv head j: RoPE pairs hp*PW .. (hp+1)*PW - 1
+                    kk = tl.zeros([BLOCK_T, 2 * PW], tl.float32)
+                    for c in tl.static_range(NRC):
+                        if NRC == 1:
+                            ck = ck1
+                        else:
+                            cmask = (c * RCH + cr) < RK
+                            ck = tl.load(cache_ptr + row_off[:, None] + (g * RK + c * RCH) + cr[None, :],
+                                         mask=t_ok[:, None] & cmask[None, :], other=0)
+                            if INT8:
+                                ck = ck.to(tl.int8, bitcast=True)
+                            ck = ck.to(DT)
+                        if HOIST_B:
+                            if hp == 0:
+                                bi = bih_a
+                            else:
+                                bi = bih_b
+                        else:
+                            bi = tl.load(bk_ptr + ((g * GS + j) * RK + c * RCH + cr[:, None]) * HD + hp * 2 * PW
+                                         + dc[None, :], mask=((c * RCH + cr) < RK)[:, None], other=0.0)
+                        kk = tl.dot(ck, bi, kk)
+                    if INT8:
+                        kk = kk * sk[:, None]
+                    k1, k2 = tl.split(tl.reshape(kk, [BLOCK_T, PW, 2]))
+                    if HAS_BK:
+                        k1 += tl.load(bias1_ptr + (g * GS + j) * HALF + hp * PW + dp)[None, :]
+                        k2 += tl.load(bias2_ptr + (g * GS + j) * HALF + hp * PW + dp)[None, :]
+                    if ROPE_TAU:
+                        if hp == 0:
+                            cosv = ctau_a.to(tl.float32)
+                            sinv = stau_a.to(tl.float32)
+                        else:
+                            cosv = ctau_b.to(tl.float32)
+                            sinv = stau_b.to(tl.float32)
+                    else:
+                        cptrs = t[:, None] * stride_cos + hp * PW + dp[None, :]
+                        if phase == 1:
+                            cosv = tl.load(cos_ptr + cptrs, mask=t_ok[:, None], other=0.0).to(tl.float32)
+                            sinv = tl.load(sin_ptr + cptrs, mask=t_ok[:, None], other=0.0).to(tl.float32)
+                        else:
+                            cosv = tl.load(cos_ptr + cptrs).to(tl.float32)
+                            sinv = tl.load(sin_ptr + cptrs).to(tl.float32)
+                    r1 = (k1 * cosv - k2 * sinv).to(DT)
+                    r2 = (k2 * cosv + k1 * sinv).to(DT)
+                    if (GS == 1) and (not ROPE_TAU):
+                        if hp == 0:
+                            q1t = q1t_a
+                            q2t = q2t_a
+                        else:
+                            q1t = q1t_b
+                            q2t = q2t_b
+                    else:
+                        qm = (row_ok & (kvj == j))[:, None]
+                        q1 = tl.load(q_row[:, None] + hp * PW + dp[None, :], mask=qm, other=0.0).to(tl.float32)
+                        q2 = tl.load(q_row[:, None] + HALF + hp * PW + dp[None, :], mask=qm, other=0.0).to(tl.float32)
+                        if ROPE_TAU:  # q' = R_t0^T q
+                            cb = tl.load(cos_ptr + t0 * stride_cos + hp * PW + dp).to(tl.float32)[None, :]
+                            sb = tl.load(sin_ptr + t0 * stride_cos + hp * PW + dp).to(tl.float32)[None, :]
+                            q1, q2 = q1 * cb + q2 * sb, q2 * cb - q1 * sb
+                        q1t = tl.trans(q1.to(DT))
+                        q2t = tl.trans(q2.to(DT))
+                    if TRANS:
+                        s = tl.dot(r1, q1t, s)
+                        s = tl.dot(r2, q2t, s)
+                    else:
+                        s = tl.dot(tl.trans(q1t), tl.trans(r1), s)
+                        s = tl.dot(tl.trans(q2t), tl.trans(r2), s)
+
+            s = s * qk_scale
+            vptr = cache_ptr + row_off[:, None] + (G * RK + g * RV) + cv[None, :]
+            if (phase == 1) or (RV_P != RV):
+                vv = tl.load(vptr, mask=t_ok[:, None] & (cv < RV)[None, :], other=0)
+            else:
+                vv = tl.load(vptr)
+            if INT8:
+                vv = vv.to(tl.int8, bitcast=True)
+            vv = vv.to(DT)
+            if TRANS:
+                if phase == 1:
+                    valid = row_ok[None, :] & (t[:, None] <= row_pos[None, :]) & t_ok[:, None]
+                    s = tl.where(valid, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 0))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(p, 0)
+                if INT8:
+                    p = p * sv[:, None]
+                acc = acc * alpha[None, :]
+                acc = tl.dot(tl.trans(vv), p.to(DT), acc)
+            else:
+                if phase == 1:
+                    valid = row_ok[:, None] & (t[None, :] <= row_pos[:, None]) & t_ok[None, :]
+                    s = tl.where(valid, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if INT8:
+                    p = p * sv[None, :]
+                acc = acc * alpha[:, None]
+                acc = tl.dot(p.to(DT), vv, acc)
+            m_i = m_new
+
+    if TRANS:
+        acc = tl.trans(acc)
+    if SPLIT:
+        base = (tok.to(tl.int64) * (G * HG) + head) * num_splits + sp
+        tl.store(pm_ptr + base, m_i, mask=row_ok)
+        tl.store(pl_ptr + base, l_i, mask=row_ok)
+        tl.store(pacc_ptr + base[:, None] * RV_P + cv[None, :], acc, mask=row_ok[:, None])
+    else:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        u = (acc / l_safe[:, None]).to(DT)
+        _bv_epilogue(u, g, tok, head, kvj, row_ok, bv_ptr, biasv_ptr, out_ptr, stride_ot, stride_oh,
+                     GS, HD, RV, RV_P, DCH, HAS_BV)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _latent_reduce(
+    pm_ptr, pl_ptr, pacc_ptr, bv_ptr, biasv_ptr, out_ptr, stride_ot, stride_oh, num_splits,
+    G: tl.constexpr, GS: tl.constexpr, QPK: tl.constexpr, HD: tl.constexpr,
+    RV: tl.constexpr, RV_P: tl.constexpr, M_P: tl.constexpr, DCH: tl.constexpr,
+    HAS_BV: tl.constexpr,
+):
+    """Combine the split-KV partials of one (token, group) and apply B_v once."""
+    HG: tl.constexpr = GS * QPK
+    tok = tl.program_id(0)
+    g = tl.program_id(1)
+    DT = bv_ptr.dtype.element_ty
+    rows = tl.arange(0, M_P)
+    row_ok = rows < HG
+    kvj = rows // QPK
+    head = g * HG + rows
+    cv = tl.arange(0, RV_P)
+    base = (tok.to(tl.int64) * (G * HG) + head) * num_splits
+    m_max = tl.full([M_P], -1.0e30, tl.float32)
+    for s in range(num_splits):
+        m_max = tl.maximum(m_max, tl.load(pm_ptr + base + s, mask=row_ok, other=-1.0e30))
+    l_sum = tl.zeros([M_P], tl.float32)
+    acc = tl.zeros([M_P, RV_P], tl.float32)
+    for s in range(num_splits):
+        w = tl.exp2(tl.load(pm_ptr + base + s, mask=row_ok, other=-1.0e30) - m_max)
+        l_sum += w * tl.load(pl_ptr + base + s, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(pacc_ptr + (base + s)[:, None] * RV_P + cv[None, :], mask=row_ok[:, None],
+                                    other=0.0)
+    l_sum = tl.where(l_sum > 0, l_sum, 1.0)
+    u = (acc / l_sum[:, None]).to(DT)
+    _bv_epilogue(u, g, tok + rows * 0, head, kvj, row_ok, bv_ptr, biasv_ptr, out_ptr, stride_ot, stride_oh,
+                 GS, HD, RV, RV_P, DCH, HAS_BV)
+
+
+# ------------------------------------------------------------------------------------------------ host side
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _rope_perm(head_dim: int, rot: int, is_neox: bool):
+    """Head-dim order that puts RoPE's first members of each pair in the first half, their partners in the second."""
+    npass = head_dim - rot
+    if npass % 2 or rot % 2:
+        raise ValueError(f"head_dim={head_dim}, rot_dim={rot}: need even sizes")
+    pass_lo = list(range(rot, rot + npass // 2))
+    pass_hi = list(range(rot + npass // 2, head_dim))
+    if is_neox:
+        first, second = list(range(rot // 2)), list(range(rot // 2, rot))
+    else:
+        first, second = list(range(0, rot, 2)), list(range(1, rot, 2))
+    perm = first + pass_lo + second + pass_hi
+    return None if perm == list(range(head_dim)) else perm
+
+
+@dataclass
+class LatentFactors:
+    """Factors rearranged for the kernels (built once per layer by :func:`prepare_factors`)."""
+    layout: LatentLayout
+    dtype: torch.dtype  # compute dtype of the tensor-core operands
+    bk: torch.Tensor  # [G, gs, rank_k, hd]: B_k with each head's RoPE pairs side by side (x1_0, x2_0, x1_1, ...)
+    bias1: torch.Tensor | None  # [G, gs, hd/2] fp32: bias_k of the x1 / x2 members of the pairs
+    bias2: torch.Tensor | None
+    bv: torch.Tensor  # [G, rank_v, gs*hd]
+    bias_v: torch.Tensor | None  # [G*gs*hd] fp32
+    cos: torch.Tensor  # [max(max_pos, 256), hd/2]; 1 / 0 for dims that are not rotated
+    sin: torch.Tensor
+    perm: torch.Tensor | None  # head-dim permutation applied to q (None: identity)
+
+
+def prepare_factors(layout: LatentLayout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox: bool = True,
+                    dtype: torch.dtype = torch.bfloat16) -> LatentFactors:
+    G, gs, hd, rk, rv = layout.groups, layout.group_size, layout.head_dim, layout.rank_k, layout.rank_v
+    if hd % 2 or hd & (hd - 1) or hd < 32:
+        raise ValueError(f"head_dim={hd}: the kernels need a power of two >= 32")
+    half = hd // 2
+    rot = cos_sin_cache.shape[-1]
+    perm = _rope_perm(hd, rot, is_neox)
+    dev = b_k.device
+    bk = b_k.reshape(G, rk, gs, hd)
+    if perm is not None:
+        permt = torch.tensor(perm, device=dev)
+        bk = bk.index_select(-1, permt)
+    # [G, rk, gs, (x1 half | x2 half)] -> [G, gs, rk, (x1_0, x2_0, x1_1, x2_1, ...)]
+    bk = bk.reshape(G, rk, gs, 2, half).permute(0, 2, 1, 4, 3).reshape(G, gs, rk, hd).to(dtype).contiguous()
+    bias1 = bias2 = None
+    if bias_k is not None:
+        bb = bias_k.reshape(G, gs, hd).float()
+        if perm is not None:
+            bb = bb.index_select(-1, permt)
+        bias1 = bb[..., :half].contiguous()
+        bias2 = bb[..., half:].contiguous()
+    bv = b_v.reshape(G, rv, gs * hd).to(dtype).contiguous()
+    bvb = None if bias_v is None else bias_v.reshape(-1).float().contiguous()
+    if rot == hd:
+        cos, sin = cos_sin_cache[:, :half], cos_sin_cache[:, half:]
+    else:
+        mp, npass = cos_sin_cache.shape[0], (hd - rot) // 2
+        one = torch.ones(mp, npass, dtype=cos_sin_cache.dtype, device=cos_sin_cache.device)
+        cos = torch.cat([cos_sin_cache[:, : rot // 2], one], 1)
+        sin = torch.cat([cos_sin_cache[:, rot // 2:], torch.zeros_like(one)], 1)
+    if cos.shape[0] < 256:  # ROPE_TAU reads rows 0..BLOCK_T-1 unmasked
+        pad = torch.zeros(256 - cos.shape[0], half, dtype=cos.dtype, device=cos.device)
+        cos, sin = torch.cat([cos, pad]), torch.cat([sin, pad])
+    if cos.stride(1) != 1 or sin.stride(0) != cos.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return LatentFactors(layout, dtype, bk, bias1, bias2, bv, bvb, cos, sin, None if perm is None else permt)
+
+
+_FACTOR_CACHE: dict = {}
+
+
+def _tkey(t):
+    if t is None:
+        return None
+    return (id(t), t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
+
+
+def cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dtype) -> LatentFactors:
+    """prepare_factors, memoised per (tensor identity, version): weak references guard against a freed tensor's
+    address and id being reused by a new one; in-place updates bump ``_version``."""
+    ts = (b_k, b_v, bias_k, bias_v, cos_sin_cache)
+    key = (layout, is_neox, dtype) + tuple(_tkey(t) for t in ts)
+    hit = _FACTOR_CACHE.get(key)
+    if hit is not None:
+        refs, f = hit
+        if all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, ts)):
+            return f
+    if len(_FACTOR_CACHE) > 256:
+        _FACTOR_CACHE.clear()
+    f = prepare_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dtype)
+    _FACTOR_CACHE[key] = (tuple(None if t is None else weakref.ref(t) for t in ts), f)
+    return f
+
+
+_DEBUG = set(os.environ.get("VLLM_KVC_TRITON_DEBUG", "").split(","))  # "masked": mask every tile; "off64"
+_SM_COUNT: dict = {}
+LAST_LAUNCH: dict = {}  # compiled kernels of the last launch (diagnostics: n_regs, n_spills, metadata.shared)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def default_splits(n_programs: int, max_ctx: int, block_t: int, device) -> int:
+    """Split-KV factor: enough programs for ~2 waves, at least 4 KV tiles per split, a power of two <= 16."""
+    want = max(1, -(-2 * _num_sms(device) // max(1, n_programs)))
+    cap = max(1, max_ctx // (4 * block_t))
+    s = min(want, cap, 16)
+    return 1 << (s.bit_length() - 1) if s > 1 else 1
+
+
+def check_supported(layout: LatentLayout) -> None:
+    """Raise NotImplementedError for layouts the kernels do not handle (the caller then uses the reference)."""
+    if layout.quantized and not getattr(layout, "is_int8", layout.dtype == "int8"):
+        raise NotImplementedError(f"latent dtype {layout.dtype!r}: the Triton kernels read float and int8 latents only")
+    hd = layout.head_dim
+    if hd & (hd - 1) or hd < 32:
+        raise NotImplementedError(f"head_dim={hd}: the kernels need a power of two >= 32")
+    if max(16, _next_pow2(layout.rank_k)) * layout.group_size > 512 or _next_pow2(layout.rank_v) > 256:
+        # the per-tile key factors and the latent accumulator would not fit on chip (measured on an H100 with
+        # triton 3.6: gs=4 at rank 256 needs 413 KB of shared memory; gs=8 at rank 512 spills 62 KB)
+        raise NotImplementedError(f"group_size={layout.group_size}, rank_k={layout.rank_k}, rank_v={layout.rank_v}: "
+                                  "the kernels need next_pow2(rank_k) * group_size <= 512 and rank_v <= 256")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """Tensor-core operand dtype: q's half type; fp32 otherwise. Under TRITON_INTERPRET the interpreter's tl.dot
+    multiplies bf16 operands as their raw uint16 bits (triton 3.9), so bf16 is computed in fp32 there."""
+    if q.dtype == torch.bfloat16 and _interpreting():
+        return torch.float32
+    return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _launch(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, seq_lens, qsl, tile_start,
+            n_grid0, block_q, direct, scale, out, num_splits, block_t, num_warps, num_stages, rank_chunk, trans=True, rope_tau=False,
+            pieces=1, group_fast=False, prefetch=True):
+    n_tok, hq, hd = q.shape
+    G, gs = layout.groups, layout.group_size
+    int8 = getattr(layout, "is_int8", layout.dtype == "int8")
+    if hq % layout.num_kv_heads:
+        raise ValueError(f"{hq} query heads, {layout.num_kv_heads} KV heads")
+    qpk = hq // layout.num_kv_heads
+    hg = gs * qpk
+    if f.perm is not None:
+        q = q.index_select(-1, f.perm)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty(n_tok, hq, hd, dtype=q.dtype, device=q.device)
+    assert out.stride(-1) == 1
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache rows must be contiguous")
+    check_supported(layout)
+    rk_p = max(16, _next_pow2(layout.rank_k))
+    rch = min(rk_p, rank_chunk or 128)
+    rv_p = max(16, _next_pow2(layout.rank_v))
+    dch = hd
+    while rv_p * dch > 128 * 128 and dch > 16:
+        dch //= 2
+    m_p = max(16, _next_pow2(block_q * hg))
+    if hd // 2 // pieces < 16:  # tl.dot needs K >= 16: the score dots contract over hd / 2 / pieces
+        pieces = 1
+    if n_tok == 0:
+        return out
+    dummy = f.bk
+    common = dict(G=G, GS=gs, QPK=qpk, HD=hd, RV=layout.rank_v, RV_P=rv_p, DCH=dch,
+                  HAS_BV=f.bias_v is not None)
+    if num_splits > 1:
+        pm = torch.empty(n_tok, hq, num_splits, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(n_tok, hq, num_splits, rv_p, dtype=torch.float32, device=q.device)
+    else:
+        pm = pl = pacc = dummy
+    grid = (G, n_grid0, num_splits) if group_fast else (n_grid0, G, num_splits)
+    LAST_LAUNCH["fwd"] = _latent_attn_fwd[grid](
+        q, q.stride(0), q.stride(1),
+        kv_cache, kv_cache.stride(0), kv_cache.stride(1),
+        block_table, block_table.stride(0),
+        seq_lens, qsl, tile_start, seq_lens.shape[0],
+        f.bk, f.bias1 if f.bias1 is not None else dummy, f.bias2 if f.bias2 is not None else dummy,
+        f.cos, f.sin, f.cos.stride(0),
+        f.bv, f.bias_v if f.bias_v is not None else dummy,
+        out, out.stride(0), out.stride(1),
+        pm, pl, pacc,
+        float(scale) * LOG2E, num_splits,
+        RK=layout.rank_k, RCH=rch, WIDTH=layout.width, BS=kv_cache.shape[1], BLOCK_T=block_t,
+        BLOCK_Q=block_q, M_P=m_p, SPLIT=num_splits > 1, INT8=int8,
+        HAS_BK=f.bias1 is not None, DIRECT=direct, TRANS=trans, ROPE_TAU=rope_tau,
+        OFF64=kv_cache.shape[0] * kv_cache.stride(0) >= 2 ** 31 or "off64" in _DEBUG,
+        FAST_TILES="masked" not in _DEBUG, NH=pieces, GROUP_FAST=group_fast, PREFETCH=prefetch,
+        num_warps=num_warps, num_stages=num_stages, **common,
+    )
+    if num_splits > 1:
+        LAST_LAUNCH["reduce"] = _latent_reduce[(n_tok, G)](
+            pm, pl, pacc, f.bv, f.bias_v if f.bias_v is not None else dummy, out, out.stride(0), out.stride(1),
+            num_splits, M_P=max(16, _next_pow2(hg)), num_warps=4, **common,
+        )
+    return out
+
+
+def decode_defaults(layout: LatentLayout) -> dict:
+    """Launch options measured best on an H100 (benchmarks/RESULTS_gpu.md): 64-token KV tiles, 4 warps; small
+    ranks rebuild the keys in two column pieces (fewer live registers, more programs per SM)."""
+    small = layout.rank_k <= 32 and layout.head_dim >= 64
+    return dict(block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1)
+
+
+def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, factors: LatentFactors, scale: float, out: torch.Tensor | None = None,
+                  *, num_splits: int | None = None, block_t: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None, rank_chunk: int | None = None, max_seq_len: int | None = None,
+                  trans: bool = True, rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False,
+                  prefetch: bool = True) -> torch.Tensor:
+    """Decode fast entry: ``q [R, Hq, hd]`` holds exactly one query (the last token) of each of the R requests.
+
+    Without host synchronisation; ``max_seq_len`` (host int, optional) only sharpens the split-KV choice."""
+    R = q.shape[0]
+    d = decode_defaults(layout)
+    block_t = block_t or d["block_t"]
+    num_warps = num_warps or d["num_warps"]
+    num_stages = num_stages or d["num_stages"]
+    pieces = pieces or d["pieces"]
+    if num_splits is None:
+        max_ctx = max_seq_len or block_table.shape[1] * kv_cache.shape[1]
+        num_splits = default_splits(R * layout.groups, max_ctx, block_t, q.device)
+    return _launch(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, seq_lens, R, 1, True, scale,
+                   out, num_splits, block_t, num_warps, num_stages, rank_chunk, trans, rope_tau, pieces,
+                   group_fast, prefetch)
+
+
+def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                     b_k: torch.Tensor, b_v: torch.Tensor, bias_k, bias_v,
+                     cos_sin_cache: torch.Tensor, scale: float, is_neox: bool = True,
+                     out: torch.Tensor | None = None, *, max_query_len: int | None = None,
+                     num_splits: int | None = None, block_q: int | None = None, block_t: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None, trans: bool = True,
+                     rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False, prefetch: bool = True,
+                     factors: LatentFactors | None = None) -> torch.Tensor:
+    """Varlen causal attention over latent paged KV; same arguments and result as the reference.
+
+    No host synchronisation: tiling is chosen from host-known sizes (``max_query_len`` if given, else the token
+    and request counts). Factors are rearranged once and cached per (tensor, version). The keyword-only launch
+    options exist for tuning (benchmarks/gpu_decode.py); the defaults are the measured best on an H100.
+    """
+    check_supported(layout)
+    n_tok = q.shape[0]
+    R = seq_lens.shape[0]
+    if factors is None:
+        factors = cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, _compute_dtype(q))
+    opts = dict(trans=trans, rope_tau=rope_tau, group_fast=group_fast, prefetch=prefetch)
+    if max_query_len == 1 and n_tok == R:
+        return latent_decode(q, kv_cache, layout, block_table, seq_lens, factors, scale, out,
+                             num_splits=num_splits, block_t=block_t, num_warps=num_warps,
+                             num_stages=num_stages, pieces=pieces, **opts)
+    opts["pieces"] = pieces or 1
+    num_stages = num_stages or 2
+    decode_like = (max_query_len == 1) if max_query_len is not None else n_tok <= 2 * R
+    if block_q is None:
+        block_q = 1 if decode_like else max(1, min(16, _next_pow2(max_query_len or 16)))
+        # keep the latent accumulator (rows x rank_v) within ~16K fp32 values per program (registers)
+        hg = layout.group_size * (q.shape[1] // layout.num_kv_heads)
+        max_rows = max(16, 16384 // max(16, _next_pow2(layout.rank_v)))
+        while block_q > 1 and block_q * hg > max_rows:
+            block_q //= 2
+    if block_t is None:
+        block_t = 64
+    if num_warps is None:
+        num_warps = 4 if block_q * layout.group_size * (q.shape[1] // layout.num_kv_heads) <= 16 else 8
+    if num_splits is None:
+        if block_q == 1:
+            num_splits = default_splits(n_tok * layout.groups, block_table.shape[1] * kv_cache.shape[1],
+                                        block_t, q.device)
+        else:
+            num_splits = 1
+    while True:
+        if block_q == 1:
+            tile_start = query_start_loc
+            n_grid0 = n_tok
+        else:
+            nq = query_start_loc[1:] - query_start_loc[:-1]
+            tile_start = torch.zeros(R + 1, dtype=torch.int32, device=q.device)
+            tile_start[1:] = torch.cumsum((nq + block_q - 1) // block_q, 0)
+            n_grid0 = -(-n_tok // block_q) + R
+        try:
+            return _launch(q, kv_cache, layout, factors, block_table, seq_lens, query_start_loc, tile_start,
+                           n_grid0, block_q, False, scale, out, num_splits, block_t, num_warps, num_stages, None,
+                           **opts)
+        except OutOfResources:  # raised when compiling, before anything runs: retry with smaller query tiles
+            if block_q == 1:
+                raise
+            block_q //= 2
