@@ -362,7 +362,9 @@ def test_values_schema_mirrors_deployment_config():
         for name, field in model.model_fields.items():
             lit = _literal_values(field.annotation)
             if lit:
-                assert set(sub["properties"][name]["enum"]) == lit, f"{where}.{name}"
+                prop = sub["properties"][name]  # a plain enum, or an anyOf of an enum and null (optional)
+                enums = set(prop.get("enum", [])) | {v for b in prop.get("anyOf", []) for v in b.get("enum", [])}
+                assert enums == lit, f"{where}.{name}"
 
 
 def test_values_are_documented():

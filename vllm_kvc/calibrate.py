@@ -25,7 +25,7 @@ import torch
 
 from vllm_kvc.checkpoints import cache_root
 from vllm_kvc.config import CalibrationConfig, CompressionConfig
-from vllm_kvc.factorize import group_factors
+from vllm_kvc.factorize import group_factors, identity_factors
 from vllm_kvc.plan import CompressionPlan
 
 log = logging.getLogger("vllm_kvc")
@@ -103,8 +103,11 @@ def covariance_path(model_dir: str, calib: CalibrationConfig) -> Path:
 
 
 def factors_path(model_dir: str, cfg: CompressionConfig, plan: CompressionPlan) -> Path:
-    key = _key(FACTOR_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(), cfg.factorization,
-               plan.group_size, plan.ranks_k, plan.ranks_v, plan.latent_dtype == "int8")
+    if plan.identity:  # method quant: the weights themselves, nothing calibrated
+        key = _key(FACTOR_FORMAT, checkpoint_fingerprint(model_dir), "identity", plan.group_size)
+    else:  # (the key of float and int8 plans is what it was before int4/int2 existed)
+        key = _key(FACTOR_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(),
+                   cfg.factorization, plan.group_size, plan.ranks_k, plan.ranks_v, plan.rotate)
     return cache_root() / "factors" / f"{key}.safetensors"
 
 
@@ -120,7 +123,7 @@ def build_factors(model_dir: str, cfg: CompressionConfig, plan: CompressionPlan)
             return out
         tok, model = _load_hf(model_dir)
         covs = None
-        if cfg.factorization == "whitened":
+        if cfg.factorization == "whitened" and not plan.identity:
             cpath = covariance_path(model_dir, cfg.calibration)
             with _file_lock(cpath):
                 if cpath.exists():
@@ -129,15 +132,21 @@ def build_factors(model_dir: str, cfg: CompressionConfig, plan: CompressionPlan)
                     covs = compute_covariances(model, tok, cfg.calibration)
                     save_file({"cov": covs.float()}, str(cpath))
         hd, gs = plan.shape.head_dim, plan.group_size
-        rotate = plan.latent_dtype == "int8"
+        rotate = plan.rotate
         tensors = {}
         t0 = time.time()
         for i, a in enumerate(_attn_modules(model)):
             cov = covs[i] if covs is not None else None
             for kind, proj, rank in (("k", a.k_proj, plan.ranks_k[i]), ("v", a.v_proj, plan.ranks_v[i])):
-                A, B = group_factors(proj.weight.detach().float().cpu(), gs, hd, rank, cov, rotate)
+                w = proj.weight.detach().float().cpu()
+                if plan.identity:
+                    A, B = identity_factors(w, gs, hd)
+                else:
+                    A, B = group_factors(w, gs, hd, rank, cov, rotate)
                 tensors[f"{i}.a_{kind}"] = A.float().contiguous()
                 tensors[f"{i}.b_{kind}"] = B.float().contiguous()
+            if (i + 1) % 10 == 0:
+                log.info("factors: %d/%d layers (%.1f s)", i + 1, plan.shape.num_layers, time.time() - t0)
         meta = {"plan": json.dumps(plan.to_json()), "format": str(FACTOR_FORMAT)}
         tmp = out.with_suffix(".partial")
         save_file(tensors, str(tmp), metadata=meta)

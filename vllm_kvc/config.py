@@ -50,7 +50,10 @@ class LayerRanks(_Strict):
 
 
 class CompressionConfig(_Strict):
-    method: Literal["lowrank"] = "lowrank"
+    method: Literal["lowrank", "quant"] = Field(
+        "lowrank", description="lowrank: factorized latents; quant: K/V themselves quantized per token group "
+                               "(KIVI-style baseline, full rank, no rotation)")
+    bits: Literal[8, 4, 2] = Field(4, description="method quant: bits per K/V value")
     ratio: float = Field(0.5, gt=0, le=1, description="kept rank / full rank of each head group, K and V")
     ratio_k: float | None = Field(None, gt=0, le=1, description="overrides ratio for keys")
     ratio_v: float | None = Field(None, gt=0, le=1, description="overrides ratio for values")
@@ -59,7 +62,12 @@ class CompressionConfig(_Strict):
     progressive_spread: float = Field(
         0.4, ge=0, lt=1, description="progressive: layer 0 keeps (1+spread)x the mean rank, the last (1-spread)x")
     group_size: int = Field(1, ge=1, description="KV heads per factorized head group")
-    latent_dtype: Literal["auto", "bfloat16", "float16", "float32", "int8"] = "auto"
+    latent_dtype: Literal["auto", "bfloat16", "float16", "float32", "int8", "int4", "int2"] = "auto"
+    latent_dtype_k: Literal["int8", "int4", "int2"] | None = Field(None, description="overrides latent_dtype for keys")
+    latent_dtype_v: Literal["int8", "int4", "int2"] | None = Field(None, description="overrides latent_dtype for values")
+    quant_group: int | None = Field(
+        None, ge=0, description="integer latents: values per fp16 scale; 0: one scale per token, head group and "
+                                "K/V (default for lowrank); method quant defaults to 32")
     factorization: Literal["whitened", "plain"] = "whitened"
     calibration: CalibrationConfig = CalibrationConfig()
 

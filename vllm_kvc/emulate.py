@@ -11,25 +11,27 @@ import math
 
 import torch
 
-from vllm_kvc.layout import quantize_int8
+from vllm_kvc.layout import roundtrip
+from vllm_kvc.plan import parse_latent_spec
 
 
-def _round_latent(c: torch.Tensor, dtype: str, groups: int) -> torch.Tensor:
-    if dtype in ("bfloat16", "float16"):
-        return c.to(getattr(torch, dtype)).float()
-    if dtype == "int8":
-        shp = c.shape
-        cg = c.reshape(*shp[:-1], groups, shp[-1] // groups)
-        q, s = quantize_int8(cg)
-        return (q.float() * s[..., None]).reshape(shp)
-    return c
+def _round_latent(c: torch.Tensor, dtype: str, groups: int, quant_group: int = 0) -> torch.Tensor:
+    """c [..., G*r] -> what the cache gives back (``dtype``: one part's dtype, e.g. bfloat16 / int8 / int4)."""
+    if dtype == "float32":
+        return c
+    shp = c.shape
+    cg = c.reshape(*shp[:-1], groups, shp[-1] // groups)
+    return roundtrip(cg, dtype, quant_group).reshape(shp)
 
 
 def install_factors(model, factors_path: str, latent_dtype: str) -> list:
-    """Replace every layer's k_proj/v_proj output by its low-rank emulation; returns hook handles."""
+    """Replace every layer's k_proj/v_proj output by its low-rank emulation; returns hook handles.
+
+    ``latent_dtype``: the plan's latent spec (layout.py), e.g. ``int8``, ``int4/int8@g32``."""
     from safetensors.torch import load_file
 
     f = load_file(factors_path)
+    dk, dv, qg = parse_latent_spec(latent_dtype)
     handles = []
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
@@ -37,10 +39,11 @@ def install_factors(model, factors_path: str, latent_dtype: str) -> list:
             a = f[f"{i}.a_{kind}"].float()  # [hidden, G*r]
             b = f[f"{i}.b_{kind}"].float()  # [G, r, gdim]
             groups = b.shape[0]
+            dt = dk if kind == "k" else dv
 
-            def hook(mod, args, out, a=a, b=b, groups=groups):
+            def hook(mod, args, out, a=a, b=b, groups=groups, dt=dt):
                 x = args[0].float()
-                c = _round_latent(x @ a, latent_dtype, groups)
+                c = _round_latent(x @ a, dt, groups, qg)
                 c = c.reshape(*c.shape[:-1], groups, -1)
                 y = torch.einsum("...gr,grd->...gd", c, b).reshape(*x.shape[:-1], -1)
                 if mod.bias is not None:

@@ -71,3 +71,14 @@ def group_factors(w: torch.Tensor, group_size: int, head_dim: int, rank: int,
         a_list.append(a)
         b_list.append(b)
     return torch.cat(a_list, dim=1), torch.stack(b_list)
+
+
+def identity_factors(w: torch.Tensor, group_size: int, head_dim: int):
+    """Full-rank identity "factors" of w [num_kv_heads*head_dim, hidden]: A = W^T, B = I per head group.
+
+    The latent is K (or V) itself; with integer latents this is plain per-token(-group) K/V quantization
+    (the KIVI-style baseline, method ``quant``) through the same latent cache path."""
+    gdim = group_size * head_dim
+    groups = w.shape[0] // gdim
+    eye = torch.eye(gdim, dtype=torch.float64)
+    return w.double().t().contiguous(), eye.expand(groups, gdim, gdim).contiguous()

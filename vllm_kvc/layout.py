@@ -1,17 +1,34 @@
 """Byte layout of one layer's latent KV row (one token), shared by the vLLM glue and the kernels.
 
-Plain Python + torch; importable without vLLM.
+Plain Python + torch; importable without vLLM. ``pack`` / ``unpack`` are the single source of truth of the
+bytes (the reference attention, the emulation and the kernels' oracle all go through them).
 
 A layer caches, per token, for each of its ``groups`` head groups (``group_size`` KV heads each):
 a key latent of ``rank_k`` values and a value latent of ``rank_v`` values. One row is::
 
     [ k latents: groups x rank_k | v latents: groups x rank_v | scales ]
 
-Float latents (bf16/fp16/fp32) have no scales; the cache tensor has that dtype and shape
-``[num_blocks, block_size, width]``. int8 latents are stored in a uint8 cache of shape
-``[num_blocks, block_size, row_bytes]``: ``width`` int8 values, then ``2 * groups`` fp16 scales
-(key scales of each group, then value scales), one absmax scale per token, group and K/V
-(the factors are rotated so that all latent coordinates share that scale well).
+``dtype`` is a latent spec string (built by ``plan.latent_spec``):
+
+- ``"bfloat16"`` / ``"float16"`` / ``"float32"``: float latents, no scales; the cache tensor has that dtype
+  and shape ``[num_blocks, block_size, width]``.
+- ``"int8"`` (the original integer layout, unchanged): a uint8 cache of shape ``[num_blocks, block_size,
+  row_bytes]``: ``width`` int8 values (two's complement, symmetric absmax, -127..127), then ``2 * groups`` fp16
+  scales (key scales of each group, then value scales), one absmax scale per token, group and K/V (the factors
+  are rotated so that all latent coordinates share that scale well). ``bits_k == bits_v == 8`` and
+  ``quant_group == 0`` identify it; kernels written for int8 only must check exactly that.
+- ``"int4"``, ``"int2"``: the same row order, but the K part's ``groups * rank_k`` values are packed 2 (int4)
+  or 4 (int2) per byte, little end first (value j of the part sits in byte ``j * bits // 8`` at bit
+  ``(j * bits) % 8``), then the V part likewise starting at the next whole byte (the last byte of each part is
+  zero-padded). Codes are unsigned ``u`` in ``0 .. 2**bits - 1`` with the mid-rise value
+  ``(u - 2**(bits-1) + 0.5) * scale``, ``scale = absmax / 2**(bits-1)`` (error at most ``scale / 2``).
+- ``"int8/int4"`` etc.: K and V integer parts of different bit widths (K first), same rules per part.
+- any integer spec with ``"@g32"`` (``quant_group`` 32): instead of one scale per head group and token, one
+  scale per 32 consecutive latent values of each head group (``ceil(rank / 32)`` scales per group; the last
+  group of values may be shorter). Scale order: K group 0 scales, K group 1 ..., then V likewise.
+
+``row_bytes`` (values + fp16 scales) is what vLLM's KV spec charges per token (glue/layer.py), and it equals
+``plan.latent_row_bytes`` (one formula for both).
 """
 from __future__ import annotations
 
@@ -19,11 +36,15 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvc.plan import INT_LATENTS, latent_part_bytes, latent_row_bytes, parse_latent_spec
+
 LATENT_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float32": torch.float32,
     "int8": torch.int8,
+    "int4": torch.uint8,
+    "int2": torch.uint8,
 }
 
 
@@ -34,18 +55,49 @@ class LatentLayout:
     head_dim: int
     rank_k: int
     rank_v: int
-    dtype: str = "bfloat16"  # one of LATENT_DTYPES
+    dtype: str = "bfloat16"  # a latent spec (see module docstring)
 
     def __post_init__(self):
-        if self.dtype not in LATENT_DTYPES:
-            raise ValueError(f"latent dtype {self.dtype!r}: expected one of {sorted(LATENT_DTYPES)}")
+        try:
+            parse_latent_spec(self.dtype)
+        except ValueError:
+            raise ValueError(f"latent dtype {self.dtype!r}: expected one of {sorted(LATENT_DTYPES)}, "
+                             "'int8/int4'-style K/V pairs, optionally with '@g<N>'") from None
         if not 0 < self.rank_k <= self.group_size * self.head_dim:
             raise ValueError(f"rank_k={self.rank_k}: expected 1..{self.group_size * self.head_dim}")
         if not 0 < self.rank_v <= self.group_size * self.head_dim:
             raise ValueError(f"rank_v={self.rank_v}: expected 1..{self.group_size * self.head_dim}")
 
+    # ----- dtype spec -----
+    @property
+    def dtype_k(self) -> str:
+        return parse_latent_spec(self.dtype)[0]
+
+    @property
+    def dtype_v(self) -> str:
+        return parse_latent_spec(self.dtype)[1]
+
+    @property
+    def quant_group(self) -> int:
+        """Latent values per fp16 scale; 0: one scale per token, head group and K/V."""
+        return parse_latent_spec(self.dtype)[2]
+
+    @property
+    def bits_k(self) -> int:
+        return INT_LATENTS.get(self.dtype_k, 8 * LATENT_DTYPES[self.dtype_k].itemsize)
+
+    @property
+    def bits_v(self) -> int:
+        return INT_LATENTS.get(self.dtype_v, 8 * LATENT_DTYPES[self.dtype_v].itemsize)
+
     @property
     def quantized(self) -> bool:
+        """Integer latents of any width (uint8 cache with scales)."""
+        return self.dtype_k in INT_LATENTS
+
+    @property
+    def is_int8(self) -> bool:
+        """The original int8 layout (int8 K and V, one scale per token, head group and K/V)."""
         return self.dtype == "int8"
 
     @property
@@ -59,7 +111,32 @@ class LatentLayout:
 
     @property
     def v_offset(self) -> int:
+        """Index of the first V latent value (in values, not bytes)."""
         return self.groups * self.rank_k
+
+    @property
+    def k_bytes(self) -> int:
+        """Bytes of the packed K values (integer latents) / of the K part (float latents)."""
+        return latent_part_bytes(self.groups, self.rank_k, self.dtype_k, self.quant_group)[0]
+
+    @property
+    def v_bytes(self) -> int:
+        return latent_part_bytes(self.groups, self.rank_v, self.dtype_v, self.quant_group)[0]
+
+    @property
+    def scales_per_group_k(self) -> int:
+        qg = self.quant_group
+        return -(-self.rank_k // qg) if qg else 1
+
+    @property
+    def scales_per_group_v(self) -> int:
+        qg = self.quant_group
+        return -(-self.rank_v // qg) if qg else 1
+
+    @property
+    def scale_offset(self) -> int:
+        """Byte offset of the fp16 scales (integer latents)."""
+        return self.k_bytes + self.v_bytes
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -72,9 +149,7 @@ class LatentLayout:
 
     @property
     def row_bytes(self) -> int:
-        if self.quantized:
-            return self.width + 2 * 2 * self.groups
-        return self.width * LATENT_DTYPES[self.dtype].itemsize
+        return latent_row_bytes(self.groups, self.rank_k, self.rank_v, self.dtype)
 
     def dense_row_bytes(self, dtype_bytes: int = 2) -> int:
         """Bytes per token of the uncompressed K and V of the same heads."""
@@ -87,11 +162,19 @@ class LatentLayout:
         if not self.quantized:
             dt = self.cache_dtype
             return torch.cat([lat_k.reshape(n, -1), lat_v.reshape(n, -1)], dim=1).to(dt)
-        qk, sk = quantize_int8(lat_k)
-        qv, sv = quantize_int8(lat_v)
-        vals = torch.cat([qk.reshape(n, -1), qv.reshape(n, -1)], dim=1).view(torch.uint8)
-        scales = torch.cat([sk, sv], dim=1).to(torch.float16).contiguous().view(torch.uint8)
-        return torch.cat([vals, scales.reshape(n, -1)], dim=1)
+        if self.is_int8:  # original layout, byte for byte
+            qk, sk = quantize_int8(lat_k)
+            qv, sv = quantize_int8(lat_v)
+            vals = torch.cat([qk.reshape(n, -1), qv.reshape(n, -1)], dim=1).view(torch.uint8)
+            scales = torch.cat([sk, sv], dim=1).to(torch.float16).contiguous().view(torch.uint8)
+            return torch.cat([vals, scales.reshape(n, -1)], dim=1)
+        qg = self.quant_group
+        ck, sk = quantize(lat_k, self.bits_k, qg)
+        cv, sv = quantize(lat_v, self.bits_v, qg)
+        parts = [pack_codes(ck.reshape(n, -1), self.bits_k), pack_codes(cv.reshape(n, -1), self.bits_v),
+                 torch.cat([sk.reshape(n, -1), sv.reshape(n, -1)], 1).to(torch.float16).contiguous()
+                 .view(torch.uint8)]
+        return torch.cat(parts, dim=1)
 
     def unpack(self, rows: torch.Tensor, out_dtype: torch.dtype = torch.float32):
         """[..., row_elems] -> ([..., groups, rank_k], [..., groups, rank_v]) in out_dtype."""
@@ -101,10 +184,20 @@ class LatentLayout:
             k = rows[..., : g * rk].to(out_dtype).reshape(*lead, g, rk)
             v = rows[..., g * rk : self.width].to(out_dtype).reshape(*lead, g, rv)
             return k, v
-        vals = rows[..., : self.width].contiguous().view(torch.int8).to(out_dtype)
-        scales = rows[..., self.width : self.row_bytes].contiguous().view(torch.float16).to(out_dtype)
-        k = vals[..., : g * rk].reshape(*lead, g, rk) * scales[..., :g, None]
-        v = vals[..., g * rk :].reshape(*lead, g, rv) * scales[..., g:, None]
+        if self.is_int8:
+            vals = rows[..., : self.width].contiguous().view(torch.int8).to(out_dtype)
+            scales = rows[..., self.width : self.row_bytes].contiguous().view(torch.float16).to(out_dtype)
+            k = vals[..., : g * rk].reshape(*lead, g, rk) * scales[..., :g, None]
+            v = vals[..., g * rk :].reshape(*lead, g, rv) * scales[..., g:, None]
+            return k, v
+        kb, vb, so = self.k_bytes, self.v_bytes, self.scale_offset
+        nsk, nsv = g * self.scales_per_group_k, g * self.scales_per_group_v
+        scales = rows[..., so: so + 2 * (nsk + nsv)].contiguous().view(torch.float16).to(out_dtype)
+        ck = unpack_codes(rows[..., :kb], self.bits_k, g * rk).reshape(*lead, g, rk)
+        cv = unpack_codes(rows[..., kb: kb + vb], self.bits_v, g * rv).reshape(*lead, g, rv)
+        qg = self.quant_group
+        k = dequantize(ck, scales[..., :nsk].reshape(*lead, g, -1), self.bits_k, qg, out_dtype)
+        v = dequantize(cv, scales[..., nsk:].reshape(*lead, g, -1), self.bits_v, qg, out_dtype)
         return k, v
 
 
@@ -115,3 +208,77 @@ def quantize_int8(x: torch.Tensor):
     scale = (xf.abs().amax(dim=-1) / 127.0).clamp_min(1e-6).to(torch.float16).float()
     q = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[..., r] -> [..., ceil(r/group), group] (zero-padded); group 0: [..., 1, r]."""
+    r = x.shape[-1]
+    if not group:
+        return x.unsqueeze(-2)
+    pad = -r % group
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, group)
+
+
+def quantize(x: torch.Tensor, bits: int, group: int = 0):
+    """Quantize the last dim of x [..., r] with one fp16 scale per ``group`` values (0: per vector).
+
+    Returns (codes [..., r], scales [..., nscales] float32 holding exact fp16 values). 8 bits: int8 codes,
+    symmetric absmax (value = q * scale); 4 / 2 bits: unsigned codes u (uint8), value = (u - 2**(bits-1) + 0.5)
+    * scale, scale = absmax / 2**(bits-1), so the error is at most scale / 2."""
+    r = x.shape[-1]
+    xg = _grouped(x.float(), group)
+    if bits == 8:
+        q, s = quantize_int8(xg)
+        return q.reshape(*x.shape[:-1], -1)[..., :r], s
+    half = 2 ** (bits - 1)
+    # the stored fp16 scale is rounded up (never below absmax / half), so no value is clipped beyond half a step
+    s = (xg.abs().amax(dim=-1) / half * (1 + 2 ** -10)).clamp_min(1e-6).to(torch.float16).float()
+    u = (torch.floor(xg / s[..., None]) + half).clamp_(0, 2 * half - 1).to(torch.uint8)
+    return u.reshape(*x.shape[:-1], -1)[..., :r], s
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int = 0,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of ``quantize``: codes [..., r], scales [..., nscales] -> [..., r]."""
+    r = codes.shape[-1]
+    if bits == 8:
+        v = codes.to(torch.int8).to(out_dtype)
+    else:
+        v = codes.to(out_dtype) - (2 ** (bits - 1) - 0.5)
+    vg = _grouped(v, group)
+    return (vg * scales.to(out_dtype)[..., None]).reshape(*codes.shape[:-1], -1)[..., :r]
+
+
+def roundtrip(x: torch.Tensor, dtype: str, group: int = 0) -> torch.Tensor:
+    """What a latent x [..., G, r] reads back as after caching in ``dtype`` (one part of a row)."""
+    if dtype in INT_LATENTS:
+        c, s = quantize(x, INT_LATENTS[dtype], group)
+        return dequantize(c, s, INT_LATENTS[dtype], group)
+    return x.to(LATENT_DTYPES[dtype]).float()
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, m] codes -> [N, ceil(m*bits/8)] uint8 (int8 codes are reinterpreted, smaller ones packed)."""
+    if bits == 8:
+        return codes.to(torch.int8).contiguous().view(torch.uint8)
+    per = 8 // bits
+    n, m = codes.shape
+    pad = -m % per
+    c = codes.to(torch.uint8)
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.reshape(n, -1, per).to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.int32, device=c.device) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, m: int) -> torch.Tensor:
+    """[..., nbytes] uint8 -> [..., m] codes (int8 for 8 bits, else unsigned in uint8)."""
+    if bits == 8:
+        return packed[..., :m].contiguous().view(torch.int8)
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
+    u = (packed.to(torch.int32)[..., None] >> shifts) & (2 ** bits - 1)
+    return u.reshape(*packed.shape[:-1], -1)[..., :m].to(torch.uint8)

@@ -11,6 +11,58 @@ from pathlib import Path
 from vllm_kvc.config import SUPPORTED_ARCHITECTURES, CompressionConfig, ConfigError
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "int8": 1}
+FLOAT_LATENTS = ("bfloat16", "float16", "float32")
+INT_LATENTS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+def latent_spec(dtype_k: str, dtype_v: str | None = None, quant_group: int = 0) -> str:
+    """Canonical latent dtype spec (what ``LatentLayout.dtype`` holds): ``"bfloat16"``, ``"int8"`` (one scale per
+    token, head group and K/V: the original int8 layout), ``"int4"``, ``"int8/int4"`` (K int8, V int4), and any of
+    the integer ones with ``"@g32"`` (one scale per 32 latent values) appended."""
+    dtype_v = dtype_v or dtype_k
+    for d in (dtype_k, dtype_v):
+        if d not in FLOAT_LATENTS and d not in INT_LATENTS:
+            raise ValueError(f"latent dtype {d!r}: expected one of {list(FLOAT_LATENTS) + list(INT_LATENTS)}")
+    if dtype_k in FLOAT_LATENTS or dtype_v in FLOAT_LATENTS:
+        if dtype_k != dtype_v:
+            raise ValueError(f"K latents {dtype_k} and V latents {dtype_v}: mixed dtypes must both be integer")
+        if quant_group:
+            raise ValueError("quant_group applies to integer latents only")
+        return dtype_k
+    s = dtype_k if dtype_k == dtype_v else f"{dtype_k}/{dtype_v}"
+    return s + (f"@g{quant_group}" if quant_group else "")
+
+
+def parse_latent_spec(spec: str) -> tuple[str, str, int]:
+    """``spec`` -> (K dtype, V dtype, quant_group); quant_group 0 = one scale per token, head group and K/V."""
+    base, _, g = spec.partition("@g")
+    qg = int(g) if g else 0
+    dk, _, dv = base.partition("/")
+    dv = dv or dk
+    if latent_spec(dk, dv, qg) != spec:
+        raise ValueError(f"latent dtype {spec!r}: expected e.g. 'bfloat16', 'int8', 'int4', 'int8/int4', 'int4@g32'")
+    return dk, dv, qg
+
+
+def latent_part_bytes(groups: int, rank: int, dtype: str, quant_group: int) -> tuple[int, int]:
+    """(value bytes, scale count) of one K or V part of a row: integer values are packed 8/bits per byte over
+    the part's ``groups * rank`` values (the last byte zero-padded); one fp16 scale per head group (quant_group
+    0) or per ``quant_group`` values of each head group's latent."""
+    if dtype in FLOAT_LATENTS:
+        return groups * rank * _DTYPE_BYTES[dtype], 0
+    bits = INT_LATENTS[dtype]
+    nvals = groups * rank
+    vbytes = (nvals * bits + 7) // 8
+    nscales = groups * (-(-rank // quant_group) if quant_group else 1)
+    return vbytes, nscales
+
+
+def latent_row_bytes(groups: int, rank_k: int, rank_v: int, spec: str) -> int:
+    """Bytes of one token's latent row of one layer (scales included); the single formula of layout and plan."""
+    dk, dv, qg = parse_latent_spec(spec)
+    kb, ks = latent_part_bytes(groups, rank_k, dk, qg)
+    vb, vs = latent_part_bytes(groups, rank_v, dv, qg)
+    return kb + vb + 2 * (ks + vs)
 
 
 @dataclass(frozen=True)
@@ -48,9 +100,10 @@ class ModelShape:
 class CompressionPlan:
     shape: ModelShape
     group_size: int
-    latent_dtype: str  # resolved: bfloat16 / float16 / float32 / int8
+    latent_dtype: str  # resolved latent spec (see latent_spec): bfloat16 / float16 / float32 / int8 / int4 / int8/int4@g32 ...
     ranks_k: tuple[int, ...]  # per layer, per head group
     ranks_v: tuple[int, ...]
+    identity: bool = False  # method "quant": full-rank identity factors (the latent is K / V itself), no rotation
 
     @property
     def group_dim(self) -> int:
@@ -63,10 +116,16 @@ class CompressionPlan:
     def layer_bytes_per_token(self, layer: int, tp_size: int = 1) -> int:
         """Bytes one token costs in this layer's cache on one TP rank (scales included)."""
         groups = max(1, self.num_groups // tp_size) if self.shape.num_kv_heads >= tp_size else 1
-        w = groups * (self.ranks_k[layer] + self.ranks_v[layer])
-        if self.latent_dtype == "int8":
-            return w + 4 * groups
-        return w * _DTYPE_BYTES[self.latent_dtype]
+        return latent_row_bytes(groups, self.ranks_k[layer], self.ranks_v[layer], self.latent_dtype)
+
+    @property
+    def quantized(self) -> bool:
+        return parse_latent_spec(self.latent_dtype)[0] in INT_LATENTS
+
+    @property
+    def rotate(self) -> bool:
+        """Factors are rotated (Hadamard / random orthogonal) for integer latents, except identity factors."""
+        return self.quantized and not self.identity
 
     def bytes_per_token(self, tp_size: int = 1) -> int:
         return sum(self.layer_bytes_per_token(i, tp_size) for i in range(self.shape.num_layers))
@@ -147,7 +206,18 @@ def build_plan(cfg: CompressionConfig, shape: ModelShape, tp_size: int = 1) -> C
     else:
         rk = schedule_ranks(cfg.k_ratio, n, full, cfg.schedule, cfg.progressive_spread)
         rv = schedule_ranks(cfg.v_ratio, n, full, cfg.schedule, cfg.progressive_spread)
-    dt = cfg.latent_dtype
-    if dt == "auto":
-        dt = shape.dtype if shape.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
-    return CompressionPlan(shape, gs, dt, tuple(rk), tuple(rv))
+    if cfg.method == "quant":  # KIVI-style per-token-group quantization of K and V themselves: full rank
+        rk, rv = [full] * n, [full] * n
+        dk = dv = f"int{cfg.bits}"
+        qg = cfg.quant_group if cfg.quant_group is not None else 32
+    else:
+        dt = cfg.latent_dtype
+        if dt == "auto":
+            dt = shape.dtype if shape.dtype in FLOAT_LATENTS else "bfloat16"
+        dk, dv = cfg.latent_dtype_k or dt, cfg.latent_dtype_v or dt
+        qg = cfg.quant_group or 0
+    try:
+        spec = latent_spec(dk, dv, qg)
+    except ValueError as e:
+        raise ConfigError("compression.latent_dtype", str(e)) from None
+    return CompressionPlan(shape, gs, spec, tuple(rk), tuple(rv), identity=cfg.method == "quant")

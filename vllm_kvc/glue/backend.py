@@ -133,17 +133,19 @@ class LatentAttentionImpl(AttentionImpl[LatentMetadata]):
         lat_k = lat[:, : g * rk].reshape(n, g, rk)
         lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
         q = query[:n]
+        reference.write_latents(cache, attn_metadata.slot_mapping[:n], layout, lat_k, lat_v)
         if q.is_cuda:
             if self._triton is None:
                 self._triton = _triton_ops() or False
             if self._triton:
-                reference.write_latents(cache, attn_metadata.slot_mapping[:n], layout, lat_k, lat_v)
-                self._triton.latent_attention(
-                    q, cache, layout, attn_metadata.block_table, attn_metadata.seq_lens,
-                    attn_metadata.query_start_loc, layer.b_k, layer.b_v, layer.bias_k, layer.bias_v,
-                    layer.cos_sin_cache, self.scale, layer.is_neox, out=output[:n])
-                return output
-        reference.write_latents(cache, attn_metadata.slot_mapping[:n], layout, lat_k, lat_v)
+                try:
+                    self._triton.latent_attention(
+                        q, cache, layout, attn_metadata.block_table, attn_metadata.seq_lens,
+                        attn_metadata.query_start_loc, layer.b_k, layer.b_v, layer.bias_k, layer.bias_v,
+                        layer.cos_sin_cache, self.scale, layer.is_neox, out=output[:n])
+                    return output
+                except NotImplementedError:  # a layout the kernels do not read (e.g. int4): reference path
+                    pass
         reference.latent_attention(
             q, cache, layout, attn_metadata.block_table, attn_metadata.seq_lens_cpu,
             attn_metadata.query_start_loc_cpu, layer.b_k, layer.b_v, layer.bias_k, layer.bias_v,

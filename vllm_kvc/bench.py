@@ -1,0 +1,257 @@
+"""``vllm-kvc bench pareto``: KV memory vs perplexity for every method, all through vLLM, in one run.
+
+For each method and memory point (about 50, 35, 25, 20, 15 % of the bf16 KV bytes, scales included) one vLLM
+engine runs in a child process (``evaluate.run_engine``) over the same token chunks and the same KV budget;
+the uncompressed baseline runs once. Methods:
+
+- ``kvc-alloc`` (ours): per-layer, per-K/V rank and latent width from measured sensitivity (allocate.py), at
+  each memory point; ``kvc-alloc-q<X>``: the quality-budget mode (smallest memory whose calibration
+  perplexity rise is <= X %);
+- baselines: ``quant-int8/int4/int2`` (KIVI-style: K and V themselves, one fp16 scale per 32 values, full
+  rank, through the same latent cache path), ``svd-whitened`` (uniform rank, int8 latents, rotated),
+  ``svd-plain`` (uniform rank, plain SVD of the weights, int8 latents).
+
+vLLM's own ``kv_cache_dtype=fp8`` does not run on this CPU build ("FP8 KV cache on CPU requires x86 with
+AVX-512 or AMX"), so it is not a measured peer here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from vllm_kvc.config import CompressionConfig, LayerRanks
+
+log = logging.getLogger("vllm_kvc")
+
+POINTS = (0.50, 0.35, 0.25, 0.20, 0.15)
+PLAIN_POINTS = (0.50, 0.25)
+QUALITY_BUDGET_PCT = 3.0
+
+
+def _uniform_ranks(plan_groups: int, full: int, n_layers: int, fraction: float, baseline_bytes: int,
+                   dtype: str = "int8") -> list[int] | None:
+    """Largest uniform rank (K = V) whose int8 rows fit ``fraction`` of the bf16 bytes."""
+    from vllm_kvc.plan import latent_row_bytes
+
+    best = None
+    for r in range(1, full + 1):
+        if n_layers * latent_row_bytes(plan_groups, r, r, dtype) <= fraction * baseline_bytes:
+            best = r
+    return [best] * n_layers if best else None
+
+
+def build_methods(base: CompressionConfig, shape, model_dir: str, points=POINTS, plain_points=PLAIN_POINTS,
+                  quality_pct: float | None = QUALITY_BUDGET_PCT, include=None) -> list[dict]:
+    """[{method, is_baseline, target, compression}] in the order they run."""
+    from vllm_kvc.allocate import allocate_for_budget, allocate_quality
+    from vllm_kvc.plan import build_plan
+
+    base_bytes = build_plan(base, shape).baseline_bytes_per_token()
+    full = base.group_size * shape.head_dim
+    groups = shape.num_kv_heads // base.group_size
+    n = shape.num_layers
+    common = dict(group_size=base.group_size, calibration=base.calibration.model_dump())
+    out = []
+
+    def want(name):
+        return include is None or any(name.startswith(i) for i in include)
+
+    if want("kvc-alloc"):
+        for f in points:
+            a = allocate_for_budget(model_dir, CompressionConfig(**common), f, base_bytes)
+            out.append({"method": "kvc-alloc", "is_baseline": False, "target": f,
+                        "compression": a.compression(CompressionConfig(**common)),
+                        "allocation": dataclasses.asdict(a)})
+    for bits in (8, 4, 2):
+        if want(f"quant-int{bits}"):
+            out.append({"method": f"quant-int{bits}", "is_baseline": True, "target": None,
+                        "compression": CompressionConfig(**common, method="quant", bits=bits, quant_group=32)})
+    for name, fact, pts in (("svd-whitened", "whitened", points), ("svd-plain", "plain", plain_points)):
+        if name == "svd-plain" and want("kvc-alloc") and quality_pct is not None:
+            a = allocate_quality(model_dir, CompressionConfig(**common), quality_pct, base_bytes,
+                                 lo_frac=0.1, hi_frac=0.4, iters=4)
+            out.append({"method": f"kvc-alloc-q{quality_pct:g}", "is_baseline": False, "target": None,
+                        "compression": a.compression(CompressionConfig(**common)),
+                        "allocation": dataclasses.asdict(a)})
+        if not want(name):
+            continue
+        for f in pts:
+            r = _uniform_ranks(groups, full, n, f, base_bytes)
+            if r is None:
+                continue
+            out.append({"method": name, "is_baseline": True, "target": f,
+                        "compression": CompressionConfig(**common, factorization=fact, latent_dtype="int8",
+                                                         ranks=LayerRanks(k=r, v=r))})
+    return out
+
+
+def _table(points: list[dict], base: dict) -> str:
+    lines = [f"baseline (bf16 KV, {base['kv_bytes_per_token']} B/token): ppl {base['ppl']:.3f}, "
+             f"capacity {base['kv_capacity_tokens']} tokens", "",
+             "| method | baseline? | latent | K ranks (mean) | V ranks (mean) | B/token | memory % of bf16 | "
+             "capacity tokens | ppl | rise % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p["is_baseline"], p["method"], -p["memory_fraction"])):
+        lines.append(f"| {p['method']} | {'yes' if p['is_baseline'] else 'no (ours)'} | {p['latent_dtype']} | "
+                     f"{p['rank_k_mean']:.1f} | {p['rank_v_mean']:.1f} | {p['kv_bytes_per_token']} | "
+                     f"{100 * p['memory_fraction']:.1f} | {p['kv_capacity_tokens']} | {p['ppl']:.3f} | "
+                     f"{p['ppl_rise_pct']:+.2f} |")
+    return "\n".join(lines)
+
+
+def _grid_point(frac: float, grid, tol: float = 0.005):
+    """The memory point a setting buys: the largest grid point at or below its memory (0.5 pp tolerance)."""
+    below = [g for g in grid if g <= frac + tol]
+    return max(below) if below else None
+
+
+def check_dominance(points: list[dict], ours: str = "kvc-alloc", grid=POINTS) -> dict:
+    """Acceptance checks of ours against the baselines.
+
+    ``holds`` / ``strict_points``: at every memory point of ours, its rise is <= that of every baseline at the
+    same or larger memory that belongs to the same point (memory in [point, next point), 0.5 pp tolerance:
+    e.g. int4 at 28% of bf16 is compared at the 25% point, int8 at 53% at the 50% point), strictly lower at
+    ``strict_points`` points. ``undominated_baselines``: baseline settings that no point of ours beats outright
+    (ours at <= memory and <= rise); ``dominated_ours``: our points some baseline beats outright."""
+    res = {"holds": True, "strict_points": 0, "violations": [], "compared": []}
+    bases = [p for p in points if p["is_baseline"]]
+    mine = [p for p in points if p["method"] == ours]
+    for p in mine:
+        g = _grid_point(p["memory_fraction"], grid)
+        peers = [b for b in bases if _grid_point(b["memory_fraction"], grid) == g
+                 and b["memory_fraction"] >= p["memory_fraction"] - 0.005]
+        if not peers:
+            continue
+        res["compared"].append({"point": g, "ours": round(p["ppl_rise_pct"], 3),
+                                "baselines": [(b["method"], round(b["memory_fraction"], 4),
+                                               round(b["ppl_rise_pct"], 3)) for b in peers]})
+        if not all(p["ppl_rise_pct"] <= b["ppl_rise_pct"] for b in peers):
+            res["holds"] = False
+            res["violations"].append({"memory_fraction": p["memory_fraction"], "rise": p["ppl_rise_pct"],
+                                      "beaten_by": [(b["method"], b["memory_fraction"], b["ppl_rise_pct"])
+                                                    for b in peers if b["ppl_rise_pct"] < p["ppl_rise_pct"]]})
+        elif all(p["ppl_rise_pct"] < b["ppl_rise_pct"] for b in peers):
+            res["strict_points"] += 1
+    ours_all = [p for p in points if not p["is_baseline"]]
+    res["undominated_baselines"] = [
+        (b["method"], round(b["memory_fraction"], 4), round(b["ppl_rise_pct"], 3)) for b in bases
+        if not any(o["memory_fraction"] <= b["memory_fraction"] + 1e-9 and o["ppl_rise_pct"] <= b["ppl_rise_pct"]
+                   for o in ours_all)]
+    res["dominated_ours"] = [
+        (o["method"], round(o["memory_fraction"], 4), round(o["ppl_rise_pct"], 3)) for o in ours_all
+        if any(b["memory_fraction"] <= o["memory_fraction"] + 1e-9 and b["ppl_rise_pct"] < o["ppl_rise_pct"]
+               for b in bases)]
+    return res
+
+
+def plot(points: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    methods = []
+    for p in points:
+        if p["method"] not in methods:
+            methods.append(p["method"])
+    markers = "os^vD<>ph*"
+    for i, m in enumerate(methods):
+        ps = sorted([p for p in points if p["method"] == m], key=lambda p: p["memory_fraction"])
+        xs = [100 * p["memory_fraction"] for p in ps]
+        ys = [max(p["ppl_rise_pct"], 0.01) for p in ps]
+        ours = not ps[0]["is_baseline"]
+        ax.plot(xs, ys, marker=markers[i % len(markers)], lw=2.5 if ours else 1.2, ls="-" if ours else "--",
+                label=m + (" (ours)" if ours else ""), ms=8 if ours else 6)
+    ax.set_yscale("log")
+    ax.set_xlabel("KV memory, % of bf16 (scales included)")
+    ax.set_ylabel("perplexity rise, % (log scale)")
+    ax.axhline(3.0, color="gray", lw=0.8, ls=":")
+    ax.axvline(25.0, color="gray", lw=0.8, ls=":")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_len: int = 1024,
+           kv_space_gib: str = "1", include=None, points=POINTS, quality_pct: float | None = QUALITY_BUDGET_PCT,
+           log_dir: Path | None = None, partial: Path | None = None) -> dict:
+    from vllm_kvc.calibrate import build_factors
+    from vllm_kvc.evaluate import engine_kwargs, eval_chunks, run_engine
+    from vllm_kvc.plan import build_plan
+    from vllm_kvc.validate import check_file, engine_dtype
+
+    c = check_file(config_path)
+    dep, model_dir = c.deployment, c.model_dir
+    base_cfg = dep.compression or CompressionConfig(group_size=c.shape.num_kv_heads)
+    shape = dataclasses.replace(c.shape, dtype=engine_dtype(dep, c.shape))
+    dtype_bytes = 4 if shape.dtype == "float32" else 2
+    t0 = time.time()
+    methods = build_methods(base_cfg, shape, model_dir, points=points, quality_pct=quality_pct, include=include)
+    log.info("pareto: %d settings planned (%.0f s of allocation)", len(methods), time.time() - t0)
+    chunks = eval_chunks(model_dir, corpus, tokens, seq_len)
+    logs = log_dir or Path(tempfile.mkdtemp(prefix="vllm_kvc_pareto_"))
+    logs.mkdir(parents=True, exist_ok=True)
+    base_plan_bytes = build_plan(base_cfg, shape).baseline_bytes_per_token(dtype_bytes=dtype_bytes)
+    base = run_engine(engine_kwargs(dep, model_dir, None), chunks, kv_space_gib, logs / "baseline.log")
+    base["kv_bytes_per_token"] = base_plan_bytes
+    log.info("pareto: baseline ppl %.3f, capacity %d tokens", base["ppl"], base["kv_capacity_tokens"])
+    pts = []
+    for i, m in enumerate(methods):
+        comp = m["compression"]
+        plan = build_plan(comp, shape)
+        build_factors(model_dir, comp, plan)
+        res = run_engine(engine_kwargs(dep, model_dir, comp), chunks, kv_space_gib, logs / f"{i:02d}_{m['method']}.log")
+        frac = plan.bytes_per_token() / base_plan_bytes
+        p = {"method": m["method"], "is_baseline": m["is_baseline"], "memory_fraction": frac, "ppl": res["ppl"],
+             "ppl_rise_pct": 100.0 * (res["ppl"] / base["ppl"] - 1.0),
+             "kv_capacity_tokens": res["kv_capacity_tokens"], "target_fraction": m["target"],
+             "kv_bytes_per_token": plan.bytes_per_token(), "latent_dtype": plan.latent_dtype,
+             "rank_k_mean": sum(plan.ranks_k) / len(plan.ranks_k),
+             "rank_v_mean": sum(plan.ranks_v) / len(plan.ranks_v),
+             "ranks_k": list(plan.ranks_k), "ranks_v": list(plan.ranks_v),
+             "factorization": "identity" if plan.identity else comp.factorization,
+             "seconds": res["seconds"]}
+        if "allocation" in m and m["allocation"].get("measured_rise_pct") is not None:
+            p["calibration_rise_pct"] = m["allocation"]["measured_rise_pct"]
+        pts.append(p)
+        if partial is not None:
+            partial.write_text(json.dumps({"baseline": base, "points": pts}, indent=1))
+        log.info("pareto: %-16s %5.1f%% of bf16  ppl %.3f (%+.2f%%)  capacity %d  [%d/%d]", p["method"],
+                 100 * frac, p["ppl"], p["ppl_rise_pct"], p["kv_capacity_tokens"], i + 1, len(methods))
+    return {"model": dep.model, "config": config_path, "corpus": corpus, "tokens_evaluated": base["tokens_evaluated"],
+            "baseline": {"ppl": base["ppl"], "kv_capacity_tokens": base["kv_capacity_tokens"],
+                         "kv_bytes_per_token": base_plan_bytes},
+            "points": pts, "dominance": check_dominance(pts),
+            "not_measured": {"vllm kv_cache_dtype=fp8": "fails on this CPU build: FP8 KV cache on CPU requires "
+                                                        "x86 with AVX-512 or AMX"},
+            "seconds": time.time() - t0}
+
+
+def run_bench(args) -> int:
+    if getattr(args, "bench", "pareto") != "pareto":
+        raise SystemExit(f"unknown bench {args.bench!r}")
+    include = getattr(args, "methods", None)
+    res = pareto(args.config, corpus=args.corpus, tokens=args.tokens, seq_len=args.seq_len,
+                 kv_space_gib=args.kv_space, include=include,
+                 points=tuple(getattr(args, "points", None) or POINTS),
+                 log_dir=Path(args.log_dir) if getattr(args, "log_dir", None) else None,
+                 partial=Path(args.plot + ".partial.json") if args.plot else None)
+    if args.plot:
+        title = f"{res['model']} KV memory vs perplexity rise through vLLM ({Path(res['corpus']).name})"
+        plot(res["points"], args.plot, title)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(_table(res["points"], res["baseline"]))
+        print(f"dominance of kvc-alloc over the baselines: {res['dominance']}")
+    return 0
