@@ -167,7 +167,7 @@ def dense_paths(B, S, seed=1):
 def kernel_configs(sweep: str, gs: int):
     """Launch configurations (without the split factor, which is swept per case: it is a run-time argument)."""
     keys = ("block_t", "num_warps", "num_stages", "trans", "pieces", "prefetch")
-    if sweep == "final":  # the winners of the quick sweeps (benchmarks/RESULTS_gpu.md), timed again
+    if sweep == "final":  # the winners of the quick sweeps (benchmarks/RESULTS.md, GPU kernels), timed again
         base = [(64, 4, 3, True, 1, True), (64, 4, 2, True, 1, True), (64, 4, 2, True, 2, True),
                 (64, 4, 2, True, 2, False)] if gs == 1 else [(64, 4, 3, True, 1, True), (64, 4, 2, True, 2, True)]
     elif sweep == "full":

@@ -205,7 +205,7 @@ VARIANT_IDS = ["T", "N", "T-p2", "T-tau", "N-tau-p2"]
 @pytest.mark.parametrize("name,seq_lens,q_lens,case_kw,call_kw", CASES, ids=[c[0] for c in CASES])
 def test_triton_matches_reference(name, seq_lens, q_lens, case_kw, call_kw, variant):
     if CUDA and variant.get("rope_tau"):
-        pytest.skip("rope_tau is experimental: wrong results / faults when compiled by triton 3.6 (see RESULTS_gpu.md)")
+        pytest.skip("rope_tau is experimental: wrong results / faults when compiled by triton 3.6 (see benchmarks/RESULTS.md, GPU kernels)")
     tk = kernels()
     args, _ = make_case(seq_lens, q_lens, **case_kw)
     expect = ref_out(args)

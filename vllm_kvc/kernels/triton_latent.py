@@ -21,7 +21,7 @@ cores, and the per-token fp16 scales multiply the rebuilt keys (rows) and the so
 ``p @ c_v``. Other integer layouts (int4, int2, grouped scales) and layouts whose factors do not fit on chip
 raise NotImplementedError (:func:`check_supported`): callers use the reference for them.
 
-Launch options (measured on an H100, benchmarks/RESULTS_gpu.md): ``trans`` (scores as [BLOCK_T, rows], keys as
+Launch options (measured on an H100, benchmarks/RESULTS.md, GPU kernels): ``trans`` (scores as [BLOCK_T, rows], keys as
 the register A operand), ``pieces=2`` (rebuild in two column halves: fewer live registers), ``prefetch`` (block
 ids and int8 scales loaded one tile ahead), split-KV for small batches. ``rope_tau`` is experimental (wrong
 results with triton 3.6 on the GPU; interpreter-only tests).
@@ -623,7 +623,7 @@ def _launch(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, se
 
 
 def decode_defaults(layout: LatentLayout) -> dict:
-    """Launch options measured best on an H100 (benchmarks/RESULTS_gpu.md): 64-token KV tiles, 4 warps; small
+    """Launch options measured best on an H100 (benchmarks/RESULTS.md, GPU kernels): 64-token KV tiles, 4 warps; small
     ranks rebuild the keys in two column pieces (fewer live registers, more programs per SM)."""
     small = layout.rank_k <= 32 and layout.head_dim >= 64
     return dict(block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1)
