@@ -43,6 +43,7 @@ def serve(checked: Checked, host: str | None = None, port: int | None = None, ex
     dep = checked.deployment
     if dep.compression is not None:
         build_factors(checked.model_dir, dep.compression, checked.plan)
+    _default_cpu_kv_space()
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(description="vllm-kvc serve"))
     argv = vllm_cli_args(checked, host, port)
@@ -54,6 +55,18 @@ def serve(checked: Checked, host: str | None = None, port: int | None = None, ex
     validate_parsed_serve_args(args)
     log.info("vllm-kvc: equivalent command: vllm serve %s", " ".join(_quote(a) for a in argv))
     uvloop.run(run_server(args))
+
+
+def _default_cpu_kv_space(gib: str = "2") -> None:
+    """On CPU, vLLM otherwise reserves 92% of the NUMA node's memory and refuses to start when other processes
+    use some of it; a fixed KV budget (override with VLLM_CPU_KVCACHE_SPACE) starts anywhere."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = gib
+        log.info("vllm-kvc: CPU KV cache budget %s GiB (set VLLM_CPU_KVCACHE_SPACE to change it)", gib)
 
 
 def _quote(a: str) -> str:
