@@ -49,10 +49,35 @@ class LayerRanks(_Strict):
         return self
 
 
+class LexicoConfig(_Strict):
+    """Method ``lexico``: each KV head's key (before RoPE) and value is a sparse combination of atoms of a
+    per-layer dictionary learned once from calibration K/V; the cache row holds (int16 index, fp16 value) pairs."""
+
+    atoms: int = Field(1024, ge=16, le=32768, description="dictionary atoms per layer and per K/V")
+    sparsity_k: int = Field(8, ge=1, le=256, description="non-zero coefficients per key vector")
+    sparsity_v: int = Field(8, ge=1, le=256, description="non-zero coefficients per value vector")
+    iters: int = Field(6, ge=0, le=100, description="dictionary-learning iterations over calibration K/V")
+    recent_window: int = Field(0, ge=0, description="newest tokens per sequence attended with exact K/V "
+                                                     "(kept in a dense side pool); 0: every token from its code")
+
+
+class PodConfig(_Strict):
+    """Method ``pod``: in each group of adjacent layers the first (lead) keeps its keys; the others (followers)
+    score distant tokens with the lead's queries and keys and keep only their own values, plus exact keys for
+    the sink and recent tokens."""
+
+    followers: int | None = Field(None, ge=0, description="layers that share the distant keys of their group's "
+                                                          "lead (default: half of the layers)")
+    max_group: int = Field(2, ge=2, le=16, description="most layers per sharing group (lead included)")
+    window: int = Field(64, ge=0, description="recent tokens a follower scores with its own keys")
+    sinks: int = Field(4, ge=0, description="first tokens a follower scores with its own keys")
+
+
 class CompressionConfig(_Strict):
-    method: Literal["lowrank", "quant"] = Field(
+    method: Literal["lowrank", "quant", "lexico", "pod"] = Field(
         "lowrank", description="lowrank: factorized latents; quant: K/V themselves quantized per token group "
-                               "(KIVI-style baseline, full rank, no rotation)")
+                               "(KIVI-style baseline, full rank, no rotation); lexico: sparse codes over a "
+                               "learned dictionary; pod: distant-token keys shared across adjacent layers")
     bits: Literal[8, 4, 2] = Field(4, description="method quant: bits per K/V value")
     ratio: float = Field(0.5, gt=0, le=1, description="kept rank / full rank of each head group, K and V")
     ratio_k: float | None = Field(None, gt=0, le=1, description="overrides ratio for keys")
@@ -70,6 +95,8 @@ class CompressionConfig(_Strict):
                                 "K/V (default for lowrank); method quant defaults to 32")
     factorization: Literal["whitened", "plain"] = "whitened"
     calibration: CalibrationConfig = CalibrationConfig()
+    lexico: LexicoConfig = LexicoConfig()
+    pod: PodConfig = PodConfig()
 
     @property
     def k_ratio(self) -> float:
