@@ -71,6 +71,19 @@ def build_methods(base: CompressionConfig, shape, model_dir: str, points=POINTS,
         if want(f"quant-int{bits}"):
             out.append({"method": f"quant-int{bits}", "is_baseline": True, "target": None,
                         "compression": CompressionConfig(**common, method="quant", bits=bits, quant_group=32)})
+    if want("lexico"):  # sparse codes: (sk + sv) * 4 bytes per KV head vs 4 * head_dim in bf16
+        per_head_bf16 = 4 * shape.head_dim
+        for f in points:
+            total = max(2, round(f * per_head_bf16 / 4))
+            sk = total // 2
+            out.append({"method": "lexico", "is_baseline": False, "target": f,
+                        "compression": CompressionConfig(**common, method="lexico",
+                                                         lexico={"sparsity_k": sk, "sparsity_v": total - sk})})
+    if want("pod"):  # followers drop their keys: 1 - followers / (2 * layers) of the bf16 bytes
+        for followers, max_group in ((n // 3, 2), (n // 2, 2), (2 * n // 3, 3)):
+            out.append({"method": "pod", "is_baseline": False, "target": None,
+                        "compression": CompressionConfig(**common, method="pod",
+                                                         pod={"followers": followers, "max_group": max_group})})
     for name, fact, pts in (("svd-whitened", "whitened", points), ("svd-plain", "plain", plain_points)):
         if name == "svd-plain" and want("kvc-alloc") and quality_pct is not None:
             a = allocate_quality(model_dir, CompressionConfig(**common), quality_pct, base_bytes,
@@ -185,9 +198,9 @@ def plot(points: list[dict], path: str, title: str) -> None:
 def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_len: int = 1024,
            kv_space_gib: str = "1", include=None, points=POINTS, quality_pct: float | None = QUALITY_BUDGET_PCT,
            log_dir: Path | None = None, partial: Path | None = None) -> dict:
-    from vllm_kvc.calibrate import build_factors
     from vllm_kvc.evaluate import engine_kwargs, eval_chunks, run_engine
     from vllm_kvc.plan import build_plan
+    from vllm_kvc.prepare import prepare
     from vllm_kvc.validate import check_file, engine_dtype
 
     c = check_file(config_path)
@@ -208,8 +221,7 @@ def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_le
     pts = []
     for i, m in enumerate(methods):
         comp = m["compression"]
-        plan = build_plan(comp, shape)
-        build_factors(model_dir, comp, plan)
+        plan, _ = prepare(model_dir, comp, shape)
         res = run_engine(engine_kwargs(dep, model_dir, comp), chunks, kv_space_gib, logs / f"{i:02d}_{m['method']}.log")
         frac = plan.bytes_per_token() / base_plan_bytes
         p = {"method": m["method"], "is_baseline": m["is_baseline"], "memory_fraction": frac, "ppl": res["ppl"],

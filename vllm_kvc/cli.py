@@ -41,12 +41,57 @@ def cmd_validate(a) -> int:
 
 
 def cmd_compress(a) -> int:
-    from vllm_kvc.calibrate import build_factors
+    from vllm_kvc.prepare import prepare
 
     c = _checked(a.config, check_engine=False)
     if c.plan is None:
         raise ConfigError("compression", "missing: nothing to compress")
-    print(build_factors(c.model_dir, c.deployment.compression, c.plan))
+    plan, path = prepare(c.model_dir, c.deployment.compression, c.plan.shape)
+    if path is None:  # pod: the measured sharing groups are the artifact
+        from vllm_kvc.plan import pod_groups_of
+
+        print(json.dumps({"pod_groups": pod_groups_of(plan)}))
+    else:
+        print(path)
+    return 0
+
+
+def cmd_allocate(a) -> int:
+    """Measured allocation -> a deployable config (explicit per-layer ranks and latent widths)."""
+    import dataclasses
+
+    import yaml
+
+    from vllm_kvc.allocate import allocate_for_budget, allocate_quality
+    from vllm_kvc.config import CompressionConfig
+    from vllm_kvc.plan import build_plan
+
+    if (a.memory is None) == (a.max_rise is None):
+        raise ConfigError("allocate", "give exactly one of --memory FRACTION or --max-rise PERCENT")
+    if a.memory is not None and not 0 < a.memory <= 1:
+        raise ConfigError("--memory", f"{a.memory}: expected a fraction of the bf16 KV bytes in (0, 1]")
+    c = _checked(a.config, check_engine=False)
+    base = c.deployment.compression or CompressionConfig(group_size=c.shape.num_kv_heads)
+    if base.method != "lowrank":
+        raise ConfigError("compression.method", f"{base.method}: the allocator allocates method lowrank")
+    base_bytes = build_plan(base, c.shape).baseline_bytes_per_token()
+    if a.memory is not None:
+        alloc = allocate_for_budget(c.model_dir, base, a.memory, base_bytes)
+    else:
+        alloc = allocate_quality(c.model_dir, base, a.max_rise, base_bytes)
+    comp = alloc.compression(base)
+    d = c.deployment.model_dump(mode="json", exclude_none=True)
+    d["compression"] = comp.model_dump(mode="json", exclude_defaults=True)
+    text = yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=200)
+    summary = {k: v for k, v in dataclasses.asdict(alloc).items() if k not in ("ranks_k", "ranks_v")}
+    summary["memory_fraction"] = alloc.bytes_per_token / base_bytes
+    header = "# written by: vllm-kvc allocate " + " ".join(sys.argv[2:]) + "\n# " + json.dumps(summary) + "\n"
+    if a.out:
+        with open(a.out, "w") as fh:
+            fh.write(header + text)
+        print(a.out)
+    else:
+        print(header + text)
     return 0
 
 
@@ -92,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compress", help="calibrate and write the factor file of a deployment")
     s.add_argument("--config", required=True)
     s.set_defaults(fn=cmd_compress)
+    s = sub.add_parser("allocate", help="per-layer K/V rank and latent width for a memory budget or a maximum "
+                                        "perplexity rise; writes a deployable config")
+    s.add_argument("--config", required=True, help="the deployment to start from (model, engine, calibration)")
+    s.add_argument("--memory", type=float, help="KV bytes as a fraction of bf16 (scales included), e.g. 0.25")
+    s.add_argument("--max-rise", type=float, help="quality mode: largest perplexity rise on calibration text, %%")
+    s.add_argument("--out", help="write the config here (default: print it)")
+    s.set_defaults(fn=cmd_allocate)
     s = sub.add_parser("eval", help="perplexity and KV capacity through vLLM, baseline vs compressed")
     s.add_argument("--config", required=True)
     s.add_argument("--corpus", default="default", help="plain-text file, or 'default' (built-in eval corpus)")

@@ -71,6 +71,9 @@ class PodConfig(_Strict):
     max_group: int = Field(2, ge=2, le=16, description="most layers per sharing group (lead included)")
     window: int = Field(64, ge=0, description="recent tokens a follower scores with its own keys")
     sinks: int = Field(4, ge=0, description="first tokens a follower scores with its own keys")
+    groups: list[list[int]] | None = Field(
+        None, description="explicit sharing groups of adjacent layers (first = lead), covering every layer in "
+                          "order; default: chosen from measured inter-layer attention similarity")
 
 
 class CompressionConfig(_Strict):

@@ -11,6 +11,7 @@ from pathlib import Path
 from vllm_kvc.config import SUPPORTED_ARCHITECTURES, CompressionConfig, ConfigError
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "int8": 1}
+SPARSE_PAIR_BYTES = 4  # lexico: one int16 atom index + one fp16 coefficient
 FLOAT_LATENTS = ("bfloat16", "float16", "float32")
 INT_LATENTS = {"int8": 8, "int4": 4, "int2": 2}
 
@@ -104,6 +105,9 @@ class CompressionPlan:
     ranks_k: tuple[int, ...]  # per layer, per head group
     ranks_v: tuple[int, ...]
     identity: bool = False  # method "quant": full-rank identity factors (the latent is K / V itself), no rotation
+    method: str = "lowrank"  # lowrank | quant | lexico | pod (see config.CompressionConfig.method)
+    # lexico: ranks_k / ranks_v hold the non-zero coefficients per KV head of each layer; pod: ranks_k is 0 for the
+    # followers (their keys are not cached per token) and head_dim for leads, ranks_v head_dim everywhere
 
     @property
     def group_dim(self) -> int:
@@ -115,6 +119,9 @@ class CompressionPlan:
 
     def layer_bytes_per_token(self, layer: int, tp_size: int = 1) -> int:
         """Bytes one token costs in this layer's cache on one TP rank (scales included)."""
+        if self.method == "lexico":
+            kv = max(1, self.shape.num_kv_heads // tp_size)
+            return kv * (self.ranks_k[layer] + self.ranks_v[layer]) * SPARSE_PAIR_BYTES
         groups = max(1, self.num_groups // tp_size) if self.shape.num_kv_heads >= tp_size else 1
         return latent_row_bytes(groups, self.ranks_k[layer], self.ranks_v[layer], self.latent_dtype)
 
@@ -174,7 +181,79 @@ def schedule_ranks(ratio: float, num_layers: int, full: int, schedule: str, spre
     return ranks
 
 
-def build_plan(cfg: CompressionConfig, shape: ModelShape, tp_size: int = 1) -> CompressionPlan:
+def pod_default_groups(num_layers: int, followers: int, max_group: int) -> list[list[int]]:
+    """Sharing groups used before similarity is measured (only their byte count matters then): ``followers``
+    followers in groups of at most ``max_group`` from the deepest layers up."""
+    groups, i, left = [], num_layers - 1, followers
+    while i >= 0:
+        size = min(max_group, left + 1, i + 1)
+        groups.insert(0, list(range(i - size + 1, i + 1)))
+        left -= size - 1
+        i -= size
+    return groups
+
+
+def pod_followers(cfg: CompressionConfig, num_layers: int) -> int:
+    pc = cfg.pod
+    most = num_layers - -(-num_layers // pc.max_group)
+    f = pc.followers if pc.followers is not None else num_layers // 2
+    if f > most:
+        raise ConfigError("compression.pod.followers",
+                          f"{f} followers do not fit {num_layers} layers in groups of at most {pc.max_group} "
+                          f"(at most {most})")
+    return min(f, most)
+
+
+def check_pod_groups(groups, num_layers: int, max_group: int, field: str = "compression.pod.groups") -> None:
+    flat = [i for g in groups for i in g]
+    if flat != list(range(num_layers)) or any(not g for g in groups):
+        raise ConfigError(field, f"expected non-empty groups of adjacent layers covering 0..{num_layers - 1} in "
+                                 f"order, got {groups}")
+    if any(len(g) > max_group for g in groups):
+        raise ConfigError(field, f"a group is larger than max_group {max_group}")
+
+
+def _special_plan(cfg: CompressionConfig, shape: ModelShape, pod_groups=None) -> CompressionPlan:
+    n, hd = shape.num_layers, shape.head_dim
+    dt = shape.dtype if shape.dtype in FLOAT_LATENTS else "bfloat16"
+    if cfg.method == "lexico":
+        lc = cfg.lexico
+        for name, s in (("sparsity_k", lc.sparsity_k), ("sparsity_v", lc.sparsity_v)):
+            if s > hd:
+                raise ConfigError(f"compression.lexico.{name}", f"{s} is larger than head_dim {hd}")
+        if lc.atoms < max(lc.sparsity_k, lc.sparsity_v):
+            raise ConfigError("compression.lexico.atoms", f"{lc.atoms} atoms: expected at least the sparsity")
+        return CompressionPlan(shape, 1, "float16", (lc.sparsity_k,) * n, (lc.sparsity_v,) * n, method="lexico")
+    # pod
+    groups = pod_groups if pod_groups is not None else cfg.pod.groups
+    if groups is not None:
+        check_pod_groups(groups, n, cfg.pod.max_group)
+    else:
+        groups = pod_default_groups(n, pod_followers(cfg, n), cfg.pod.max_group)
+    followers = {i for g in groups for i in g[1:]}
+    rk = tuple(0 if i in followers else hd for i in range(n))
+    return CompressionPlan(shape, 1, dt, rk, (hd,) * n, method="pod")
+
+
+def pod_groups_of(plan: CompressionPlan) -> list[list[int]]:
+    """The sharing groups of a pod plan (a follower belongs to the nearest lead above it)."""
+    groups: list[list[int]] = []
+    for i, r in enumerate(plan.ranks_k):
+        if r or not groups:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    return groups
+
+
+def build_plan(cfg: CompressionConfig, shape: ModelShape, tp_size: int = 1, pod_groups=None) -> CompressionPlan:
+    """The plan of ``cfg`` for ``shape``; ``pod_groups``: method pod's measured sharing groups (without them,
+    and without explicit ``pod.groups``, a pod plan has the right bytes but placeholder groups)."""
+    if tp_size > 1 and shape.num_kv_heads % tp_size and shape.num_kv_heads > tp_size:
+        raise ConfigError("engine.tensor_parallel_size",
+                          f"{tp_size} does not divide the model's {shape.num_kv_heads} KV heads")
+    if cfg.method in ("lexico", "pod"):
+        return _special_plan(cfg, shape, pod_groups)
     gs = cfg.group_size
     if shape.num_kv_heads % gs:
         raise ConfigError("compression.group_size",

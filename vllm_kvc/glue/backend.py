@@ -125,9 +125,13 @@ class LatentAttentionImpl(AttentionImpl[LatentMetadata]):
             raise NotImplementedError("fused output quantization is not supported by latent KV attention")
         if attn_metadata is None:  # profiling / dummy run: no cache to touch
             return output.fill_(0)
-        layout = layer.layout
         n = attn_metadata.num_actual_tokens
         cache = kv_cache.select(1, 0) if kv_cache.dim() == 4 else kv_cache  # [B, 1, N, C] -> [B, N, C]
+        attend = getattr(layer, "kvc_attend", None)
+        if attend is not None:  # another method's codec (lexico, pod): the layer computes its own attention
+            attend(query, key, value, cache, attn_metadata, output)
+            return output
+        layout = layer.layout
         lat = key[:n]
         g, rk, rv = layout.groups, layout.rank_k, layout.rank_v
         lat_k = lat[:, : g * rk].reshape(n, g, rk)

@@ -31,7 +31,7 @@ def _finalize(model: nn.Module) -> set[str]:
         if isinstance(m, LatentSelfAttention):
             m.finalize()
             created.update(f"{name}.{p}" for p, _ in m.named_parameters(recurse=False))
-    log.info("vllm_kvc: %d attention layers now cache low-rank latents", len(created))
+    log.info("vllm_kvc: attention layers finalized (%d new parameters)", len(created))
     return created
 
 
@@ -46,7 +46,8 @@ class _LatentMixin:
 
 
 def _latent_attn(setup):
-    return partial(LatentSelfAttention, kvc_plan=setup.plan, kvc_factors=setup.factors_path)
+    return partial(LatentSelfAttention, kvc_plan=setup.plan, kvc_factors=setup.factors_path,
+                   kvc_config=setup.config)
 
 
 class KvcLlamaForCausalLM(_LatentMixin, LlamaForCausalLM):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vllm_kvc.config import ADDITIONAL_CONFIG_KEY, CompressionConfig, parse_compression
-from vllm_kvc.plan import CompressionPlan, ModelShape, build_plan
+from vllm_kvc.plan import CompressionPlan, ModelShape
 
 log = logging.getLogger("vllm_kvc")
 
@@ -17,7 +17,7 @@ log = logging.getLogger("vllm_kvc")
 class CompressionSetup:
     config: CompressionConfig
     plan: CompressionPlan
-    factors_path: Path
+    factors_path: Path | None  # lowrank / quant: factor file; lexico: dictionary file; pod: none
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -29,18 +29,17 @@ def compression_setup(vllm_config) -> CompressionSetup | None:
     raw = extra.get(ADDITIONAL_CONFIG_KEY)
     if raw is None:
         return None
-    from vllm_kvc.calibrate import build_factors
+    from vllm_kvc.prepare import prepare
 
     cfg = parse_compression(dict(raw))
     mc = vllm_config.model_config
     shape = ModelShape.from_hf_config(mc.hf_config.to_dict())
     shape = replace(shape, dtype=_dtype_name(mc.dtype))
     tp = vllm_config.parallel_config.tensor_parallel_size
-    plan = build_plan(cfg, shape, tp)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        path = build_factors(mc.model, cfg, plan)
+        plan, path = prepare(mc.model, cfg, shape, tp)
     finally:
         torch.set_default_dtype(prev)
     log.info("vllm_kvc: %s ranks k=%s v=%s, latent %s, factors %s", cfg.schedule, plan.ranks_k, plan.ranks_v,

@@ -25,7 +25,11 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, layout: La
     """Store ``lat_k [N, G, rank_k]``, ``lat_v [N, G, rank_v]`` at ``slot_mapping [N]`` (slots < 0 skipped).
 
     ``kv_cache`` is ``[num_blocks, block_size, row]`` with any strides (vLLM may interleave layers)."""
-    rows = layout.pack(lat_k, lat_v)
+    write_rows(kv_cache, slot_mapping, layout.pack(lat_k, lat_v))
+
+
+def write_rows(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
+    """Store cache rows ``[N, row_elems]`` at ``slot_mapping [N]`` (slots < 0 skipped)."""
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         rows, slot_mapping = rows[valid], slot_mapping[valid]
@@ -164,6 +168,62 @@ def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, grp, bv
     out.index_copy_(0, qi, o[:, 0].to(out.dtype))
 
 
+def gather_padded_rows(kv_cache: torch.Tensor, block_table: torch.Tensor, lens: list[int]):
+    """Rows of several requests padded to the longest: ([B, S, row_elems], valid [B, S]); padding rows are zero."""
+    bs = kv_cache.shape[1]
+    smax = max(lens)
+    nblk = (smax + bs - 1) // bs
+    blocks = block_table[:, :nblk].long()
+    rows = kv_cache[blocks].reshape(len(lens), nblk * bs, kv_cache.shape[-1])[:, :smax]
+    valid = torch.arange(smax, device=rows.device)[None, :] < torch.tensor(lens, device=rows.device)[:, None]
+    rows = torch.where(valid[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return rows, valid
+
+
+def attend_dense(q, k, v, seq_lens, scale, causal=True):
+    """q [B, nq, Hq, hd], k/v [B, S, Hkv, hd] (k roped) -> [B, nq, Hq, hd]; visibility as in ``_attend``."""
+    b, nq, hq, hd = q.shape
+    rep = hq // k.shape[2]
+    kk = k.permute(0, 2, 1, 3).repeat_interleave(rep, 1)
+    vv = v.permute(0, 2, 1, 3).repeat_interleave(rep, 1)
+    scores = torch.matmul(q.permute(0, 2, 1, 3), kk.transpose(2, 3)) * scale  # [B, Hq, nq, S]
+    scores = scores.masked_fill(visibility_mask(seq_lens, nq, k.shape[1], causal, q.device)[:, None], float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), vv).permute(0, 2, 1, 3)
+
+
+def visibility_mask(seq_lens, nq: int, s: int, causal: bool, device) -> torch.Tensor:
+    """[B, nq, S] True where key j is NOT visible to query i (the last nq tokens of each sequence)."""
+    b = len(seq_lens)
+    j = torch.arange(s, device=device)
+    sl = torch.as_tensor(seq_lens, device=device)[:, None, None]
+    limit = sl - nq + torch.arange(nq, device=device)[None, :, None] if causal else sl.expand(b, nq, 1)
+    return (j[None, None, :] > limit) | (j[None, None, :] >= sl)
+
+
+def rows_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                   query_start_loc: torch.Tensor, decode, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Varlen causal attention over paged rows of any codec: ``decode(rows [B, S, row_elems])`` returns roped
+    keys and values ``[B, S, Hkv, hd]`` (float32) of positions 0..S-1. Decodes go as one padded batch."""
+    qsl, sls = query_start_loc.tolist(), seq_lens.tolist()
+    decodes = [r for r in range(len(sls)) if qsl[r + 1] - qsl[r] == 1]
+    batch = decodes if len(decodes) > 1 else []
+    if batch:
+        idx = torch.tensor(batch, device=block_table.device)
+        rows, _ = gather_padded_rows(kv_cache, block_table.index_select(0, idx), [sls[r] for r in batch])
+        k, v = decode(rows)
+        qi = torch.tensor([qsl[r] for r in batch], device=q.device)
+        o = attend_dense(q.index_select(0, qi).float()[:, None], k, v, [sls[r] for r in batch], scale, causal=False)
+        out.index_copy_(0, qi, o[:, 0].to(out.dtype))
+    for r in range(len(sls)):
+        qs, qe, s = qsl[r], qsl[r + 1], sls[r]
+        if qe <= qs or r in batch:
+            continue
+        k, v = decode(gather_rows(kv_cache, block_table[r], s)[None])
+        o = attend_dense(q[qs:qe].float()[None], k, v, [s], scale, causal=True)
+        out[qs:qe] = o[0].to(out.dtype)
+    return out
+
+
 def dense_reference(q, k, v, scale, causal_offset: int = 0):
     """Plain attention for tests: q [nq, Hq, hd], k/v [s, Hkv, hd] (k already roped)."""
     hq, hkv = q.shape[1], k.shape[1]
@@ -175,3 +235,28 @@ def dense_reference(q, k, v, scale, causal_offset: int = 0):
     qpos = torch.arange(sl - nq, sl)
     s = s.masked_fill(torch.arange(sl)[None, :] > qpos[:, None], float("-inf"))
     return torch.matmul(torch.softmax(s, -1), vv).transpose(0, 1)
+
+
+def attend_two_source(qa, ka, va, qb, kb, vb, use_a: torch.Tensor, visible: torch.Tensor, scale: float):
+    """One request's attention where key j is scored and read from source A where ``use_a [nq, S]`` and from
+    source B elsewhere (both only where ``visible [nq, S]``): logits ``qa . ka_j`` or ``qb . kb_j``, one softmax,
+    values ``va_j`` or ``vb_j``. q* [nq, Hq, hd]; k*, v* [S, Hkv, hd] (keys roped); float32 -> [nq, Hq, hd].
+
+    Lexico's recent window (A: exact K/V, B: sparse codes, same query) and POD's followers (A: own exact keys of
+    sink and recent tokens, B: the lead layer's query and keys; values their own) are both this."""
+    hq, hkv = qa.shape[1], ka.shape[1]
+    rep = hq // hkv
+
+    def scores(q, k):
+        kk = k.transpose(0, 1).repeat_interleave(rep, 0)  # [Hq, S, hd]
+        return torch.matmul(q.transpose(0, 1), kk.transpose(1, 2)) * scale  # [Hq, nq, S]
+
+    s = torch.where(use_a[None], scores(qa, ka), scores(qb, kb))
+    s = s.masked_fill(~visible[None], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if vb is va:
+        return torch.matmul(p, va.transpose(0, 1).repeat_interleave(rep, 0)).transpose(0, 1)
+    ua = use_a[None].to(p.dtype)
+    o = torch.matmul(p * ua, va.transpose(0, 1).repeat_interleave(rep, 0))
+    o = o + torch.matmul(p * (1 - ua), vb.transpose(0, 1).repeat_interleave(rep, 0))
+    return o.transpose(0, 1)

@@ -12,7 +12,7 @@ import dataclasses
 import threading
 
 from vllm_kvc.config import ADDITIONAL_CONFIG_KEY, parse_compression
-from vllm_kvc.plan import CompressionPlan, ModelShape, build_plan
+from vllm_kvc.plan import CompressionPlan, ModelShape
 
 MIDDLEWARE = "vllm_kvc.server.app.kv_compression_middleware"
 ROUTE = "/v1/kv_compression"
@@ -27,7 +27,11 @@ def _plan_of(vllm_config) -> tuple[dict | None, CompressionPlan | None, ModelSha
         return raw, None, shape
     shape = dataclasses.replace(shape, dtype=str(mc.dtype).replace("torch.", ""))
     cfg = parse_compression(dict(raw))
-    return cfg.model_dump(mode="json"), build_plan(cfg, shape, vllm_config.parallel_config.tensor_parallel_size), shape
+    from vllm_kvc.prepare import prepare
+
+    # the engine built (and cached) every artifact before the server started: read, never build, here
+    plan, _ = prepare(mc.model, cfg, shape, vllm_config.parallel_config.tensor_parallel_size, build=False)
+    return cfg.model_dump(mode="json"), plan, shape
 
 
 def _supported(mc) -> bool:
@@ -73,6 +77,7 @@ def describe(vllm_config) -> dict:
              "bytes_per_token": plan.layer_bytes_per_token(i, tp)}
             for i in range(plan.shape.num_layers)
         ],
+        "rank_meaning": _RANK_MEANING.get(plan.method, _RANK_MEANING["lowrank"]),
         "kv_bytes_per_token": bpt,
         "kv_bytes_per_token_baseline": base,
         "compression_ratio": base / bpt,
@@ -80,7 +85,19 @@ def describe(vllm_config) -> dict:
         "kv_capacity_tokens_baseline": capacity * bpt // base,
         "latent_cache_bytes": capacity * bpt,
     })
+    if plan.method == "pod":
+        from vllm_kvc.plan import pod_groups_of
+
+        out["pod_groups"] = pod_groups_of(plan)
     return out
+
+
+_RANK_MEANING = {
+    "lowrank": "latent rank per head group",
+    "quant": "latent rank per head group (full: K/V themselves)",
+    "lexico": "non-zero dictionary coefficients per KV head",
+    "pod": "rank_k 0: a follower, its distant keys are its group lead's; head_dim: keys cached",
+}
 
 
 class _Metrics:

@@ -1,0 +1,92 @@
+"""Method ``lexico`` in vLLM: each token's keys (before RoPE) and values cached as sparse codes over the layer's
+dictionaries (vllm_kvc/lexico.py), rebuilt (then RoPE) at attention time.
+
+The cache row of a token is ``SparseLayout.row_bytes``: per KV head, ``sparsity_k`` (int16 atom, fp16
+coefficient) pairs for K then ``sparsity_v`` for V. With ``recent_window > 0`` each query also sees the exact
+K/V of its ``recent_window`` newest tokens (a side pool, glue/window.py), as the paper keeps recent tokens dense.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_kvc.glue.layer import RowAttention
+from vllm_kvc.glue.window import RecentPool, exact_mask, keep_positions, window_positions
+from vllm_kvc.kernels import reference
+from vllm_kvc.lexico import SparseLayout
+
+
+class SparseAttention(RowAttention):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, layout: SparseLayout,
+                 recent_window: int = 0, cache_config=None, prefix: str = ""):
+        super().__init__(num_heads, head_size, scale, num_kv_heads, layout.row_bytes, layout.cache_dtype,
+                         cache_config=cache_config, prefix=prefix)
+        self.layout = layout
+        self.recent_window = recent_window
+        self.d_k = self.d_v = self.cos_sin_cache = None  # set by finalize()
+        self.is_neox = True
+        self.pool: RecentPool | None = None
+
+    def _rope(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return reference.apply_rope(k, positions, self.cos_sin_cache, self.is_neox)
+
+    def _decode(self, rows: torch.Tensor):
+        """rows [B, S, row] -> roped keys and values [B, S, H, d] (positions 0..S-1)."""
+        b, s = rows.shape[:2]
+        k, v = self.layout.decode(rows, self.d_k, self.d_v)
+        pos = torch.arange(s, device=rows.device).repeat(b)
+        k = self._rope(k.reshape(b * s, *k.shape[2:]), pos).view(k.shape)
+        return k, v
+
+    def kvc_attend(self, query, key, value, cache, md, output) -> None:
+        n = md.num_actual_tokens
+        h, d = self.num_kv_heads, self.head_size
+        k = key[:n].view(n, h, d).float()
+        v = value[:n].view(n, h, d).float()
+        slots = md.slot_mapping[:n]
+        reference.write_rows(cache, slots, self.layout.encode(k, v, self.d_k, self.d_v))
+        q = query[:n].view(n, self.num_heads, d)
+        out = output[:n].view(n, self.num_heads, d)
+        if not self.recent_window:
+            reference.rows_attention(q, cache, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu,
+                                     self._decode, self.scale, out)
+            return
+        self._attend_windowed(q, k, v, slots, cache, md, out)
+
+    def _attend_windowed(self, q, k, v, slots, cache, md, out) -> None:
+        w = self.recent_window
+        if self.pool is None:
+            self.pool = RecentPool(cache.shape[1], (2, self.num_kv_heads, self.head_size), q.dtype, q.device)
+        pool = self.pool
+        pool.begin_step()
+        qsl, sls = md.query_start_loc_cpu.tolist(), md.seq_lens_cpu.tolist()
+        reqs = [r for r in range(len(sls)) if qsl[r + 1] > qsl[r]]
+        k_new = {}
+        for r in reqs:
+            pos_new = torch.arange(sls[r] - (qsl[r + 1] - qsl[r]), sls[r])
+            k_new[r] = self._rope(k[qsl[r]:qsl[r + 1]], pos_new.to(k.device))
+        # read every request's window before any write, so no write recycles a page another request needs now
+        got = {r: pool.read(md.block_table[r], window_positions(sls[r], qsl[r + 1] - qsl[r], w, 0)) for r in reqs}
+        for r in reqs:
+            keep = keep_positions(sls[r], qsl[r + 1] - qsl[r], w, 0)
+            pool.write(slots[qsl[r]:qsl[r + 1]][keep], torch.stack([k_new[r][keep], v[qsl[r]:qsl[r + 1]][keep]], 1))
+        for r in reqs:
+            qs, qe, s = qsl[r], qsl[r + 1], sls[r]
+            nq = qe - qs
+            pos_new = torch.arange(s - nq, s)
+            kc, vc = self._decode(reference.gather_rows(cache, md.block_table[r], s)[None])
+            kc, vc = kc[0], vc[0]
+            # exact K/V: this chunk's own tokens, then the window positions before it from the pool
+            k_ex, v_ex = torch.zeros_like(kc), torch.zeros_like(vc)
+            have = torch.zeros(s, dtype=torch.bool)
+            k_ex[s - nq:], v_ex[s - nq:], have[s - nq:] = k_new[r], v[qs:qe], True
+            before = window_positions(s, nq, w, 0)
+            if before.numel():
+                vals, found = got[r]
+                k_ex[before], v_ex[before] = vals[:, 0].float(), vals[:, 1].float()
+                have[before] = found.cpu()
+            use = exact_mask(pos_new, s, w, 0) & have[None]
+            visible = torch.arange(s)[None, :] <= pos_new[:, None]
+            qq = q[qs:qe].float()
+            o = reference.attend_two_source(qq, k_ex, v_ex, qq, kc, vc, use.to(q.device), visible.to(q.device),
+                                            self.scale)
+            out[qs:qe] = o.to(out.dtype)
