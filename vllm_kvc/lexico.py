@@ -31,7 +31,8 @@ log = logging.getLogger("vllm_kvc")
 
 LEXICO_FORMAT = 1
 LEARN_MAX_ROWS = 32768  # rows (tokens x KV heads) one dictionary is learned from (a deterministic subsample)
-_DEP_EPS = 1e-4  # an atom whose distance to the span of the atoms already picked is below this adds nothing
+_RIDGE = 1e-6  # added to the diagonal of the (unit-diagonal) Gram systems of OMP: bounds ill-conditioned solves
+_DEP_SIN2 = 1e-5  # an atom whose squared distance to the span of the atoms picked before it is below this: coef 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -40,51 +41,53 @@ _DEP_EPS = 1e-4  # an atom whose distance to the span of the atoms already picke
 def _omp_chunk(x: torch.Tensor, dt: torch.Tensor, dictionary: torch.Tensor, s: int):
     """OMP of x [m, d] over dictionary [N, d] (dt = its transpose, contiguous). Returns (idx [m, s], coef [m, s]).
 
-    Least squares on the picked atoms is kept up to date through an orthonormal basis ``Q`` of their span
-    (Gram-Schmidt, re-orthogonalized once: "CGS2"), so the residual after each step is exactly the least-squares
-    residual on all atoms picked so far; the coefficients come at the end from ``R gamma = Q^T x`` (``R`` upper
-    triangular: the atoms in the basis ``Q``), by back substitution vectorized over rows.
+    Least squares on the picked atoms goes through the Cholesky factor ``L`` of their Gram matrix plus a tiny ridge
+    (``L L^T = D_I D_I^T + RIDGE * I``), grown by one row per step (``w = L^-1 D_I a_new``,
+    ``L_kk = sqrt(1 + RIDGE - |w|^2)``), and ``y = L^-1 D_I x`` grown alike; the coefficients are
+    ``L^-T y``. All triangular solves are vectorized over the rows (loops run over the <= s picked atoms only).
     """
     m, d = x.shape
     dev = x.device
     idx = torch.empty(m, s, dtype=torch.long, device=dev)
-    q_basis = torch.zeros(m, s, d, dtype=torch.float32, device=dev)
-    r_tri = torch.zeros(m, s, s, dtype=torch.float32, device=dev)
-    z = torch.zeros(m, s, dtype=torch.float32, device=dev)
-    res = x.clone()
+    picked = torch.empty(m, s, d, dtype=torch.float32, device=dev)  # the picked atoms, in order
+    chol = torch.zeros(m, s, s, dtype=torch.float32, device=dev)
+    y = torch.zeros(m, s, dtype=torch.float32, device=dev)
+    res = x
+    gam = x.new_zeros(m, 0)
     for k in range(s):
         corr = torch.mm(res, dt).abs_()
         if k:
             corr.scatter_(1, idx[:, :k], -1.0)  # never the same atom twice
         j = corr.argmax(dim=1)
+        del corr
         idx[:, k] = j
         a = dictionary.index_select(0, j)  # [m, d]
-        q = a
+        picked[:, k] = a
+        ax = (a * x).sum(dim=1)
         if k:
-            qk = q_basis[:, :k]  # [m, k, d]
-            p1 = torch.bmm(qk, a.unsqueeze(2)).squeeze(2)  # [m, k]
-            q = a - torch.bmm(p1.unsqueeze(1), qk).squeeze(1)
-            p2 = torch.bmm(qk, q.unsqueeze(2)).squeeze(2)
-            q = q - torch.bmm(p2.unsqueeze(1), qk).squeeze(1)
-            r_tri[:, :k, k] = p1 + p2
-        nrm = q.norm(dim=1)
-        ok = nrm > _DEP_EPS
-        q = q * (ok.float() / nrm.clamp_min(_DEP_EPS)).unsqueeze(1)
-        r_tri[:, k, k] = nrm
-        q_basis[:, k] = q
-        zk = (q * res).sum(dim=1)  # = q . x (res is orthogonal to the earlier basis vectors)
-        z[:, k] = zk
-        res -= zk.unsqueeze(1) * q
-    # back substitution: R gamma = z; atoms that were (numerically) in the span of earlier ones get 0
-    coef = torch.zeros(m, s, dtype=torch.float32, device=dev)
-    for k in range(s - 1, -1, -1):
-        acc = z[:, k]
-        if k + 1 < s:
-            acc = acc - (r_tri[:, k, k + 1:] * coef[:, k + 1:]).sum(dim=1)
-        diag = r_tri[:, k, k]
-        ok = diag > _DEP_EPS
-        coef[:, k] = torch.where(ok, acc / diag.clamp_min(_DEP_EPS), torch.zeros_like(acc))
-    return idx, coef
+            g = torch.bmm(picked[:, :k], a.unsqueeze(2)).squeeze(2)  # [m, k]: D_i . a
+            w = torch.empty(m, k, dtype=torch.float32, device=dev)
+            for i in range(k):  # forward substitution L w = g
+                acc = g[:, i] - (chol[:, i, :i] * w[:, :i]).sum(dim=1) if i else g[:, i]
+                w[:, i] = acc / chol[:, i, i]
+            sin2 = 1.0 - (w * w).sum(dim=1)  # squared distance of the new atom to the span of the others
+            dep = sin2 < _DEP_SIN2
+            # a (numerically) dependent atom gets an identity row: coefficient 0, the others unaffected
+            chol[:, k, :k] = w.masked_fill_(dep.unsqueeze(1), 0.0)
+            lkk = torch.where(dep, torch.ones_like(sin2), (sin2 + _RIDGE).sqrt())
+            chol[:, k, k] = lkk
+            y[:, k] = torch.where(dep, torch.zeros_like(ax), (ax - (w * y[:, :k]).sum(dim=1)) / lkk)
+        else:
+            chol[:, 0, 0] = (1.0 + _RIDGE) ** 0.5
+            y[:, 0] = ax / chol[:, 0, 0]
+        n = k + 1
+        gam = torch.empty(m, n, dtype=torch.float32, device=dev)
+        for i in range(n - 1, -1, -1):  # back substitution L^T gamma = y
+            acc = y[:, i] - (chol[:, i + 1:n, i] * gam[:, i + 1:]).sum(dim=1) if i + 1 < n else y[:, i]
+            gam[:, i] = acc / chol[:, i, i]
+        if n < s:
+            res = x - torch.bmm(gam.unsqueeze(1), picked[:, :n]).squeeze(1)
+    return idx, gam
 
 
 def omp(x: torch.Tensor, dictionary: torch.Tensor, sparsity: int, chunk: int = 8192):
@@ -92,9 +95,9 @@ def omp(x: torch.Tensor, dictionary: torch.Tensor, sparsity: int, chunk: int = 8
 
     ``x`` [M, d], ``dictionary`` [N, d] with unit-norm rows. Each of ``sparsity`` steps picks, for every row, the
     atom with the largest absolute correlation with the current residual (never an atom already picked), then
-    re-solves least squares on all picked atoms (exactly, through an incrementally orthogonalized basis, see
-    ``_omp_chunk``; an atom numerically in the span of the earlier ones gets coefficient 0 instead of an
-    ill-conditioned solve). Rows are processed in chunks of ``chunk`` to bound memory
+    re-solves least squares on all picked atoms (batched Cholesky of their Gram matrix, grown by one row per step,
+    with a ridge of ``1e-6`` on its unit diagonal, see ``_omp_chunk``; an atom numerically in the span of the
+    earlier ones, picked only once the residual is ~0 or when ``sparsity > d``, gets coefficient 0). Rows are processed in chunks of ``chunk`` to bound memory
     (``chunk * (N + sparsity * d)`` floats). Deterministic. Runs on ``x``'s device.
 
     Returns (idx int64 [M, sparsity], coef float32 [M, sparsity]) in the order the atoms were picked.

@@ -196,7 +196,7 @@ def pod_default_groups(num_layers: int, followers: int, max_group: int) -> list[
 def pod_followers(cfg: CompressionConfig, num_layers: int) -> int:
     pc = cfg.pod
     most = num_layers - -(-num_layers // pc.max_group)
-    f = pc.followers if pc.followers is not None else num_layers // 2
+    f = pc.followers if pc.followers is not None else min(num_layers // 2, most)
     if f > most:
         raise ConfigError("compression.pod.followers",
                           f"{f} followers do not fit {num_layers} layers in groups of at most {pc.max_group} "

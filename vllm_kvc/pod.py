@@ -84,6 +84,7 @@ def pod_logits(q_own, k_own, q_lead, k_lead, scale: float, window: int, sinks: i
                causal: bool = True) -> torch.Tensor:
     """POD attention logits of one sequence, float32 ``[Hq, T, S]``: own ``q . k`` where exact, the lead's where
     distant, ``-inf`` where not visible (see :func:`pod_masks`). Shapes as in :func:`pod_attention`."""
+    _check_shapes(q_own, k_own, k_own, q_lead, k_lead, torch.as_tensor(q_positions))
     t, hq, _ = q_own.shape
     s, hkv, _ = k_own.shape
     q_positions = torch.as_tensor(q_positions, device=q_own.device)
@@ -173,7 +174,7 @@ def capture_qkv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tens
 
     def keep(name):
         def hook(mod, args, out):
-            got[name] = out.detach()
+            got[name] = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
         return hook
 
     for i, a in enumerate(attn):
@@ -485,3 +486,11 @@ def build_pod_plan(model_dir: str, cfg: CompressionConfig) -> PodPlan:
     log.info("pod plan: %d followers in groups %s (mean score %.4f), written to %s", followers,
              [list(g) for g in plan.groups if len(g) > 1], total / max(1, followers), out)
     return plan
+
+
+def cached_pod_plan(model_dir: str, cfg: CompressionConfig) -> PodPlan | None:
+    """:func:`build_pod_plan` if it needs no measurement (explicit groups, or a cached similarity), else None."""
+    pc = cfg.pod
+    if pc.groups is not None or pc.followers == 0 or similarity_path(model_dir, cfg).exists():
+        return build_pod_plan(model_dir, cfg)
+    return None

@@ -34,6 +34,7 @@ class RowAttention(Attention):
         super().__init__(num_heads, head_size, scale, num_kv_heads=num_kv_heads, cache_config=cache_config,
                          quant_config=None, prefix=prefix, attn_backend=LatentAttentionBackend)
         self.row_bytes, self.row_dtype = row_bytes, row_dtype
+        self.scale = float(scale)
 
     def get_kv_cache_spec(self, vllm_config):
         # one "head slot" per token whose content is the whole row: the page costs exactly
