@@ -78,3 +78,45 @@ def emulate_ppl(model_dir: str, factors_path: str | None, latent_dtype: str, chu
     finally:
         for h in handles:
             h.remove()
+
+
+def install_pod(model, groups, window: int, sinks: int) -> list:
+    """Replace every layer's attention by POD's (vllm_kvc.pod.pod_attention) over the whole sequence, no cache:
+    leads attend as usual and leave their roped q / k for their followers. Returns the restore handles
+    (call ``h()`` on each). An independent check of the vLLM path (paged rows, side pool, lead queries)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from vllm_kvc.pod import pod_attention
+
+    lead_of = {m: g[0] for g in groups for m in g}
+    stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        orig = attn.forward
+
+        def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, *a,
+                    attn=attn, i=i, **kw):
+            b, t, _ = hidden_states.shape
+            hd = attn.head_dim
+            q = attn.q_proj(hidden_states).view(b, t, -1, hd).transpose(1, 2)
+            k = attn.k_proj(hidden_states).view(b, t, -1, hd).transpose(1, 2)
+            v = attn.v_proj(hidden_states).view(b, t, -1, hd).transpose(1, 2)
+            cos, sin = position_embeddings
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            outs = []
+            for j in range(b):
+                qj, kj, vj = q[j].transpose(0, 1), k[j].transpose(0, 1), v[j].transpose(0, 1)  # [T, H, d]
+                lead = lead_of[i]
+                if lead == i:
+                    stash[(i, j)] = (qj, kj)
+                    ql, kl = qj, kj
+                else:
+                    ql, kl = stash[(lead, j)]
+                outs.append(pod_attention(qj, kj, vj, ql, kl, attn.scaling, window, sinks, torch.arange(t)))
+            o = torch.stack(outs).reshape(b, t, -1)
+            return attn.o_proj(o), None
+
+        attn.forward = forward
+        handles.append(lambda attn=attn, orig=orig: setattr(attn, "forward", orig))
+    return handles

@@ -37,7 +37,7 @@ from vllm_kvc.config import CalibrationConfig, CompressionConfig
 log = logging.getLogger("vllm_kvc")
 
 POD_FORMAT = 1
-DEFAULT_SIMILARITY_TOKENS = 4096  # calibration tokens layer_similarity reads unless told otherwise
+DEFAULT_SIMILARITY_TOKENS = 2048  # calibration tokens layer_similarity reads unless told otherwise
 _BLOCK_ELEMS = 1 << 24  # logits per query block in pod_attention (bounds its memory for long sequences)
 
 

@@ -45,7 +45,8 @@ class PodAttention(RowAttention):
         slots = md.slot_mapping[:n]
         if not self.is_follower:
             reference.write_rows(cache, slots, torch.cat([k, v], dim=-1).to(cache.dtype))
-            _LEAD_QUERIES[self.layer_name] = (q, cache)
+            # a copy: under torch.compile the query buffer is dead to the graph after this op and gets reused
+            _LEAD_QUERIES[self.layer_name] = (q.clone(), cache)
             reference.rows_attention(q, cache, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu,
                                      self._split, self.scale, out)
             return
