@@ -164,15 +164,20 @@ def dense_paths(B, S, seed=1):
     return paths, (q, k, v)
 
 
-def kernel_configs(sweep: str, gs: int):
-    """Launch configurations (without the split factor, which is swept per case: it is a run-time argument)."""
+def kernel_configs(sweep: str, gs: int, ratio=None):
+    """Launch configurations (without the split factor, which is swept per case: it is a run-time argument).
+    ``heads`` > 0: the multi-head decode kernel with that many KV heads per program (gs == 1 float latents);
+    0: the generic kernel."""
     keys = ("block_t", "num_warps", "num_stages", "trans", "pieces", "prefetch")
+    generic = []
     if sweep == "final":  # the winners of the quick sweeps (benchmarks/RESULTS.md, GPU kernels), timed again
         base = [(64, 4, 3, True, 1, True), (64, 4, 2, True, 1, True), (64, 4, 2, True, 2, True),
                 (64, 4, 2, True, 2, False)] if gs == 1 else [(64, 4, 3, True, 1, True), (64, 4, 2, True, 2, True)]
     elif sweep == "full":
         base = [(bt, w, st, tr, nh, pf) for bt in (64, 128) for w in (4, 8) for st in (2, 3, 4) for tr in (True, False)
                 for nh in (1, 2) for pf in (True, False)]
+    elif sweep == "heads":  # the generic kernel's two winners, then the multi-head kernel's grid
+        base = [(64, 4, 3, True, 1, True), (64, 4, 2, True, 2, True)]
     elif gs == 1:
         base = [(64, 4, 3, True, 1, True), (64, 4, 2, True, 1, True), (64, 4, 3, True, 2, True),
                 (64, 4, 2, True, 2, True), (64, 4, 2, True, 2, False), (64, 4, 3, False, 1, True),
@@ -182,7 +187,21 @@ def kernel_configs(sweep: str, gs: int):
                 (64, 4, 2, False, 1, True)]
     else:
         base = [(64, 4, 2, True, 2, True), (64, 4, 3, True, 1, True)]
-    return [dict(zip(keys, c)) for c in base]
+    generic = [dict(zip(keys, c), heads=0) for c in base]
+    heads = []
+    if gs == 1 and ratio != "int8" and sweep in ("heads", "final", "quick"):
+        hk = ("heads", "block_t", "num_warps", "num_stages", "pieces", "cos_per_head")
+        if sweep == "heads":
+            grid = [(nkv, 64, 4, st, nh, False) for nkv in (1, 2, 4) for st, nh in ((2, 1), (3, 1), (2, 2))]
+            grid += [(nkv, 64, 4, 3, 1, True) for nkv in (1, 2)]
+            grid += [(4, 128, 8, 2, 1, False)]
+        else:
+            grid = HEADS_FINAL
+        heads = [dict(zip(hk, c), trans=True, prefetch=True) for c in grid]
+    return generic + heads
+
+
+HEADS_FINAL = [(1, 64, 4, 3, 1, False), (2, 64, 4, 3, 1, False), (4, 64, 4, 3, 1, False), (4, 128, 8, 2, 1, False)]
 
 
 def kernel_stats():
@@ -262,8 +281,8 @@ def run_decode(args, bw, mm, results):
                 ref_out = c.run_naive()
                 best = None
                 tried = []
-                for kc in kernel_configs(args.sweep, gs):
-                    for ns in ((1, 2, 4) if args.sweep == "final" else (1, 2, 4, 8)):
+                for kc in kernel_configs(args.sweep, gs, ratio):
+                    for ns in ((1, 2, 4) if args.sweep in ("final", "heads") else (1, 2, 4, 8)):
                         cfg = dict(kc, num_splits=ns)
                         try:
                             out = c.run_kernel(**cfg)
@@ -273,7 +292,7 @@ def run_decode(args, bw, mm, results):
                         except Exception as e:  # noqa: BLE001  (out of resources etc.)
                             tried.append(dict(cfg=cfg, error=str(e).splitlines()[0][:120]))
                             continue
-                        tried.append(dict(cfg=cfg, ms=t, err=err))
+                        tried.append(dict(cfg=cfg, ms=t, err=err, stats=kernel_stats()))
                         if best is None or t < best["ms"]:
                             best = dict(cfg=cfg, ms=t, err=err)
                 if best:
@@ -289,6 +308,11 @@ def run_decode(args, bw, mm, results):
                       f"{best['ms'] if best else float('nan'):.3f} ms {best['cfg'] if best else ''} "
                       f"err={best['err'] if best else float('nan'):.1e} floors bytes {v['bytes_floor_ms']:.3f} "
                       f"flops {v['flop_floor_ms']:.3f} ({v['sweep_s']:.0f}s)", flush=True)
+                for tr in sorted([x for x in tried if "ms" in x], key=lambda x: x["ms"])[:6]:
+                    c2 = tr["cfg"]
+                    print(f"    {tr['ms']:.4f} ms err {tr['err']:.1e} h{c2.get('heads', 0)} T{c2['block_t']} "
+                          f"w{c2['num_warps']} st{c2['num_stages']} p{c2.get('pieces', 1)} s{c2['num_splits']}"
+                          f"{' cph' if c2.get('cos_per_head') else ''} {tr.get('stats', {}).get('fwd', '')}", flush=True)
                 del c
                 torch.cuda.empty_cache()
             ok = [v for v in variants if v["kernel"]]
@@ -323,7 +347,8 @@ def print_decode_table(rows, md=False):
         cfg = k["cfg"]
         cs = f"gs={b['gs']}, T={cfg['block_t']}, w={cfg['num_warps']}, st={cfg['num_stages']}, " \
              f"split={cfg['num_splits']}, {'T' if cfg['trans'] else 'N'}{'+tau' if cfg.get('rope_tau') else ''}" \
-             f"{', p=2' if cfg.get('pieces', 1) == 2 else ''}{', pf' if cfg.get('prefetch', True) else ''}"
+             f"{', p=2' if cfg.get('pieces', 1) == 2 else ''}{', pf' if cfg.get('prefetch', True) else ''}" \
+             f"{', heads=' + str(cfg['heads']) if cfg.get('heads') else ''}{', cph' if cfg.get('cos_per_head') else ''}"
         rat = r["ratio"] if r["ratio"] != "int8" else "0.5 int8"
         print(f"| {r['B']}x{r['S']} | {rat} | {r['dense_ms']:.3f} | {r['dense_floor_ms']:.3f} | {b['naive_ms']:.3f} | "
               f"{k['ms']:.3f} ({cs}) | {b['bytes_floor_ms']:.3f} | {b['flop_floor_ms']:.3f} | {binds} | "
@@ -429,7 +454,7 @@ def print_prefill_table(rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_decode.json"))
-    ap.add_argument("--sweep", default="quick", choices=["quick", "full", "final"])
+    ap.add_argument("--sweep", default="quick", choices=["quick", "full", "final", "heads"])
     ap.add_argument("--cases", default="", help="e.g. 16x4096,64x4096")
     ap.add_argument("--group-sizes", default="1,2,4")
     ap.add_argument("--timer", default="cudagraph", choices=["cudagraph", "events"])
@@ -450,7 +475,8 @@ def main():
         ratio = kv.pop("ratio")
         rk, rv, lat = variant_shapes(ratio if ratio == "int8" else float(ratio), gs)
         c = DecodeCase(B, S, gs, rk, rv, lat)
-        cfg = {k: (v == "1") if k in ("trans", "rope_tau", "group_fast", "prefetch") else int(v) for k, v in kv.items()}
+        cfg = {k: (v == "1") if k in ("trans", "rope_tau", "group_fast", "prefetch", "cos_per_head") else int(v)
+               for k, v in kv.items()}
         for _ in range(5):
             c.run_kernel(**cfg)
         torch.cuda.synchronize()
@@ -472,7 +498,7 @@ def main():
                 if ratio == "int8" and gs != 1:
                     continue
                 rk, rv, lat = variant_shapes(ratio, gs)
-                for kc in kernel_configs(args.sweep, gs):
+                for kc in kernel_configs(args.sweep, gs, ratio):
                     for ns in (1, 2):
                         jobs.append(("decode", gs, rk, rv, lat, dict(kc, num_splits=ns)))
         if args.no_decode:

@@ -215,6 +215,45 @@ def test_triton_matches_reference(name, seq_lens, q_lens, case_kw, call_kw, vari
     assert err < TOL, f"{name}: rel err {err:.3e}"
 
 
+# the multi-head decode kernel (_latent_decode_heads: gs == 1 float latents, one query per program)
+HEADS_CASES = [
+    ("heads4_decode", [1, 37, 70], [1, 1, 1], dict(G=4, gs=1, qpk=4, hd=32, rk=16, rv=24, bs=16),
+     dict(max_query_len=1, heads=4, block_t=16)),
+    ("heads2_split_bias", [3, 61, 90], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16, bs=5, bias=True),
+     dict(max_query_len=1, heads=2, num_splits=4, block_t=16)),
+    ("heads2_varlen_gptj_partial", [5, 40, 50, 21], [2, 1, 3, 0], dict(G=2, gs=1, qpk=3, hd=32, rk=24, rv=32, bs=16,
+                                                                      is_neox=False, rot=16),
+     dict(heads=2, block_t=16)),
+    ("heads2_pieces2", [33, 64], [1, 1], dict(G=2, gs=1, qpk=4, hd=64, rk=16, rv=16, bs=8),
+     dict(max_query_len=1, heads=2, pieces=2, block_t=32, num_splits=2)),
+    ("heads3_fp16_fp32lat_cos_per_head", [26, 19], [1, 1], dict(G=3, gs=1, qpk=1, hd=64, rk=16, rv=16, bs=16,
+                                                                lat_dtype="float32", dtype=torch.float16),
+     dict(heads=4, cos_per_head=True)),  # 3 groups: one KV head per program
+]
+if CUDA:
+    HEADS_CASES += [
+        ("gpu_heads4_llama_r05", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=16),
+         dict(max_query_len=1, heads=4)),
+        ("gpu_heads8_llama_r025_split", [2049, 513, 100], [1] * 3, dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32,
+                                                                        bs=16), dict(max_query_len=1, heads=8,
+                                                                                     num_splits=4)),
+        ("gpu_heads2_llama_varlen", [1000, 300, 517], [1, 2, 1], dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=16),
+         dict(heads=2, pieces=2, num_stages=3)),
+    ]
+
+
+@pytest.mark.parametrize("name,seq_lens,q_lens,case_kw,call_kw", HEADS_CASES, ids=[c[0] for c in HEADS_CASES])
+def test_triton_heads_kernel_matches_reference(name, seq_lens, q_lens, case_kw, call_kw):
+    tk = kernels()
+    args, _ = make_case(seq_lens, q_lens, **case_kw)
+    expect = ref_out(args)
+    out = torch.full_like(args["q"], float("nan"))
+    tk.latent_attention(**args, out=out, **call_kw)
+    assert tk.LAST_LAUNCH["kernel"] == "heads"
+    err = rel_err(out, expect)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
 def test_triton_decode_entry_and_factor_cache():
     """latent_decode with prepared factors == reference; the factor cache notices in-place weight updates."""
     tk = kernels()

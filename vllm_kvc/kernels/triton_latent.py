@@ -21,6 +21,10 @@ cores, and the per-token fp16 scales multiply the rebuilt keys (rows) and the so
 ``p @ c_v``. Other integer layouts (int4, int2, grouped scales) and layouts whose factors do not fit on chip
 raise NotImplementedError (:func:`check_supported`): callers use the reference for them.
 
+Decode at group size 1 with float latents uses :func:`_latent_decode_heads` instead (several KV heads per
+program fill the 16 rows of the score dots; B_k in blocks of 8 RoPE pairs, see :func:`_split_pairs`); the
+generic kernel serves the rest (gs > 1, int8, prefill, rope_tau, TRANS=False).
+
 Launch options (measured on an H100, benchmarks/RESULTS.md, GPU kernels): ``trans`` (scores as [BLOCK_T, rows], keys as
 the register A operand), ``pieces=2`` (rebuild in two column halves: fewer live registers), ``prefetch`` (block
 ids and int8 scales loaded one tile ahead), split-KV for small batches. ``rope_tau`` is experimental (wrong
@@ -63,6 +67,17 @@ def _bv_epilogue(u, g, tok, head, kvj, row_ok, bv_ptr, biasv_ptr, out_ptr, strid
             if HAS_BV:
                 o += tl.load(biasv_ptr + (g * GS + j) * HD + dc * DCH + dd)[None, :]
             tl.store(out_row[:, None] + dc * DCH + dd[None, :], o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _split_pairs(kk, BLOCK_T: tl.constexpr, PW: tl.constexpr):
+    """Rebuilt key columns -> (x1, x2) halves of the RoPE pairs, each [BLOCK_T, PW].
+
+    B_k's columns come in blocks of 16: (x1_8b .. x1_8b+7, x2_8b .. x2_8b+7) for pair block b. A thread of the
+    wgmma accumulator holds columns 8j + 2a + {0, 1}: x1 and x2 of pairs 8(j // 2) + 2a + {0, 1}, which is where
+    the A operand of the score dot (k-index 16c + 8h + 2a + {0, 1}) wants them, so the split needs no shuffles."""
+    k = tl.permute(tl.reshape(kk, [BLOCK_T, PW // 8, 2, 8]), (0, 1, 3, 2))
+    return tl.split(tl.reshape(k, [BLOCK_T, PW, 2]))
 
 
 @triton.jit
@@ -373,6 +388,218 @@ def _latent_attn_fwd(
                      GS, HD, RV, RV_P, DCH, HAS_BV)
 
 
+@triton.jit
+def _load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, MASKED: tl.constexpr, PW: tl.constexpr, NH: tl.constexpr):
+    """fp32 cos / sin of a tile (offsets ``cp [BLOCK_T, PW]``); the second piece (NH == 2) at +PW."""
+    if MASKED:
+        cos_a = tl.load(cos_ptr + cp, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        sin_a = tl.load(sin_ptr + cp, mask=t_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        cos_a = tl.load(cos_ptr + cp).to(tl.float32)
+        sin_a = tl.load(sin_ptr + cp).to(tl.float32)
+    cos_b = cos_a
+    sin_b = sin_a
+    if NH == 2:
+        if MASKED:
+            cos_b = tl.load(cos_ptr + PW + cp, mask=t_ok[:, None], other=0.0).to(tl.float32)
+            sin_b = tl.load(sin_ptr + PW + cp, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        else:
+            cos_b = tl.load(cos_ptr + PW + cp).to(tl.float32)
+            sin_b = tl.load(sin_ptr + PW + cp).to(tl.float32)
+    return cos_a, sin_a, cos_b, sin_b
+
+
+@triton.jit(do_not_specialize=["num_reqs", "num_splits", "zero"])
+def _latent_decode_heads(
+    q_ptr, stride_qt, stride_qh,
+    cache_ptr, stride_cb, stride_cs,
+    bt_ptr, stride_bt,
+    seq_lens_ptr, qsl_ptr, num_reqs,
+    bk_ptr, bias1_ptr, bias2_ptr,
+    cos_ptr, sin_ptr, stride_cos,
+    bv_ptr, biasv_ptr,
+    out_ptr, stride_ot, stride_oh,
+    pm_ptr, pl_ptr, pacc_ptr,
+    qk_scale, num_splits, zero,
+    G: tl.constexpr, QPK: tl.constexpr, HD: tl.constexpr,
+    RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
+    NKV: tl.constexpr, M_P: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, NH: tl.constexpr,
+    SPLIT: tl.constexpr, DCH: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
+    DIRECT: tl.constexpr, OFF64: tl.constexpr, PREFETCH: tl.constexpr, COS_PER_HEAD: tl.constexpr,
+):
+    """Single-query attention (decode) at group size 1 for NKV KV heads per program.
+
+    The NKV * QPK query heads of the program fill the rows of the score tile ``s [BLOCK_T, M_P]`` (instead of
+    padding QPK rows to 16): each KV head's rebuilt, RoPE'd keys are scored against all M_P query rows with the
+    same two dots, and ``tl.where`` keeps the columns of that head's own query heads. The cos/sin rows and the
+    block ids of a tile are read once for the NKV heads; the value latents of the NKV heads (contiguous in the
+    row) are one ``[BLOCK_T, NKV * RV_P]`` load, and ``acc [NKV * RV_P, M_P] += c_v^T p`` accumulates all
+    (head, row) pairs, of which the epilogue keeps the diagonal blocks (a masked ``u @ B_v`` over the stacked
+    B_v of the NKV heads). DIRECT: program pid serves request pid, whose single query is token pid; otherwise
+    program pid serves query token pid (one query per program: varlen batches of decode-like requests),
+    causal over keys <= its position.
+    """
+    HALF: tl.constexpr = HD // 2
+    PW: tl.constexpr = HALF // NH
+    NV: tl.constexpr = NKV * RV_P
+    DT = bk_ptr.dtype.element_ty
+
+    pid = tl.program_id(0)
+    g0 = tl.program_id(1) * NKV
+    sp = tl.program_id(2)
+    if DIRECT:
+        r = pid
+        seq_len = tl.load(seq_lens_ptr + r)
+        kv_end = seq_len
+    else:  # the request of token pid: largest r with qsl[r] <= pid
+        lo = num_reqs * 0
+        hi = num_reqs - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            ok = tl.load(qsl_ptr + mid) <= pid
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        r = lo
+        seq_len = tl.load(seq_lens_ptr + r)
+        kv_end = seq_len - tl.load(qsl_ptr + r + 1) + pid + 1  # causal: keys up to the query's position
+    tok = pid
+    n_tiles = tl.cdiv(kv_end, BLOCK_T)
+    per_split = tl.cdiv(n_tiles, num_splits)
+    t_begin = sp * per_split * BLOCK_T
+    t_stop = tl.minimum(kv_end, t_begin + per_split * BLOCK_T)
+    t_mid = t_begin + (tl.maximum(t_stop - t_begin, 0) // BLOCK_T) * BLOCK_T  # full tiles: no masks
+
+    rows = tl.arange(0, M_P)
+    hrow = rows // QPK  # KV head (within the program) of each query row
+    row_ok = rows < NKV * QPK
+    head = g0 * QPK + rows
+    q_row = q_ptr + tok.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+    dp = tl.arange(0, PW)
+    dc = tl.arange(0, 2 * PW)
+    cr = tl.arange(0, RK_P)
+    cvv = tl.arange(0, NV)
+    tt = tl.arange(0, BLOCK_T)
+    bt_row = bt_ptr + r.to(tl.int64) * stride_bt
+    v_col = G * RK + (g0 + cvv // RV_P) * RV + cvv % RV_P  # value latents of the NKV heads
+    v_ok = (cvv % RV_P) < RV
+
+    q1t_a = tl.trans(tl.load(q_row[:, None] + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+    q2t_a = tl.trans(tl.load(q_row[:, None] + HALF + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+    if NH == 2:
+        q1t_b = tl.trans(tl.load(q_row[:, None] + PW + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+        q2t_b = tl.trans(tl.load(q_row[:, None] + HALF + PW + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+
+    m_i = tl.full([M_P], -1.0e30, tl.float32)
+    l_i = tl.zeros([M_P], tl.float32)
+    acc = tl.zeros([NV, M_P], tl.float32)
+
+    for phase in tl.static_range(2):
+        if phase == 1:
+            lo_t = t_mid
+            hi_t = t_stop
+        else:
+            lo_t = t_begin
+            hi_t = t_mid
+        if PREFETCH:
+            tn = lo_t + tt
+            blk_nxt = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
+        for t0 in range(lo_t, hi_t, BLOCK_T):
+            t = t0 + tt
+            if PREFETCH:
+                blk = blk_nxt
+                tn = t + BLOCK_T
+                blk_nxt = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
+            if phase == 1:
+                t_ok = t < t_stop
+                if not PREFETCH:
+                    blk = tl.load(bt_row + t // BS, mask=t_ok, other=0)
+            else:
+                t_ok = tt < BLOCK_T
+                if not PREFETCH:
+                    blk = tl.load(bt_row + t // BS)
+            if OFF64:
+                row_off = blk.to(tl.int64) * stride_cb + (t % BS).to(tl.int64) * stride_cs
+            else:
+                row_off = blk * stride_cb + (t % BS) * stride_cs
+            cp = t[:, None] * stride_cos + dp[None, :]
+            if not COS_PER_HEAD:  # cos / sin of the tile's positions, shared by the NKV heads
+                cos_a, sin_a, cos_b, sin_b = _load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, phase == 1, PW, NH)
+            s = tl.zeros([BLOCK_T, M_P], tl.float32)
+            for h in tl.static_range(NKV):
+                cptr = cache_ptr + row_off[:, None] + (g0 + h) * RK + cr[None, :]
+                if (phase == 1) or (RK != RK_P):
+                    ck = tl.load(cptr, mask=t_ok[:, None] & (cr < RK)[None, :], other=0.0)
+                else:
+                    ck = tl.load(cptr)
+                ck = ck.to(DT)
+                sh = tl.zeros([BLOCK_T, M_P], tl.float32)
+                for hp in tl.static_range(NH):
+                    bi = tl.load(bk_ptr + ((g0 + h) * RK + cr[:, None]) * HD + hp * 2 * PW + dc[None, :],
+                                 mask=(cr < RK)[:, None], other=0.0)
+                    kk = tl.dot(ck, bi)
+                    k1, k2 = _split_pairs(kk, BLOCK_T, PW)
+                    if COS_PER_HEAD and (hp == 0):  # re-read per head, after the rebuild (``h * zero`` keeps the
+                        # compiler from merging the reads, so the fp32 copies need not stay live across heads)
+                        cos_a, sin_a, cos_b, sin_b = _load_cos_sin(cos_ptr, sin_ptr, cp + h * zero, t_ok,
+                                                                   phase == 1, PW, NH)
+                    if HAS_BK:
+                        k1 += tl.load(bias1_ptr + (g0 + h) * HALF + hp * PW + dp)[None, :]
+                        k2 += tl.load(bias2_ptr + (g0 + h) * HALF + hp * PW + dp)[None, :]
+                    if hp == 0:
+                        cosv = cos_a
+                        sinv = sin_a
+                        q1t = q1t_a
+                        q2t = q2t_a
+                    else:
+                        cosv = cos_b
+                        sinv = sin_b
+                        q1t = q1t_b
+                        q2t = q2t_b
+                    r1 = (k1 * cosv - k2 * sinv).to(DT)
+                    r2 = (k2 * cosv + k1 * sinv).to(DT)
+                    sh = tl.dot(r1, q1t, sh)
+                    sh = tl.dot(r2, q2t, sh)
+                s = tl.where((hrow == h)[None, :], sh, s)
+
+            vptr = cache_ptr + row_off[:, None] + v_col[None, :]
+            if (phase == 1) or (RV_P != RV):
+                vv = tl.load(vptr, mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+            else:
+                vv = tl.load(vptr)
+            vv = vv.to(DT)
+            if phase == 1:
+                s = tl.where(t_ok[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0) * qk_scale)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s * qk_scale - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha[None, :]
+            acc = tl.dot(tl.trans(vv), p.to(DT), acc)
+            m_i = m_new
+
+    acc_t = tl.trans(acc)  # [M_P, NV]; row i's own values sit in columns hrow[i] * RV_P ...
+    diag = ((cvv // RV_P)[None, :] == hrow[:, None]) & row_ok[:, None]
+    if SPLIT:
+        base = (tok.to(tl.int64) * (G * QPK) + head) * num_splits + sp
+        tl.store(pm_ptr + base, m_i, mask=row_ok)
+        tl.store(pl_ptr + base, l_i, mask=row_ok)
+        tl.store(pacc_ptr + base[:, None] * RV_P + (cvv[None, :] - (hrow * RV_P)[:, None]), acc_t, mask=diag)
+    else:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        u = tl.where(diag, acc_t / l_safe[:, None], 0.0).to(DT)
+        dd = tl.arange(0, DCH)
+        out_row = out_ptr + tok.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+        bv_row = bv_ptr + ((g0 + cvv // RV_P) * RV + cvv % RV_P) * HD
+        for dch in tl.static_range(HD // DCH):
+            bvt = tl.load(bv_row[:, None] + dch * DCH + dd[None, :], mask=v_ok[:, None], other=0.0)
+            o = tl.dot(u, bvt)
+            if HAS_BV:
+                o += tl.load(biasv_ptr + (g0 + hrow)[:, None] * HD + dch * DCH + dd[None, :],
+                             mask=row_ok[:, None], other=0.0)
+            tl.store(out_row[:, None] + dch * DCH + dd[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _latent_reduce(
     pm_ptr, pl_ptr, pacc_ptr, bv_ptr, biasv_ptr, out_ptr, stride_ot, stride_oh, num_splits,
@@ -440,6 +667,7 @@ class LatentFactors:
     cos: torch.Tensor  # [max(max_pos, 256), hd/2]; 1 / 0 for dims that are not rotated
     sin: torch.Tensor
     perm: torch.Tensor | None  # head-dim permutation applied to q (None: identity)
+    bk_blk: torch.Tensor | None = None  # B_k in blocks of 8 RoPE pairs, for _latent_decode_heads (_split_pairs)
 
 
 def prepare_factors(layout: LatentLayout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox: bool = True,
@@ -455,7 +683,10 @@ def prepare_factors(layout: LatentLayout, b_k, b_v, bias_k, bias_v, cos_sin_cach
     if perm is not None:
         permt = torch.tensor(perm, device=dev)
         bk = bk.index_select(-1, permt)
-    # [G, rk, gs, (x1 half | x2 half)] -> [G, gs, rk, (x1_0, x2_0, x1_1, x2_1, ...)]
+    # generic kernel: [G, rk, gs, (x1 half | x2 half)] -> [G, gs, rk, (x1_0, x2_0, x1_1, x2_1, ...)]
+    # multi-head kernel: -> [G, gs, rk, (x1_0..x1_7, x2_0..x2_7, x1_8..x1_15, x2_8..x2_15, ...)] (_split_pairs)
+    bk_blk = (bk.reshape(G, rk, gs, 2, half // 8, 8).permute(0, 2, 1, 4, 3, 5).reshape(G, gs, rk, hd).to(dtype)
+              .contiguous())
     bk = bk.reshape(G, rk, gs, 2, half).permute(0, 2, 1, 4, 3).reshape(G, gs, rk, hd).to(dtype).contiguous()
     bias1 = bias2 = None
     if bias_k is not None:
@@ -478,7 +709,7 @@ def prepare_factors(layout: LatentLayout, b_k, b_v, bias_k, bias_v, cos_sin_cach
         cos, sin = torch.cat([cos, pad]), torch.cat([sin, pad])
     if cos.stride(1) != 1 or sin.stride(0) != cos.stride(0):
         cos, sin = cos.contiguous(), sin.contiguous()
-    return LatentFactors(layout, dtype, bk, bias1, bias2, bv, bvb, cos, sin, None if perm is None else permt)
+    return LatentFactors(layout, dtype, bk, bias1, bias2, bv, bvb, cos, sin, None if perm is None else permt, bk_blk)
 
 
 _FACTOR_CACHE: dict = {}
@@ -596,6 +827,8 @@ def _launch(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, se
     else:
         pm = pl = pacc = dummy
     grid = (G, n_grid0, num_splits) if group_fast else (n_grid0, G, num_splits)
+    LAST_LAUNCH.clear()
+    LAST_LAUNCH["kernel"] = "generic"
     LAST_LAUNCH["fwd"] = _latent_attn_fwd[grid](
         q, q.stride(0), q.stride(1),
         kv_cache, kv_cache.stride(0), kv_cache.stride(1),
@@ -622,11 +855,111 @@ def _launch(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, se
     return out
 
 
-def decode_defaults(layout: LatentLayout) -> dict:
-    """Launch options measured best on an H100 (benchmarks/RESULTS.md, GPU kernels): 64-token KV tiles, 4 warps; small
-    ranks rebuild the keys in two column pieces (fewer live registers, more programs per SM)."""
+def heads_supported(layout: LatentLayout, hq: int) -> bool:
+    """Layouts that :func:`_latent_decode_heads` serves: group size 1, float latents, rank_v <= 256."""
+    return (layout.group_size == 1 and not layout.quantized and hq % layout.num_kv_heads == 0
+            and _next_pow2(layout.rank_v) <= 256 and max(16, _next_pow2(layout.rank_k)) <= 256)
+
+
+def _pick_nkv(layout: LatentLayout, qpk: int, nkv: int) -> int:
+    """KV heads per program: the largest power of two <= nkv that divides the group count."""
+    n = 1
+    while n * 2 <= nkv and layout.groups % (n * 2) == 0:
+        n *= 2
+    return n
+
+
+def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, pm, pl, pacc, dummy, scale,
+                      num_splits, G, qpk, hd, layout, rk_p, rv_p, nkv, block_t, pieces, direct, prefetch,
+                      cos_per_head, num_warps, num_stages):
+    dch = hd
+    while nkv * rv_p * dch > 128 * 128 and dch > 16:
+        dch //= 2
+    m_p = max(16, _next_pow2(nkv * qpk))
+    LAST_LAUNCH["fwd"] = _latent_decode_heads[(n_prog, G // nkv, num_splits)](
+        q, q.stride(0), q.stride(1),
+        kv_cache, kv_cache.stride(0), kv_cache.stride(1),
+        block_table, block_table.stride(0),
+        seq_lens, qsl, seq_lens.shape[0],
+        f.bk_blk, f.bias1 if f.bias1 is not None else dummy, f.bias2 if f.bias2 is not None else dummy,
+        f.cos, f.sin, f.cos.stride(0),
+        f.bv, f.bias_v if f.bias_v is not None else dummy,
+        out, out.stride(0), out.stride(1),
+        pm, pl, pacc,
+        float(scale) * LOG2E, num_splits, 0,
+        G=G, QPK=qpk, HD=hd, RK=layout.rank_k, RK_P=rk_p, RV=layout.rank_v, RV_P=rv_p, NKV=nkv, M_P=m_p,
+        BS=kv_cache.shape[1], BLOCK_T=block_t, NH=pieces, SPLIT=num_splits > 1, DCH=dch,
+        HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct,
+        OFF64=kv_cache.shape[0] * kv_cache.stride(0) >= 2 ** 31 or "off64" in _DEBUG, PREFETCH=prefetch,
+        COS_PER_HEAD=cos_per_head, num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, seq_lens, qsl, n_prog, direct,
+                  scale, out, num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head=False):
+    """Launch :func:`_latent_decode_heads` (one query per program, NKV KV heads; gs == 1, float latents)."""
+    n_tok, hq, hd = q.shape
+    G = layout.groups
+    qpk = hq // layout.num_kv_heads
+    nkv = _pick_nkv(layout, qpk, nkv)
+    if f.perm is not None:
+        q = q.index_select(-1, f.perm)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty(n_tok, hq, hd, dtype=q.dtype, device=q.device)
+    assert out.stride(-1) == 1
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache rows must be contiguous")
+    if n_tok == 0:
+        return out
+    rk_p = max(16, _next_pow2(layout.rank_k))
+    rv_p = max(16, _next_pow2(layout.rank_v))
+    if hd // 2 // pieces < 16:
+        pieces = 1
+    dummy = f.bk
+    if num_splits > 1:
+        pm = torch.empty(n_tok, hq, num_splits, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(n_tok, hq, num_splits, rv_p, dtype=torch.float32, device=q.device)
+    else:
+        pm = pl = pacc = dummy
+    LAST_LAUNCH.clear()
+    LAST_LAUNCH["kernel"] = "heads"
+    while True:  # OutOfResources is raised when compiling, before anything runs: retry with fewer stages / heads
+        try:
+            _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, pm, pl, pacc, dummy, scale,
+                              num_splits, G, qpk, hd, layout, rk_p, rv_p, nkv, block_t, pieces, direct, prefetch,
+                              cos_per_head, num_warps, num_stages)
+            break
+        except OutOfResources:
+            if num_stages > 2:
+                num_stages -= 1
+            elif nkv > 1:
+                nkv //= 2
+            else:
+                raise
+    if num_splits > 1:
+        rdch = hd
+        while rv_p * rdch > 128 * 128 and rdch > 16:
+            rdch //= 2
+        LAST_LAUNCH["reduce"] = _latent_reduce[(n_tok, G)](
+            pm, pl, pacc, f.bv, f.bias_v if f.bias_v is not None else dummy, out, out.stride(0), out.stride(1),
+            num_splits, G=G, GS=1, QPK=qpk, HD=hd, RV=layout.rank_v, RV_P=rv_p, M_P=max(16, _next_pow2(qpk)),
+            DCH=rdch, HAS_BV=f.bias_v is not None, num_warps=4,
+        )
+    return out
+
+
+def decode_defaults(layout: LatentLayout, hq: int | None = None) -> dict:
+    """Launch options measured best on an H100 (benchmarks/RESULTS.md, GPU kernels). ``heads`` > 0: the
+    multi-head decode kernel (:func:`_latent_decode_heads`, gs == 1 float latents) with that many KV heads per
+    program; otherwise the generic kernel: 64-token KV tiles, 4 warps; small ranks rebuild the keys in two column
+    pieces (fewer live registers, more programs per SM)."""
+    if hq is not None and heads_supported(layout, hq):  # 1 KV head per program at rank 64, 2 at rank <= 32
+        return dict(heads=2 if layout.rank_k <= 32 else 1, block_t=64, num_warps=4, num_stages=3, pieces=1)
     small = layout.rank_k <= 32 and layout.head_dim >= 64
-    return dict(block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1)
+    return dict(heads=0, block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1)
 
 
 def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout, block_table: torch.Tensor,
@@ -634,18 +967,26 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
                   *, num_splits: int | None = None, block_t: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, rank_chunk: int | None = None, max_seq_len: int | None = None,
                   trans: bool = True, rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False,
-                  prefetch: bool = True) -> torch.Tensor:
+                  prefetch: bool = True, heads: int | None = None, cos_per_head: bool = False) -> torch.Tensor:
     """Decode fast entry: ``q [R, Hq, hd]`` holds exactly one query (the last token) of each of the R requests.
 
-    Without host synchronisation; ``max_seq_len`` (host int, optional) only sharpens the split-KV choice."""
+    Without host synchronisation; ``max_seq_len`` (host int, optional) only sharpens the split-KV choice.
+    ``heads``: KV heads per program of the multi-head kernel (0: the generic kernel; None: the default)."""
     R = q.shape[0]
-    d = decode_defaults(layout)
+    use_heads = trans and not rope_tau and heads_supported(layout, q.shape[1]) and heads != 0
+    d = decode_defaults(layout, q.shape[1] if use_heads else None)
     block_t = block_t or d["block_t"]
     num_warps = num_warps or d["num_warps"]
     num_stages = num_stages or d["num_stages"]
     pieces = pieces or d["pieces"]
+    max_ctx = max_seq_len or block_table.shape[1] * kv_cache.shape[1]
+    if use_heads:
+        nkv = _pick_nkv(layout, q.shape[1] // layout.num_kv_heads, heads or d["heads"])
+        if num_splits is None:
+            num_splits = default_splits(R * (layout.groups // nkv), max_ctx, block_t, q.device)
+        return _launch_heads(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, R, True, scale, out,
+                             num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head)
     if num_splits is None:
-        max_ctx = max_seq_len or block_table.shape[1] * kv_cache.shape[1]
         num_splits = default_splits(R * layout.groups, max_ctx, block_t, q.device)
     return _launch(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, seq_lens, R, 1, True, scale,
                    out, num_splits, block_t, num_warps, num_stages, rank_chunk, trans, rope_tau, pieces,
@@ -660,6 +1001,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      num_splits: int | None = None, block_q: int | None = None, block_t: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None, trans: bool = True,
                      rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False, prefetch: bool = True,
+                     heads: int | None = None, cos_per_head: bool = False,
                      factors: LatentFactors | None = None) -> torch.Tensor:
     """Varlen causal attention over latent paged KV; same arguments and result as the reference.
 
@@ -676,10 +1018,21 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     if max_query_len == 1 and n_tok == R:
         return latent_decode(q, kv_cache, layout, block_table, seq_lens, factors, scale, out,
                              num_splits=num_splits, block_t=block_t, num_warps=num_warps,
-                             num_stages=num_stages, pieces=pieces, **opts)
+                             num_stages=num_stages, pieces=pieces, heads=heads, cos_per_head=cos_per_head, **opts)
+    decode_like = (max_query_len == 1) if max_query_len is not None else n_tok <= 2 * R
+    if (decode_like and block_q in (None, 1) and trans and not rope_tau and heads != 0
+            and heads_supported(layout, q.shape[1])):  # one query per program, several KV heads
+        d = decode_defaults(layout, q.shape[1])
+        nkv = _pick_nkv(layout, q.shape[1] // layout.num_kv_heads, heads or d["heads"])
+        block_t = block_t or d["block_t"]
+        if num_splits is None:
+            num_splits = default_splits(n_tok * (layout.groups // nkv), block_table.shape[1] * kv_cache.shape[1],
+                                        block_t, q.device)
+        return _launch_heads(q, kv_cache, layout, factors, block_table, seq_lens, query_start_loc, n_tok, False,
+                             scale, out, num_splits, nkv, block_t, num_warps or d["num_warps"],
+                             num_stages or d["num_stages"], pieces or d["pieces"], prefetch, cos_per_head)
     opts["pieces"] = pieces or 1
     num_stages = num_stages or 2
-    decode_like = (max_query_len == 1) if max_query_len is not None else n_tok <= 2 * R
     if block_q is None:
         block_q = 1 if decode_like else max(1, min(16, _next_pow2(max_query_len or 16)))
         # keep the latent accumulator (rows x rank_v) within ~16K fp32 values per program (registers)
