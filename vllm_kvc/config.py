@@ -57,6 +57,8 @@ class LexicoConfig(_Strict):
     sparsity_k: int = Field(8, ge=1, le=256, description="non-zero coefficients per key vector")
     sparsity_v: int = Field(8, ge=1, le=256, description="non-zero coefficients per value vector")
     iters: int = Field(6, ge=0, le=100, description="dictionary-learning iterations over calibration K/V")
+    train_sparsity: int = Field(8, ge=1, le=256, description="sparsity the dictionaries are learned at; one "
+                                                             "dictionary serves every sparsity_k / sparsity_v")
     recent_window: int = Field(0, ge=0, description="newest tokens per sequence attended with exact K/V "
                                                      "(kept in a dense side pool); 0: every token from its code")
 
