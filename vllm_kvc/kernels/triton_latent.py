@@ -81,6 +81,22 @@ def _split_pairs(kk, BLOCK_T: tl.constexpr, PW: tl.constexpr):
 
 
 @triton.jit
+def _rope_bf16x2(k1, k2, c, s):
+    """(k1 c - k2 s, k2 c + k1 s) on bf16 pairs: two packed bf16x2 FMAs per output register (sm_90)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 n, t, z;
+        mov.b32 z, 0x80008000;
+        xor.b32 n, $3, 0x80008000;
+        fma.rn.bf16x2 t, n, $5, z;
+        fma.rn.bf16x2 $0, $2, $4, t;
+        fma.rn.bf16x2 t, $2, $5, z;
+        fma.rn.bf16x2 $1, $3, $4, t;
+        }""",
+        "=r,=r,r,r,r,r", [k1, k2, c, s], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+
+
+@triton.jit
 def _load_scale(cache_ptr, row_off, idx, t_ok, WIDTH: tl.constexpr):
     """fp16 scale number ``idx`` of int8 rows (byte offsets ``row_off``), read as two bytes (no alignment needed)."""
     p = cache_ptr + row_off + WIDTH + 2 * idx
@@ -389,24 +405,38 @@ def _latent_attn_fwd(
 
 
 @triton.jit
-def _load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, MASKED: tl.constexpr, PW: tl.constexpr, NH: tl.constexpr):
-    """fp32 cos / sin of a tile (offsets ``cp [BLOCK_T, PW]``); the second piece (NH == 2) at +PW."""
+def _load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, MASKED: tl.constexpr, PW: tl.constexpr, NH: tl.constexpr,
+                  F32: tl.constexpr = True):
+    """cos / sin of a tile (offsets ``cp [BLOCK_T, PW]``; fp32, or the table's dtype if not F32); the second piece
+    (NH == 2) at +PW."""
     if MASKED:
-        cos_a = tl.load(cos_ptr + cp, mask=t_ok[:, None], other=0.0).to(tl.float32)
-        sin_a = tl.load(sin_ptr + cp, mask=t_ok[:, None], other=0.0).to(tl.float32)
+        cos_a = tl.load(cos_ptr + cp, mask=t_ok[:, None], other=0.0)
+        sin_a = tl.load(sin_ptr + cp, mask=t_ok[:, None], other=0.0)
     else:
-        cos_a = tl.load(cos_ptr + cp).to(tl.float32)
-        sin_a = tl.load(sin_ptr + cp).to(tl.float32)
+        cos_a = tl.load(cos_ptr + cp)
+        sin_a = tl.load(sin_ptr + cp)
     cos_b = cos_a
     sin_b = sin_a
     if NH == 2:
         if MASKED:
-            cos_b = tl.load(cos_ptr + PW + cp, mask=t_ok[:, None], other=0.0).to(tl.float32)
-            sin_b = tl.load(sin_ptr + PW + cp, mask=t_ok[:, None], other=0.0).to(tl.float32)
+            cos_b = tl.load(cos_ptr + PW + cp, mask=t_ok[:, None], other=0.0)
+            sin_b = tl.load(sin_ptr + PW + cp, mask=t_ok[:, None], other=0.0)
         else:
-            cos_b = tl.load(cos_ptr + PW + cp).to(tl.float32)
-            sin_b = tl.load(sin_ptr + PW + cp).to(tl.float32)
+            cos_b = tl.load(cos_ptr + PW + cp)
+            sin_b = tl.load(sin_ptr + PW + cp)
+    if F32:
+        cos_a = cos_a.to(tl.float32)
+        sin_a = sin_a.to(tl.float32)
+        cos_b = cos_b.to(tl.float32)
+        sin_b = sin_b.to(tl.float32)
     return cos_a, sin_a, cos_b, sin_b
+
+
+@triton.jit
+def _join_pairs(r1, r2, BLOCK_T: tl.constexpr, PW: tl.constexpr):
+    """Inverse of :func:`_split_pairs`: (x1, x2) halves [BLOCK_T, PW] -> [BLOCK_T, 2 PW] in B_k's block order."""
+    k = tl.reshape(tl.join(r1, r2), [BLOCK_T, PW // 8, 8, 2])
+    return tl.reshape(tl.permute(k, (0, 1, 3, 2)), [BLOCK_T, 2 * PW])
 
 
 @triton.jit(do_not_specialize=["num_reqs", "num_splits", "zero"])
@@ -426,6 +456,7 @@ def _latent_decode_heads(
     NKV: tl.constexpr, M_P: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, NH: tl.constexpr,
     SPLIT: tl.constexpr, DCH: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
     DIRECT: tl.constexpr, OFF64: tl.constexpr, PREFETCH: tl.constexpr, COS_PER_HEAD: tl.constexpr,
+    ROPE: tl.constexpr = 0, ONE_DOT: tl.constexpr = False,
 ):
     """Single-query attention (decode) at group size 1 for NKV KV heads per program.
 
@@ -483,11 +514,22 @@ def _latent_decode_heads(
     v_col = G * RK + (g0 + cvv // RV_P) * RV + cvv % RV_P  # value latents of the NKV heads
     v_ok = (cvv % RV_P) < RV
 
-    q1t_a = tl.trans(tl.load(q_row[:, None] + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
-    q2t_a = tl.trans(tl.load(q_row[:, None] + HALF + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
-    if NH == 2:
-        q1t_b = tl.trans(tl.load(q_row[:, None] + PW + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
-        q2t_b = tl.trans(tl.load(q_row[:, None] + HALF + PW + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+    if ONE_DOT:  # q in B_k's block order (x1 of 8 pairs, x2 of the same 8 pairs, ...): one dot per piece
+        qd = (dc // 16) * 8 + dc % 8 + (dc % 16 >= 8).to(tl.int32) * HALF
+        q1t_a = tl.trans(tl.load(q_row[:, None] + qd[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+        q2t_a = q1t_a
+        q1t_b = q1t_a
+        q2t_b = q1t_a
+        if NH == 2:
+            q1t_b = tl.trans(tl.load(q_row[:, None] + PW + qd[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+            q2t_b = q1t_b
+    else:
+        q1t_a = tl.trans(tl.load(q_row[:, None] + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+        q2t_a = tl.trans(tl.load(q_row[:, None] + HALF + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+        if NH == 2:
+            q1t_b = tl.trans(tl.load(q_row[:, None] + PW + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+            q2t_b = tl.trans(tl.load(q_row[:, None] + HALF + PW + dp[None, :], mask=row_ok[:, None],
+                                     other=0.0).to(DT))
 
     m_i = tl.full([M_P], -1.0e30, tl.float32)
     l_i = tl.zeros([M_P], tl.float32)
@@ -523,7 +565,7 @@ def _latent_decode_heads(
                 row_off = blk * stride_cb + (t % BS) * stride_cs
             cp = t[:, None] * stride_cos + dp[None, :]
             if not COS_PER_HEAD:  # cos / sin of the tile's positions, shared by the NKV heads
-                cos_a, sin_a, cos_b, sin_b = _load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, phase == 1, PW, NH)
+                cos_a, sin_a, cos_b, sin_b = _load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, phase == 1, PW, NH, ROPE == 0)
             s = tl.zeros([BLOCK_T, M_P], tl.float32)
             for h in tl.static_range(NKV):
                 cptr = cache_ptr + row_off[:, None] + (g0 + h) * RK + cr[None, :]
@@ -541,7 +583,7 @@ def _latent_decode_heads(
                     if COS_PER_HEAD and (hp == 0):  # re-read per head, after the rebuild (``h * zero`` keeps the
                         # compiler from merging the reads, so the fp32 copies need not stay live across heads)
                         cos_a, sin_a, cos_b, sin_b = _load_cos_sin(cos_ptr, sin_ptr, cp + h * zero, t_ok,
-                                                                   phase == 1, PW, NH)
+                                                                   phase == 1, PW, NH, ROPE == 0)
                     if HAS_BK:
                         k1 += tl.load(bias1_ptr + (g0 + h) * HALF + hp * PW + dp)[None, :]
                         k2 += tl.load(bias2_ptr + (g0 + h) * HALF + hp * PW + dp)[None, :]
@@ -555,10 +597,16 @@ def _latent_decode_heads(
                         sinv = sin_b
                         q1t = q1t_b
                         q2t = q2t_b
-                    r1 = (k1 * cosv - k2 * sinv).to(DT)
-                    r2 = (k2 * cosv + k1 * sinv).to(DT)
-                    sh = tl.dot(r1, q1t, sh)
-                    sh = tl.dot(r2, q2t, sh)
+                    if ROPE == 1:  # packed bf16x2 math (cos / sin stay bf16)
+                        r1, r2 = _rope_bf16x2(k1.to(DT), k2.to(DT), cosv, sinv)
+                    else:
+                        r1 = (k1 * cosv - k2 * sinv).to(DT)
+                        r2 = (k2 * cosv + k1 * sinv).to(DT)
+                    if ONE_DOT:
+                        sh = tl.dot(_join_pairs(r1, r2, BLOCK_T, PW), q1t, sh)
+                    else:
+                        sh = tl.dot(r1, q1t, sh)
+                        sh = tl.dot(r2, q2t, sh)
                 s = tl.where((hrow == h)[None, :], sh, s)
 
             vptr = cache_ptr + row_off[:, None] + v_col[None, :]
@@ -871,7 +919,7 @@ def _pick_nkv(layout: LatentLayout, qpk: int, nkv: int) -> int:
 
 def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, pm, pl, pacc, dummy, scale,
                       num_splits, G, qpk, hd, layout, rk_p, rv_p, nkv, block_t, pieces, direct, prefetch,
-                      cos_per_head, num_warps, num_stages):
+                      cos_per_head, num_warps, num_stages, rope=0, one_dot=False, maxnreg=None):
     dch = hd
     while nkv * rv_p * dch > 128 * 128 and dch > 16:
         dch //= 2
@@ -891,12 +939,14 @@ def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, p
         BS=kv_cache.shape[1], BLOCK_T=block_t, NH=pieces, SPLIT=num_splits > 1, DCH=dch,
         HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct,
         OFF64=kv_cache.shape[0] * kv_cache.stride(0) >= 2 ** 31 or "off64" in _DEBUG, PREFETCH=prefetch,
-        COS_PER_HEAD=cos_per_head, num_warps=num_warps, num_stages=num_stages,
+        COS_PER_HEAD=cos_per_head, ROPE=rope, ONE_DOT=one_dot, num_warps=num_warps, num_stages=num_stages,
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
 
 
 def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, seq_lens, qsl, n_prog, direct,
-                  scale, out, num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head=False):
+                  scale, out, num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head=False,
+                  rope=0, one_dot=False, maxnreg=None):
     """Launch :func:`_latent_decode_heads` (one query per program, NKV KV heads; gs == 1, float latents)."""
     n_tok, hq, hd = q.shape
     G = layout.groups
@@ -930,7 +980,7 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
         try:
             _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, pm, pl, pacc, dummy, scale,
                               num_splits, G, qpk, hd, layout, rk_p, rv_p, nkv, block_t, pieces, direct, prefetch,
-                              cos_per_head, num_warps, num_stages)
+                              cos_per_head, num_warps, num_stages, rope, one_dot, maxnreg)
             break
         except OutOfResources:
             if num_stages > 2:
@@ -951,13 +1001,24 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
     return out
 
 
+def _rope_opts(f: LatentFactors, d: dict, rope, one_dot, maxnreg):
+    """(rope, one_dot, maxnreg) for the multi-head kernel: the packed bf16 RoPE (inline PTX) needs bf16 operands
+    and a bf16 cos/sin table, and a GPU (the interpreter cannot run inline assembly)."""
+    rope = d.get("rope", 0) if rope is None else rope
+    if rope and (_interpreting() or f.dtype != torch.bfloat16 or f.cos.dtype != torch.bfloat16):
+        rope = 0
+    one_dot = d.get("one_dot", False) if one_dot is None else one_dot
+    return rope, one_dot, d.get("maxnreg") if maxnreg is None else maxnreg
+
+
 def decode_defaults(layout: LatentLayout, hq: int | None = None) -> dict:
     """Launch options measured best on an H100 (benchmarks/RESULTS.md, GPU kernels). ``heads`` > 0: the
     multi-head decode kernel (:func:`_latent_decode_heads`, gs == 1 float latents) with that many KV heads per
     program; otherwise the generic kernel: 64-token KV tiles, 4 warps; small ranks rebuild the keys in two column
     pieces (fewer live registers, more programs per SM)."""
     if hq is not None and heads_supported(layout, hq):  # 1 KV head per program at rank 64, 2 at rank <= 32
-        return dict(heads=2 if layout.rank_k <= 32 else 1, block_t=64, num_warps=4, num_stages=3, pieces=1)
+        return dict(heads=2 if layout.rank_k <= 32 else 1, block_t=64, num_warps=4, num_stages=3, pieces=1,
+                    rope=1, one_dot=True)
     small = layout.rank_k <= 32 and layout.head_dim >= 64
     return dict(heads=0, block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1)
 
@@ -967,7 +1028,8 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
                   *, num_splits: int | None = None, block_t: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, rank_chunk: int | None = None, max_seq_len: int | None = None,
                   trans: bool = True, rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False,
-                  prefetch: bool = True, heads: int | None = None, cos_per_head: bool = False) -> torch.Tensor:
+                  prefetch: bool = True, heads: int | None = None, cos_per_head: bool = False,
+                  rope: int | None = None, one_dot: bool | None = None, maxnreg: int | None = None) -> torch.Tensor:
     """Decode fast entry: ``q [R, Hq, hd]`` holds exactly one query (the last token) of each of the R requests.
 
     Without host synchronisation; ``max_seq_len`` (host int, optional) only sharpens the split-KV choice.
@@ -985,7 +1047,8 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
         if num_splits is None:
             num_splits = default_splits(R * (layout.groups // nkv), max_ctx, block_t, q.device)
         return _launch_heads(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, R, True, scale, out,
-                             num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head)
+                             num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head,
+                             *_rope_opts(factors, d, rope, one_dot, maxnreg))
     if num_splits is None:
         num_splits = default_splits(R * layout.groups, max_ctx, block_t, q.device)
     return _launch(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, seq_lens, R, 1, True, scale,
@@ -1001,7 +1064,8 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      num_splits: int | None = None, block_q: int | None = None, block_t: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None, trans: bool = True,
                      rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False, prefetch: bool = True,
-                     heads: int | None = None, cos_per_head: bool = False,
+                     heads: int | None = None, cos_per_head: bool = False, rope: int | None = None,
+                     one_dot: bool | None = None, maxnreg: int | None = None,
                      factors: LatentFactors | None = None) -> torch.Tensor:
     """Varlen causal attention over latent paged KV; same arguments and result as the reference.
 
@@ -1018,7 +1082,8 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     if max_query_len == 1 and n_tok == R:
         return latent_decode(q, kv_cache, layout, block_table, seq_lens, factors, scale, out,
                              num_splits=num_splits, block_t=block_t, num_warps=num_warps,
-                             num_stages=num_stages, pieces=pieces, heads=heads, cos_per_head=cos_per_head, **opts)
+                             num_stages=num_stages, pieces=pieces, heads=heads, cos_per_head=cos_per_head,
+                             rope=rope, one_dot=one_dot, maxnreg=maxnreg, **opts)
     decode_like = (max_query_len == 1) if max_query_len is not None else n_tok <= 2 * R
     if (decode_like and block_q in (None, 1) and trans and not rope_tau and heads != 0
             and heads_supported(layout, q.shape[1])):  # one query per program, several KV heads
@@ -1030,7 +1095,8 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                                         block_t, q.device)
         return _launch_heads(q, kv_cache, layout, factors, block_table, seq_lens, query_start_loc, n_tok, False,
                              scale, out, num_splits, nkv, block_t, num_warps or d["num_warps"],
-                             num_stages or d["num_stages"], pieces or d["pieces"], prefetch, cos_per_head)
+                             num_stages or d["num_stages"], pieces or d["pieces"], prefetch, cos_per_head,
+                             *_rope_opts(factors, d, rope, one_dot, maxnreg))
     opts["pieces"] = pieces or 1
     num_stages = num_stages or 2
     if block_q is None:
