@@ -355,7 +355,11 @@ def test_values_schema_mirrors_deployment_config():
     pairs = [(schema, config.DeploymentConfig, "deployment"),
              (schema["properties"]["compression"], config.CompressionConfig, "deployment.compression"),
              (schema["properties"]["compression"]["properties"]["calibration"], config.CalibrationConfig,
-              "deployment.compression.calibration")]
+              "deployment.compression.calibration"),
+             (schema["properties"]["compression"]["properties"]["lexico"], config.LexicoConfig,
+              "deployment.compression.lexico"),
+             (schema["properties"]["compression"]["properties"]["pod"], config.PodConfig,
+              "deployment.compression.pod")]
     for sub, model, where in pairs:
         assert sub.get("additionalProperties") is False, f"{where}: the config model forbids unknown keys"
         assert set(sub["properties"]) == set(model.model_fields), f"{where}: schema and {model.__name__} differ"

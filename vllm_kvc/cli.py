@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kv-space", default="1")
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot")
+    b.add_argument("--methods", nargs="+", help="only these methods (prefixes: kvc-alloc, lexico, pod, quant-int4, "
+                                                "svd-whitened, ...); the uncompressed baseline always runs")
+    b.add_argument("--points", nargs="+", type=float, help="memory points (fractions of bf16), default "
+                                                           "0.5 0.35 0.25 0.2 0.15")
+    b.add_argument("--log-dir", help="keep each engine's log here")
     b.set_defaults(fn=cmd_bench)
     return p
 
