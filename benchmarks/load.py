@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/load.py [--config configs/default.yaml] [--requests 1000] [--concurrency 64]
     .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000 ...   (an already running server)
     .venv/bin/python benchmarks/load.py --config configs/smollm2-dense.yaml   (vLLM's dense KV, same load)
+    .venv/bin/python benchmarks/load.py --dtype float32 ...   (the model in float32)
 
 Starts `vllm-kvc serve` on a free loopback port unless --url is given. Every request is greedy; each distinct
 (prompt, max_tokens) pair is then asked again alone, sequentially, and the concurrent outputs are compared
@@ -105,11 +106,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def start_server(config):
+def start_server(config, dtype=None):
     port = _free_port()
-    log = open(ROOT / "benchmarks" / "results" / f"load_server_{Path(config).stem}.log", "w")
+    tag = Path(config).stem + (f"_{dtype}" if dtype else "")
+    log = open(ROOT / "benchmarks" / "results" / f"load_server_{tag}.log", "w")
+    extra = ["--", "--dtype", dtype] if dtype else []
     proc = subprocess.Popen([str(Path(sys.executable).parent / "vllm-kvc"), "serve", "--config", config,
-                             "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             "--port", str(port), *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -131,13 +134,15 @@ def main():
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--dtype", help="override the deployment's model dtype (e.g. float32: batching then changes "
+                                    "far fewer greedy choices than in bf16)")
     ap.add_argument("--out")
     a = ap.parse_args()
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
     proc = None
     url = a.url
     if url is None:
-        proc, url = start_server(a.config)
+        proc, url = start_server(a.config, a.dtype)
     try:
         jobs = workload(a.requests)
         results, wall = asyncio.run(run(url, a.model, jobs, a.concurrency))
@@ -155,7 +160,7 @@ def main():
         kvc = requests.get(url + "/v1/kv_compression", timeout=10)
         kvc = kvc.json() if kvc.status_code == 200 else {}
         summary = {
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dtype": a.dtype or "deployment's",
             "requests": len(jobs), "concurrency": a.concurrency, "failures": len(failures),
             "streaming": sum(j["stream"] for j in jobs), "chat": sum(j["chat"] for j in jobs),
             "wall_s": round(wall, 1), "requests_per_s": round(len(ok) / wall, 2),
@@ -167,7 +172,8 @@ def main():
                                                       "kv_bytes_per_token_baseline", "kv_capacity_tokens")},
             "first_failures": failures[:5],
         }
-        out = Path(a.out or f"benchmarks/results/load_{Path(a.config).stem}.json")
+        tag = Path(a.config).stem + (f"_{a.dtype}" if a.dtype else "")
+        out = Path(a.out or f"benchmarks/results/load_{tag}.json")
         out.write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary, indent=1))
         return 0 if not failures else 1

@@ -87,7 +87,7 @@ def test_lexico_eval_matches_transformers_emulation(model_dir, tmp_path):
     comp = {"method": "lexico", "lexico": {**LEXICO_SMALL, "sparsity_k": 8, "sparsity_v": 12},
             "calibration": CALIB_SMALL}
     cfg_path = tmp_path / "lexico.yaml"
-    cfg_path.write_text(yaml.safe_dump({"model": "smollm2", "engine": {"max_model_len": 2048},
+    cfg_path.write_text(yaml.safe_dump({"model": "smollm2", "engine": {"max_model_len": 2048, "enforce_eager": True},
                                         "compression": comp}))
     r = vllm_kvc("eval", "--config", str(cfg_path), "--tokens", "2048", "--json", timeout=1800)
     assert r.returncode == 0, r.stderr[-4000:]
