@@ -22,7 +22,9 @@ the menu and the best kept. Bytes never exceed the budget.
 calibration slice (all layers replaced at once, through the same emulation) within ``max_rise_pct``
 (bisection over the budget).
 
-Results are cached under ``$VLLM_KVC_CACHE/alloc`` keyed by checkpoint, calibration, settings and probe.
+Results are cached under ``$VLLM_KVC_CACHE/alloc`` keyed by checkpoint, calibration, settings and probe;
+sensitivities and allocations also by the int4/int2 quantizer version (``layout.QUANT_VERSION``: every option's
+rounding error is priced through ``layout.roundtrip``), the Fisher weights and recorded inputs are not.
 """
 from __future__ import annotations
 
@@ -209,11 +211,20 @@ def _factors(w, gs, hd, rank, cov, rotate=True):
     return a.float(), b.float()
 
 
-def sensitivity_key(model_dir: str, cfg: CompressionConfig, probe: dict) -> str:
+def _fisher_key(model_dir: str, cfg: CompressionConfig, probe: dict) -> str:
+    """Key of the Fisher weights and recorded inputs (independent of the latent quantizer)."""
     from vllm_kvc.calibrate import _key, checkpoint_fingerprint
 
     return _key(ALLOC_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(), cfg.factorization,
                 cfg.group_size, probe)
+
+
+def sensitivity_key(model_dir: str, cfg: CompressionConfig, probe: dict) -> str:
+    """Key of sensitivities and allocations: the Fisher key plus the int4/int2 quantizer version (layout.py)."""
+    from vllm_kvc.calibrate import _key
+    from vllm_kvc.layout import QUANT_VERSION
+
+    return _key(_fisher_key(model_dir, cfg, probe), "quant", QUANT_VERSION)
 
 
 def _alloc_dir() -> Path:
@@ -375,7 +386,7 @@ def measure_sensitivity(model_dir: str, cfg: CompressionConfig, probe: dict | No
         step = probe["rank_step"]
         ranks = sorted(set(list(range(step, full + 1, step)) + [full]))
         variants = [[8, 0], [4, 0], [2, 0], [8, 32], [4, 32], [2, 32]]
-        fisher, xs = _fisher(ctx, probe, path.with_suffix(".fisher.safetensors"))
+        fisher, xs = _fisher(ctx, probe, _alloc_dir() / f"sens-{_fisher_key(model_dir, cfg, probe)}.fisher.safetensors")
         log.info("allocator: Fisher weights from %d calibration tokens (%.0f s)",
                  sum(int(i.shape[1]) for i in ctx.probe.ids), time.time() - t0)
         cost = []

@@ -20,8 +20,17 @@ a key latent of ``rank_k`` values and a value latent of ``rank_v`` values. One r
 - ``"int4"``, ``"int2"``: the same row order, but the K part's ``groups * rank_k`` values are packed 2 (int4)
   or 4 (int2) per byte, little end first (value j of the part sits in byte ``j * bits // 8`` at bit
   ``(j * bits) % 8``), then the V part likewise starting at the next whole byte (the last byte of each part is
-  zero-padded). Codes are unsigned ``u`` in ``0 .. 2**bits - 1`` with the mid-rise value
-  ``(u - 2**(bits-1) + 0.5) * scale``, ``scale = absmax / 2**(bits-1)`` (error at most ``scale / 2``).
+  zero-padded). Codes are unsigned ``u`` in ``0 .. 2**bits - 1``; the value is ``table[u] * |scale|`` with one
+  of two symmetric level tables (both with outermost level 1, so ``|scale|`` is the outermost level's value),
+  picked by the sign of the fp16 scale (its sign bit is otherwise unused; quantizer version ``QUANT_VERSION``):
+  ``scale > 0``: ``GAUSS_LEVELS[bits]``, Lloyd-Max levels for ``x / absmax`` of groups of 32 Gaussian values
+  (what rotated latents mostly look like); ``scale < 0``: ``UNIFORM_LEVELS[bits]``, the uniform mid-rise grid
+  ``(u - 2**(bits-1) + 0.5) / (2**(bits-1) - 0.5)`` (better for the flatter latents that Hadamard rotations of
+  some layers give). The encoder tries both tables with a few scales ``absmax * f`` (``SCALE_FACTORS``; f < 1
+  clips the largest values) and keeps, per scale group, the candidate of least squared error, so the error
+  never exceeds that of the uniform grid with ``|scale| = absmax``: per scale group,
+  ``sum err**2 <= n * (absmax / (2**bits - 1))**2`` (n values; fp16 rounding of the scale aside). Decoding is a
+  pure function of the code and the stored scale; the bytes per row are the same as before.
 - ``"int8/int4"`` etc.: K and V integer parts of different bit widths (K first), same rules per part.
 - any integer spec with ``"@g32"`` (``quant_group`` 32): instead of one scale per head group and token, one
   scale per 32 consecutive latent values of each head group (``ceil(rank / 32)`` scales per group; the last
@@ -221,22 +230,64 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, group)
 
 
+QUANT_VERSION = 2  # int4 / int2 semantics (1: uniform mid-rise only); part of every cache key that depends on it
+# positive halves of the symmetric level tables, outermost level 1 (see the module docstring)
+_GAUSS_HALF = {  # Lloyd-Max on x / absmax of groups of 32 N(0, 1) values, divided by its outermost level
+    4: (0.0517, 0.1560, 0.2633, 0.3764, 0.4991, 0.6374, 0.7991, 1.0),
+    2: (0.2959, 1.0),
+}
+SCALE_FACTORS = {  # |scale| / absmax tried by the encoder, per table
+    4: {"gauss": (0.82, 0.87, 0.92, 0.97, 1.02), "uniform": (0.9, 0.94, 0.97, 1.0)},
+    2: {"gauss": (0.55, 0.65, 0.75, 0.9), "uniform": (0.55, 0.65, 0.75, 1.0)},
+}
+
+
+def _symmetric(half) -> torch.Tensor:
+    h = torch.tensor(half, dtype=torch.float32)
+    return torch.cat([-h.flip(0), h])
+
+
+GAUSS_LEVELS = {b: _symmetric(h) for b, h in _GAUSS_HALF.items()}
+UNIFORM_LEVELS = {b: (torch.arange(2 ** b, dtype=torch.float32) - (2 ** (b - 1) - 0.5)) / (2 ** (b - 1) - 0.5)
+                  for b in (4, 2)}
+
+
+def _nearest(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level (levels sorted ascending) of every element of y."""
+    mids = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(y, mids.to(y.device))
+
+
 def quantize(x: torch.Tensor, bits: int, group: int = 0):
     """Quantize the last dim of x [..., r] with one fp16 scale per ``group`` values (0: per vector).
 
     Returns (codes [..., r], scales [..., nscales] float32 holding exact fp16 values). 8 bits: int8 codes,
-    symmetric absmax (value = q * scale); 4 / 2 bits: unsigned codes u (uint8), value = (u - 2**(bits-1) + 0.5)
-    * scale, scale = absmax / 2**(bits-1), so the error is at most scale / 2."""
+    symmetric absmax (value = q * scale). 4 / 2 bits: unsigned codes u (uint8), value = table[u] * |scale|,
+    the table picked by the scale's sign (module docstring); per scale group the encoder keeps the least
+    squared error over both tables and the scales ``absmax * SCALE_FACTORS``."""
     r = x.shape[-1]
     xg = _grouped(x.float(), group)
     if bits == 8:
         q, s = quantize_int8(xg)
         return q.reshape(*x.shape[:-1], -1)[..., :r], s
-    half = 2 ** (bits - 1)
-    # the stored fp16 scale is rounded up (never below absmax / half), so no value is clipped beyond half a step
-    s = (xg.abs().amax(dim=-1) / half * (1 + 2 ** -10)).clamp_min(1e-6).to(torch.float16).float()
-    u = (torch.floor(xg / s[..., None]) + half).clamp_(0, 2 * half - 1).to(torch.uint8)
-    return u.reshape(*x.shape[:-1], -1)[..., :r], s
+    amax = xg.abs().amax(dim=-1).clamp_min(1e-6)
+    best_err = best_u = best_s = None
+    for sign, levels, factors in ((1.0, GAUSS_LEVELS[bits], SCALE_FACTORS[bits]["gauss"]),
+                                  (-1.0, UNIFORM_LEVELS[bits], SCALE_FACTORS[bits]["uniform"])):
+        levels = levels.to(xg.device)
+        for f in factors:
+            s = (amax * f).to(torch.float16).float()  # the stored value, so decoding uses exactly it
+            u = _nearest(xg / s[..., None], levels)
+            err = ((levels[u] * s[..., None] - xg) ** 2).sum(-1)
+            if best_err is None:
+                best_err, best_u, best_s = err, u, s * sign
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_u = torch.where(better[..., None], u, best_u)
+                best_s = torch.where(better, s * sign, best_s)
+    codes = best_u.to(torch.uint8)
+    return codes.reshape(*x.shape[:-1], -1)[..., :r], best_s
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int = 0,
@@ -244,11 +295,14 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int 
     """Inverse of ``quantize``: codes [..., r], scales [..., nscales] -> [..., r]."""
     r = codes.shape[-1]
     if bits == 8:
-        v = codes.to(torch.int8).to(out_dtype)
-    else:
-        v = codes.to(out_dtype) - (2 ** (bits - 1) - 0.5)
-    vg = _grouped(v, group)
-    return (vg * scales.to(out_dtype)[..., None]).reshape(*codes.shape[:-1], -1)[..., :r]
+        vg = _grouped(codes.to(torch.int8).to(out_dtype), group)
+        return (vg * scales.to(out_dtype)[..., None]).reshape(*codes.shape[:-1], -1)[..., :r]
+    ug = _grouped(codes.long(), group)  # zero padding decodes to some level; it is cut off below
+    s = scales.to(out_dtype)[..., None]
+    g_lv = GAUSS_LEVELS[bits].to(device=codes.device, dtype=out_dtype)
+    u_lv = UNIFORM_LEVELS[bits].to(device=codes.device, dtype=out_dtype)
+    vg = torch.where(s < 0, u_lv[ug], g_lv[ug]) * s.abs()
+    return vg.reshape(*codes.shape[:-1], -1)[..., :r]
 
 
 def roundtrip(x: torch.Tensor, dtype: str, group: int = 0) -> torch.Tensor:
