@@ -255,6 +255,7 @@ def run_bench(args) -> int:
     include = getattr(args, "methods", None)
     res = pareto(args.config, corpus=args.corpus, tokens=args.tokens, seq_len=args.seq_len,
                  kv_space_gib=args.kv_space, include=include,
+                 quality_pct=None if getattr(args, "no_quality", False) else QUALITY_BUDGET_PCT,
                  points=tuple(getattr(args, "points", None) or POINTS),
                  log_dir=Path(args.log_dir) if getattr(args, "log_dir", None) else None,
                  partial=Path(args.plot + ".partial.json") if args.plot else None)

@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--points", nargs="+", type=float, help="memory points (fractions of bf16), default "
                                                            "0.5 0.35 0.25 0.2 0.15")
     b.add_argument("--log-dir", help="keep each engine's log here")
+    b.add_argument("--no-quality", action="store_true", help="skip the quality-budget allocation (kvc-alloc-q3)")
     b.set_defaults(fn=cmd_bench)
     return p
 
