@@ -18,6 +18,26 @@ def model_dir() -> str:
     return str(ensure_default_model())
 
 
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea:",
+    "def fibonacci(n):",
+    "Explain what a KV cache is in one paragraph.",
+]
+SHARED = ("You are a careful assistant who answers questions about science, history and programming. "
+          "Answer briefly and precisely, in plain English, without lists, and say so when you are not sure "
+          "of an answer. Question: ")  # > 32 tokens: one full block shared by every prompt
+
+
+def engine_spec(model_dir, dtype="float32", comp=None, **kw):
+    """LLM kwargs for the engine tests: eager, seeded, the plugin's compression if given."""
+    e = {"model": model_dir, "dtype": dtype, "enforce_eager": True, "max_model_len": 2048, "seed": 0}
+    e.update(kw)
+    if comp is not None:
+        e["additional_config"] = {"kv_compression": comp}
+    return e
+
+
 def run_engine(engine: dict, prompts=None, max_tokens: int = 32, inspect: bool = False,
                kv_space_gib: str = "1", timeout: int = 900, prompts_first=None) -> dict:
     """One real vLLM engine in a child process (see engine_child.py)."""

@@ -2,30 +2,12 @@
 import json
 
 import pytest
-from conftest import run_engine, vllm_kvc
+from conftest import PROMPTS, SHARED, engine_spec as _engine, run_engine, vllm_kvc
 
 from vllm_kvc.config import CompressionConfig, load_deployment
 from vllm_kvc.plan import ModelShape, build_plan
 
 pytestmark = pytest.mark.slow
-
-PROMPTS = [
-    "The capital of France is",
-    "Write a short poem about the sea:",
-    "def fibonacci(n):",
-    "Explain what a KV cache is in one paragraph.",
-]
-SHARED = ("You are a careful assistant who answers questions about science, history and programming. "
-          "Answer briefly and precisely, in plain English, without lists, and say so when you are not sure "
-          "of an answer. Question: ")  # > 32 tokens: one full block shared by every prompt
-
-
-def _engine(model_dir, dtype="float32", comp=None, **kw):
-    e = {"model": model_dir, "dtype": dtype, "enforce_eager": True, "max_model_len": 2048, "seed": 0}
-    e.update(kw)
-    if comp is not None:
-        e["additional_config"] = {"kv_compression": comp}
-    return e
 
 
 def test_full_rank_float32_greedy_equals_baseline(model_dir):

@@ -3,36 +3,19 @@ import json
 
 import pytest
 import yaml
-from conftest import run_engine, vllm_kvc
+from conftest import PROMPTS, SHARED, engine_spec as _engine, run_engine, vllm_kvc
 
 from vllm_kvc.config import CompressionConfig
 from vllm_kvc.plan import ModelShape, build_plan
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "The capital of France is",
-    "Write a short poem about the sea:",
-    "def fibonacci(n):",
-    "Explain what a KV cache is in one paragraph.",
-]
-SHARED = ("You are a careful assistant who answers questions about science, history and programming. "
-          "Answer briefly and precisely, in plain English, without lists, and say so when you are not sure "
-          "of an answer. Question: ")
 # tiny cache and batches: requests are chunked, hit the prefix cache and preempt each other
 STRESS = dict(block_size=32, num_gpu_blocks_override=8, max_model_len=160, max_num_batched_tokens=32,
               max_num_seqs=4, enable_prefix_caching=True, enable_chunked_prefill=True, disable_log_stats=False)
 POD_GROUPS = [[0, 1], [2, 3, 4], [5], [6, 7]] + [[i, i + 1] for i in range(8, 30, 2)]
 LEXICO_SMALL = {"atoms": 256, "iters": 2}
 CALIB_SMALL = {"tokens": 4096}
-
-
-def _engine(model_dir, dtype="float32", comp=None, **kw):
-    e = {"model": model_dir, "dtype": dtype, "enforce_eager": True, "max_model_len": 2048, "seed": 0}
-    e.update(kw)
-    if comp is not None:
-        e["additional_config"] = {"kv_compression": comp}
-    return e
 
 
 @pytest.fixture(scope="module")
