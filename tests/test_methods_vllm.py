@@ -70,8 +70,9 @@ def test_lexico_eval_matches_transformers_emulation(model_dir, tmp_path):
     comp = {"method": "lexico", "lexico": {**LEXICO_SMALL, "sparsity_k": 8, "sparsity_v": 12},
             "calibration": CALIB_SMALL}
     cfg_path = tmp_path / "lexico.yaml"
-    cfg_path.write_text(yaml.safe_dump({"model": "smollm2", "engine": {"max_model_len": 2048, "enforce_eager": True},
-                                        "compression": comp}))
+    # float32 on both sides: OMP's atom choices are discontinuous, so bf16 rounding of K/V alone moves ppl by ~2%
+    engine = {"max_model_len": 2048, "enforce_eager": True, "dtype": "float32"}
+    cfg_path.write_text(yaml.safe_dump({"model": "smollm2", "engine": engine, "compression": comp}))
     r = vllm_kvc("eval", "--config", str(cfg_path), "--tokens", "2048", "--json", timeout=1800)
     assert r.returncode == 0, r.stderr[-4000:]
     row = json.loads(r.stdout)
@@ -93,7 +94,7 @@ def test_lexico_eval_matches_transformers_emulation(model_dir, tmp_path):
                 return (k if which == "k" else v).reshape(out.shape).to(out.dtype)
             proj.register_forward_hook(hook)
     emu = perplexity(model, eval_chunks(model_dir, "default", 2048, 1024))
-    assert abs(row["ppl"] / emu - 1) < 0.02, (row["ppl"], emu)
+    assert abs(row["ppl"] / emu - 1) < 0.01, (row["ppl"], emu)
     assert row["ppl"] > row["ppl_baseline"]
 
 
