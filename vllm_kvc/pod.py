@@ -478,6 +478,8 @@ def build_pod_plan(model_dir: str, cfg: CompressionConfig) -> PodPlan:
     plan = PodPlan(groups, pc.window, pc.sinks)
     total = groups_score(score, groups)
     out = similarity_path(model_dir, cfg).with_suffix(f".f{followers}.json")
+    if out.exists():  # the record of these very groups (same key, same followers): written once, not per lookup
+        return plan
     record = dict(plan.to_json(), followers=followers, max_group=pc.max_group, score_sum=total,
                   scores={str(m): float(score[g[0], m]) for g in groups for m in g[1:]})
     tmp = out.with_suffix(".partial")
