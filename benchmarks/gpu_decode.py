@@ -70,10 +70,15 @@ def measure_ceilings():
     return bw, flops
 
 
+def rope_inv_freq(rot=HD, base=500000.0):
+    """vLLM's RotaryEmbedding._compute_inv_freq (fp32)."""
+    return (1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float) / rot)).to(DEV)
+
+
 def rope_cache(max_pos, rot=HD, base=500000.0):
-    inv = 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
-    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
-    return torch.cat([ang.cos(), ang.sin()], -1).to(torch.bfloat16).to(DEV)  # vLLM keeps it in the model dtype
+    """vLLM's cos/sin table: fp32 angles t * inv_freq, kept in the model dtype."""
+    ang = torch.arange(max_pos, dtype=torch.float, device=DEV)[:, None] * rope_inv_freq(rot, base)[None, :]
+    return torch.cat([ang.cos(), ang.sin()], -1).to(torch.bfloat16)
 
 
 def rel(a, b):
@@ -102,7 +107,9 @@ class DecodeCase:
         self.seq_lens = torch.full((B,), S, dtype=torch.int32, device=DEV)
         self.cs = rope_cache(S + 1)
         self.scale = HD ** -0.5
-        self.factors = tk.prepare_factors(L, self.b_k, self.b_v, None, None, self.cs, True, tk._compute_dtype(self.q))
+        self.factors = tk.prepare_factors(L, self.b_k, self.b_v, None, None, self.cs, True, tk._compute_dtype(self.q),
+                                          rope_inv_freq())
+        assert self.factors.inv_freq is not None
         del ck, cv
 
     # --- costs
@@ -198,6 +205,8 @@ def kernel_configs(sweep: str, gs: int, ratio=None):
         else:
             grid = HEADS_FINAL
         heads = [dict(zip(hk, c), trans=True, prefetch=True) for c in grid]
+        if sweep == "final":  # cos / sin computed in the kernel vs read from the table, explicitly
+            heads += [dict(zip(hk, c), trans=True, prefetch=True, angles=a) for c in grid[:2] for a in (True, False)]
     return generic + heads
 
 
@@ -312,7 +321,7 @@ def run_decode(args, bw, mm, results):
                     c2 = tr["cfg"]
                     print(f"    {tr['ms']:.4f} ms err {tr['err']:.1e} h{c2.get('heads', 0)} T{c2['block_t']} "
                           f"w{c2['num_warps']} st{c2['num_stages']} p{c2.get('pieces', 1)} s{c2['num_splits']}"
-                          f"{' cph' if c2.get('cos_per_head') else ''} {tr.get('stats', {}).get('fwd', '')}", flush=True)
+                          f"{' cph' if c2.get('cos_per_head') else ''}{' angles=' + str(c2['angles']) if 'angles' in c2 else ''} {tr.get('stats', {}).get('fwd', '')}", flush=True)
                 del c
                 torch.cuda.empty_cache()
             ok = [v for v in variants if v["kernel"]]
@@ -348,7 +357,8 @@ def print_decode_table(rows, md=False):
         cs = f"gs={b['gs']}, T={cfg['block_t']}, w={cfg['num_warps']}, st={cfg['num_stages']}, " \
              f"split={cfg['num_splits']}, {'T' if cfg['trans'] else 'N'}{'+tau' if cfg.get('rope_tau') else ''}" \
              f"{', p=2' if cfg.get('pieces', 1) == 2 else ''}{', pf' if cfg.get('prefetch', True) else ''}" \
-             f"{', heads=' + str(cfg['heads']) if cfg.get('heads') else ''}{', cph' if cfg.get('cos_per_head') else ''}"
+             f"{', heads=' + str(cfg['heads']) if cfg.get('heads') else ''}{', cph' if cfg.get('cos_per_head') else ''}" \
+             f"{'' if 'angles' not in cfg else (', angles' if cfg['angles'] else ', table')}"
         rat = r["ratio"] if r["ratio"] != "int8" else "0.5 int8"
         print(f"| {r['B']}x{r['S']} | {rat} | {r['dense_ms']:.3f} | {r['dense_floor_ms']:.3f} | {b['naive_ms']:.3f} | "
               f"{k['ms']:.3f} ({cs}) | {b['bytes_floor_ms']:.3f} | {b['flop_floor_ms']:.3f} | {binds} | "

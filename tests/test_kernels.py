@@ -34,6 +34,11 @@ def rope_cache(max_pos: int, rot: int, base: float = 10000.0, dtype=torch.float3
     return torch.cat([ang.cos(), ang.sin()], -1).to(dtype)
 
 
+def rope_inv_freq(rot: int, base: float = 10000.0) -> torch.Tensor:
+    """vLLM's inverse frequencies (fp32)."""
+    return 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float) / rot)
+
+
 def rope_complex(x: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, is_neox: bool) -> torch.Tensor:
     """Independent RoPE (complex multiply) for checking the reference: x [T, H, hd] float64."""
     rot = cache.shape[-1]
@@ -229,6 +234,13 @@ HEADS_CASES = [
     ("heads3_fp16_fp32lat_cos_per_head", [26, 19], [1, 1], dict(G=3, gs=1, qpk=1, hd=64, rk=16, rv=16, bs=16,
                                                                 lat_dtype="float32", dtype=torch.float16),
      dict(heads=4, cos_per_head=True)),  # 3 groups: one KV head per program
+    # cos / sin computed in the kernel from positions and inv_freq (no table tiles)
+    ("angles_heads2_split_bias", [3, 61, 90], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16, bs=5,
+                                                               bias=True),
+     dict(max_query_len=1, heads=2, num_splits=4, block_t=16, angles=True)),
+    ("angles_heads2_varlen_gptj_partial", [5, 40, 50, 21], [2, 1, 3, 0], dict(G=2, gs=1, qpk=3, hd=32, rk=24,
+                                                                             rv=32, bs=16, is_neox=False, rot=16),
+     dict(heads=2, block_t=16, angles=True)),
 ]
 if CUDA:
     HEADS_CASES += [
@@ -239,6 +251,11 @@ if CUDA:
                                                                                      num_splits=4)),
         ("gpu_heads2_llama_varlen", [1000, 300, 517], [1, 2, 1], dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=16),
          dict(heads=2, pieces=2, num_stages=3)),
+        ("gpu_angles_llama_r05_long", [16384, 1, 9001], [1] * 3, dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64,
+                                                                     bs=16), dict(max_query_len=1, angles=True)),
+        ("gpu_angles_heads2_llama_r025_split", [4097, 513, 100], [1] * 3, dict(G=8, gs=1, qpk=4, hd=128, rk=32,
+                                                                              rv=32, bs=16),
+         dict(max_query_len=1, heads=2, num_splits=4, angles=True)),
     ]
 
 
@@ -248,10 +265,33 @@ def test_triton_heads_kernel_matches_reference(name, seq_lens, q_lens, case_kw, 
     args, _ = make_case(seq_lens, q_lens, **case_kw)
     expect = ref_out(args)
     out = torch.full_like(args["q"], float("nan"))
+    if call_kw.get("angles"):
+        call_kw = dict(call_kw, inv_freq=rope_inv_freq(args["cos_sin_cache"].shape[-1]).to(DEV))
     tk.latent_attention(**args, out=out, **call_kw)
     assert tk.LAST_LAUNCH["kernel"] == "heads"
+    assert tk.LAST_LAUNCH["angles"] == bool(call_kw.get("angles"))
     err = rel_err(out, expect)
     assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
+def test_angles_match_only_plain_tables():
+    """The kernels compute cos / sin from inv_freq only where that reproduces the table: plain and partial RoPE
+    yes; a magnitude-scaled (YaRN) or position-scaled (linear) table, or the wrong frequencies, no."""
+    tk = kernels()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for rot in (32, 16):
+            inv = rope_inv_freq(rot)
+            cs = rope_cache(5000, rot, dtype=dtype)
+            assert tk.angles_match(cs, inv), (dtype, rot)
+            assert not tk.angles_match((cs.float() * 1.07).to(dtype), inv)  # YaRN mscale
+            t = torch.arange(5000, dtype=torch.float)[:, None] / 2.0  # linear scaling: t / factor
+            assert not tk.angles_match(torch.cat([(t * inv).cos(), (t * inv).sin()], -1).to(dtype), inv)
+            assert not tk.angles_match(cs, rope_inv_freq(rot, base=500000.0))
+            assert not tk.angles_match(cs, inv[:-1])
+    args, _ = make_case([9], [1], G=1, gs=1, qpk=1, hd=32, rk=16, rv=16, bs=4, rot=16)
+    f = tk.prepare_factors(args["layout"], args["b_k"], args["b_v"], None, None, args["cos_sin_cache"], True,
+                           inv_freq=rope_inv_freq(16))
+    assert f.inv_freq.tolist() == rope_inv_freq(16).tolist() + [0.0] * 8  # dims not rotated: angle 0
 
 
 def test_triton_decode_entry_and_factor_cache():

@@ -146,7 +146,8 @@ class LatentAttentionImpl(AttentionImpl[LatentMetadata]):
                     self._triton.latent_attention(
                         q, cache, layout, attn_metadata.block_table, attn_metadata.seq_lens,
                         attn_metadata.query_start_loc, layer.b_k, layer.b_v, layer.bias_k, layer.bias_v,
-                        layer.cos_sin_cache, self.scale, layer.is_neox, out=output[:n])
+                        layer.cos_sin_cache, self.scale, layer.is_neox, out=output[:n],
+                        inv_freq=getattr(layer, "inv_freq", None))
                     return output
                 except NotImplementedError:  # a layout the kernels do not read (e.g. int4): reference path
                     pass

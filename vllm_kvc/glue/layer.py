@@ -25,6 +25,18 @@ from vllm_kvc.glue.backend import LatentAttentionBackend
 from vllm_kvc.layout import LatentLayout
 
 
+def _rope_inv_freq(rotary_emb, dev: torch.device) -> torch.Tensor | None:
+    """The rotary embedding's fp32 inverse frequencies, for the GPU decode kernel's in-kernel cos / sin (None on
+    CPU or where the embedding does not expose them). The kernels use them only where they reproduce
+    ``cos_sin_cache`` (``triton_latent.angles_match``): scaled variants (YaRN, linear) keep reading the table."""
+    if dev.type != "cuda" or not hasattr(rotary_emb, "_compute_inv_freq"):
+        return None
+    try:
+        return rotary_emb._compute_inv_freq(rotary_emb.base).float().to(dev)
+    except Exception:  # noqa: BLE001 (a variant with another signature: the table path is always correct)
+        return None
+
+
 class RowAttention(Attention):
     """A vLLM attention layer whose KV cache holds one row of ``row_bytes`` per token (any codec), computed by
     the latent backend. Subclasses of other methods define ``kvc_attend`` (see backend.py)."""
@@ -72,7 +84,7 @@ class LatentAttention(RowAttention):
                          cache_config=cache_config, prefix=prefix)
         self.layout = layout
         # filled by LatentSelfAttention.finalize() once weights are loaded
-        self.b_k = self.b_v = self.bias_k = self.bias_v = self.cos_sin_cache = None
+        self.b_k = self.b_v = self.bias_k = self.bias_v = self.cos_sin_cache = self.inv_freq = None
         self.is_neox = True
 
 
@@ -185,6 +197,7 @@ class LatentSelfAttention(nn.Module):
         cs = self.rotary_emb.cos_sin_cache
         attn.cos_sin_cache = cs.float().to(dev) if dev.type == "cpu" else cs.to(dev)
         attn.is_neox = bool(getattr(self.rotary_emb, "is_neox_style", True))
+        attn.inv_freq = _rope_inv_freq(self.rotary_emb, dev)
         del self.qkv_proj
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -433,6 +433,42 @@ def _load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, MASKED: tl.constexpr, PW: tl.const
 
 
 @triton.jit
+def _cos_sin_approx(x):
+    """(cos x, sin x) in fp32 with the special function unit (``cos/sin.approx``, sm_90; absolute error ~1e-6 in
+    -pi..pi, growing as ~|x| * 6e-8 beyond: below the bf16 rounding of the cos/sin table up to |x| ~ 1e5)."""
+    return tl.inline_asm_elementwise("cos.approx.ftz.f32 $0, $2;\n\tsin.approx.ftz.f32 $1, $2;", "=r,=r,r", [x],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _angle_cos_sin(t, invf_ptr, dp, PW: tl.constexpr, NH: tl.constexpr, ROPE: tl.constexpr):
+    """cos / sin of a tile computed from the positions ``t`` and the inverse frequencies (fp32 angles, the same
+    single multiply as vLLM's table; bf16 results if ROPE == 1, where the special-function approximations are
+    used): no table rows in the pipeline's shared memory. The second piece (NH == 2) at +PW."""
+    tf = t.to(tl.float32)[:, None]
+    ang_a = tf * tl.load(invf_ptr + dp)[None, :]
+    if ROPE == 1:
+        cos_a, sin_a = _cos_sin_approx(ang_a)
+        cos_a = cos_a.to(tl.bfloat16)
+        sin_a = sin_a.to(tl.bfloat16)
+    else:
+        cos_a = tl.cos(ang_a)
+        sin_a = tl.sin(ang_a)
+    cos_b = cos_a
+    sin_b = sin_a
+    if NH == 2:
+        ang_b = tf * tl.load(invf_ptr + PW + dp)[None, :]
+        if ROPE == 1:
+            cos_b, sin_b = _cos_sin_approx(ang_b)
+            cos_b = cos_b.to(tl.bfloat16)
+            sin_b = sin_b.to(tl.bfloat16)
+        else:
+            cos_b = tl.cos(ang_b)
+            sin_b = tl.sin(ang_b)
+    return cos_a, sin_a, cos_b, sin_b
+
+
+@triton.jit
 def _join_pairs(r1, r2, BLOCK_T: tl.constexpr, PW: tl.constexpr):
     """Inverse of :func:`_split_pairs`: (x1, x2) halves [BLOCK_T, PW] -> [BLOCK_T, 2 PW] in B_k's block order."""
     k = tl.reshape(tl.join(r1, r2), [BLOCK_T, PW // 8, 8, 2])
@@ -446,7 +482,7 @@ def _latent_decode_heads(
     bt_ptr, stride_bt,
     seq_lens_ptr, qsl_ptr, num_reqs,
     bk_ptr, bias1_ptr, bias2_ptr,
-    cos_ptr, sin_ptr, stride_cos,
+    cos_ptr, sin_ptr, stride_cos, invf_ptr,
     bv_ptr, biasv_ptr,
     out_ptr, stride_ot, stride_oh,
     pm_ptr, pl_ptr, pacc_ptr,
@@ -456,7 +492,7 @@ def _latent_decode_heads(
     NKV: tl.constexpr, M_P: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, NH: tl.constexpr,
     SPLIT: tl.constexpr, DCH: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
     DIRECT: tl.constexpr, OFF64: tl.constexpr, PREFETCH: tl.constexpr, COS_PER_HEAD: tl.constexpr,
-    ROPE: tl.constexpr = 0, ONE_DOT: tl.constexpr = False,
+    ROPE: tl.constexpr = 0, ONE_DOT: tl.constexpr = False, ANGLES: tl.constexpr = False,
 ):
     """Single-query attention (decode) at group size 1 for NKV KV heads per program.
 
@@ -564,7 +600,9 @@ def _latent_decode_heads(
             else:
                 row_off = blk * stride_cb + (t % BS) * stride_cs
             cp = t[:, None] * stride_cos + dp[None, :]
-            if not COS_PER_HEAD:  # cos / sin of the tile's positions, shared by the NKV heads
+            if ANGLES:  # cos / sin computed from positions (no table tiles in shared memory)
+                cos_a, sin_a, cos_b, sin_b = _angle_cos_sin(t, invf_ptr, dp, PW, NH, ROPE)
+            elif not COS_PER_HEAD:  # cos / sin of the tile's positions, shared by the NKV heads
                 cos_a, sin_a, cos_b, sin_b = _load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, phase == 1, PW, NH, ROPE == 0)
             s = tl.zeros([BLOCK_T, M_P], tl.float32)
             for h in tl.static_range(NKV):
@@ -580,7 +618,7 @@ def _latent_decode_heads(
                                  mask=(cr < RK)[:, None], other=0.0)
                     kk = tl.dot(ck, bi)
                     k1, k2 = _split_pairs(kk, BLOCK_T, PW)
-                    if COS_PER_HEAD and (hp == 0):  # re-read per head, after the rebuild (``h * zero`` keeps the
+                    if COS_PER_HEAD and (hp == 0) and (not ANGLES):  # re-read per head, after the rebuild (``h * zero`` keeps the
                         # compiler from merging the reads, so the fp32 copies need not stay live across heads)
                         cos_a, sin_a, cos_b, sin_b = _load_cos_sin(cos_ptr, sin_ptr, cp + h * zero, t_ok,
                                                                    phase == 1, PW, NH, ROPE == 0)
@@ -716,10 +754,26 @@ class LatentFactors:
     sin: torch.Tensor
     perm: torch.Tensor | None  # head-dim permutation applied to q (None: identity)
     bk_blk: torch.Tensor | None = None  # B_k in blocks of 8 RoPE pairs, for _latent_decode_heads (_split_pairs)
+    inv_freq: torch.Tensor | None = None  # [hd/2] fp32 (0 for dims not rotated) if it reproduces the cos/sin table
+
+
+def angles_match(cos_sin_cache: torch.Tensor, inv_freq: torch.Tensor) -> bool:
+    """Whether ``cos / sin(t * inv_freq)`` (fp32 angles, as vLLM builds the table) reproduce the table at every
+    position, within the table dtype's rounding (checked on the first 1024 positions, where fp32 angles are exact
+    to ~1e-4 however the table was computed). False for tables that are not a plain function of t * inv_freq
+    (YaRN's magnitude scale, linear position scaling, other frequencies): the kernels then read the table."""
+    rot = cos_sin_cache.shape[-1]
+    if inv_freq is None or inv_freq.numel() != rot // 2 or not cos_sin_cache.dtype.is_floating_point:
+        return False
+    cs = cos_sin_cache[:1024].float()
+    t = torch.arange(cs.shape[0], dtype=torch.float32, device=cs.device)
+    ang = t[:, None] * inv_freq.to(cs.device, torch.float32)[None, :]
+    tol = max(torch.finfo(cos_sin_cache.dtype).eps, 1e-4)
+    return bool((torch.cat([ang.cos(), ang.sin()], -1) - cs).abs().max() <= tol)
 
 
 def prepare_factors(layout: LatentLayout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox: bool = True,
-                    dtype: torch.dtype = torch.bfloat16) -> LatentFactors:
+                    dtype: torch.dtype = torch.bfloat16, inv_freq: torch.Tensor | None = None) -> LatentFactors:
     G, gs, hd, rk, rv = layout.groups, layout.group_size, layout.head_dim, layout.rank_k, layout.rank_v
     if hd % 2 or hd & (hd - 1) or hd < 32:
         raise ValueError(f"head_dim={hd}: the kernels need a power of two >= 32")
@@ -757,7 +811,12 @@ def prepare_factors(layout: LatentLayout, b_k, b_v, bias_k, bias_v, cos_sin_cach
         cos, sin = torch.cat([cos, pad]), torch.cat([sin, pad])
     if cos.stride(1) != 1 or sin.stride(0) != cos.stride(0):
         cos, sin = cos.contiguous(), sin.contiguous()
-    return LatentFactors(layout, dtype, bk, bias1, bias2, bv, bvb, cos, sin, None if perm is None else permt, bk_blk)
+    invf = None
+    if inv_freq is not None and angles_match(cos_sin_cache, inv_freq):  # dims not rotated: angle 0 (cos 1, sin 0)
+        invf = torch.zeros(half, dtype=torch.float32, device=dev)
+        invf[: rot // 2] = inv_freq.to(dev, torch.float32)
+    return LatentFactors(layout, dtype, bk, bias1, bias2, bv, bvb, cos, sin, None if perm is None else permt, bk_blk,
+                         invf)
 
 
 _FACTOR_CACHE: dict = {}
@@ -769,10 +828,10 @@ def _tkey(t):
     return (id(t), t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
 
 
-def cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dtype) -> LatentFactors:
+def cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dtype, inv_freq=None) -> LatentFactors:
     """prepare_factors, memoised per (tensor identity, version): weak references guard against a freed tensor's
     address and id being reused by a new one; in-place updates bump ``_version``."""
-    ts = (b_k, b_v, bias_k, bias_v, cos_sin_cache)
+    ts = (b_k, b_v, bias_k, bias_v, cos_sin_cache, inv_freq)
     key = (layout, is_neox, dtype) + tuple(_tkey(t) for t in ts)
     hit = _FACTOR_CACHE.get(key)
     if hit is not None:
@@ -781,7 +840,7 @@ def cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dty
             return f
     if len(_FACTOR_CACHE) > 256:
         _FACTOR_CACHE.clear()
-    f = prepare_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dtype)
+    f = prepare_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dtype, inv_freq)
     _FACTOR_CACHE[key] = (tuple(None if t is None else weakref.ref(t) for t in ts), f)
     return f
 
@@ -919,7 +978,7 @@ def _pick_nkv(layout: LatentLayout, qpk: int, nkv: int) -> int:
 
 def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, pm, pl, pacc, dummy, scale,
                       num_splits, G, qpk, hd, layout, rk_p, rv_p, nkv, block_t, pieces, direct, prefetch,
-                      cos_per_head, num_warps, num_stages, rope=0, one_dot=False, maxnreg=None):
+                      cos_per_head, num_warps, num_stages, rope=0, one_dot=False, maxnreg=None, angles=False):
     dch = hd
     while nkv * rv_p * dch > 128 * 128 and dch > 16:
         dch //= 2
@@ -930,7 +989,7 @@ def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, p
         block_table, block_table.stride(0),
         seq_lens, qsl, seq_lens.shape[0],
         f.bk_blk, f.bias1 if f.bias1 is not None else dummy, f.bias2 if f.bias2 is not None else dummy,
-        f.cos, f.sin, f.cos.stride(0),
+        f.cos, f.sin, f.cos.stride(0), f.inv_freq if angles else dummy,
         f.bv, f.bias_v if f.bias_v is not None else dummy,
         out, out.stride(0), out.stride(1),
         pm, pl, pacc,
@@ -939,14 +998,15 @@ def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, p
         BS=kv_cache.shape[1], BLOCK_T=block_t, NH=pieces, SPLIT=num_splits > 1, DCH=dch,
         HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct,
         OFF64=kv_cache.shape[0] * kv_cache.stride(0) >= 2 ** 31 or "off64" in _DEBUG, PREFETCH=prefetch,
-        COS_PER_HEAD=cos_per_head, ROPE=rope, ONE_DOT=one_dot, num_warps=num_warps, num_stages=num_stages,
+        COS_PER_HEAD=cos_per_head, ROPE=rope, ONE_DOT=one_dot, ANGLES=angles, num_warps=num_warps,
+        num_stages=num_stages,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
 
 
 def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, seq_lens, qsl, n_prog, direct,
                   scale, out, num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head=False,
-                  rope=0, one_dot=False, maxnreg=None):
+                  rope=0, one_dot=False, maxnreg=None, angles=False):
     """Launch :func:`_latent_decode_heads` (one query per program, NKV KV heads; gs == 1, float latents)."""
     n_tok, hq, hd = q.shape
     G = layout.groups
@@ -976,11 +1036,12 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
         pm = pl = pacc = dummy
     LAST_LAUNCH.clear()
     LAST_LAUNCH["kernel"] = "heads"
+    LAST_LAUNCH["angles"] = angles
     while True:  # OutOfResources is raised when compiling, before anything runs: retry with fewer stages / heads
         try:
             _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, pm, pl, pacc, dummy, scale,
                               num_splits, G, qpk, hd, layout, rk_p, rv_p, nkv, block_t, pieces, direct, prefetch,
-                              cos_per_head, num_warps, num_stages, rope, one_dot, maxnreg)
+                              cos_per_head, num_warps, num_stages, rope, one_dot, maxnreg, angles)
             break
         except OutOfResources:
             if num_stages > 2:
@@ -1001,24 +1062,29 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
     return out
 
 
-def _rope_opts(f: LatentFactors, d: dict, rope, one_dot, maxnreg):
-    """(rope, one_dot, maxnreg) for the multi-head kernel: the packed bf16 RoPE (inline PTX) needs bf16 operands
-    and a bf16 cos/sin table, and a GPU (the interpreter cannot run inline assembly)."""
+def _rope_opts(f: LatentFactors, d: dict, rope, one_dot, maxnreg, angles):
+    """(rope, one_dot, maxnreg, angles) for the multi-head kernel: the packed bf16 RoPE (inline PTX) needs bf16
+    operands, a GPU (the interpreter cannot run inline assembly) and bf16 cos/sin (the table's, or computed:
+    ``angles``, which needs the factors' inv_freq)."""
+    angles = d.get("angles", False) if angles is None else angles
+    angles = bool(angles) and f.inv_freq is not None
     rope = d.get("rope", 0) if rope is None else rope
-    if rope and (_interpreting() or f.dtype != torch.bfloat16 or f.cos.dtype != torch.bfloat16):
+    if rope and (_interpreting() or f.dtype != torch.bfloat16 or (f.cos.dtype != torch.bfloat16 and not angles)):
         rope = 0
     one_dot = d.get("one_dot", False) if one_dot is None else one_dot
-    return rope, one_dot, d.get("maxnreg") if maxnreg is None else maxnreg
+    return rope, one_dot, d.get("maxnreg") if maxnreg is None else maxnreg, angles
 
 
 def decode_defaults(layout: LatentLayout, hq: int | None = None) -> dict:
     """Launch options measured best on an H100 (benchmarks/RESULTS.md, GPU kernels). ``heads`` > 0: the
     multi-head decode kernel (:func:`_latent_decode_heads`, gs == 1 float latents) with that many KV heads per
     program; otherwise the generic kernel: 64-token KV tiles, 4 warps; small ranks rebuild the keys in two column
-    pieces (fewer live registers, more programs per SM)."""
+    pieces (fewer live registers, more programs per SM). ``angles``: cos / sin computed in the kernel (where the
+    factors carry inv_freq), measured 1-3% faster with one KV head per program and 7% slower with two."""
     if hq is not None and heads_supported(layout, hq):  # 1 KV head per program at rank 64, 2 at rank <= 32
-        return dict(heads=2 if layout.rank_k <= 32 else 1, block_t=64, num_warps=4, num_stages=3, pieces=1,
-                    rope=1, one_dot=True)
+        two = layout.rank_k <= 32
+        return dict(heads=2 if two else 1, block_t=64, num_warps=4, num_stages=3, pieces=1, rope=1, one_dot=True,
+                    angles=not two)
     small = layout.rank_k <= 32 and layout.head_dim >= 64
     return dict(heads=0, block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1)
 
@@ -1029,7 +1095,8 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
                   num_stages: int | None = None, rank_chunk: int | None = None, max_seq_len: int | None = None,
                   trans: bool = True, rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False,
                   prefetch: bool = True, heads: int | None = None, cos_per_head: bool = False,
-                  rope: int | None = None, one_dot: bool | None = None, maxnreg: int | None = None) -> torch.Tensor:
+                  rope: int | None = None, one_dot: bool | None = None, maxnreg: int | None = None,
+                  angles: bool | None = None) -> torch.Tensor:
     """Decode fast entry: ``q [R, Hq, hd]`` holds exactly one query (the last token) of each of the R requests.
 
     Without host synchronisation; ``max_seq_len`` (host int, optional) only sharpens the split-KV choice.
@@ -1048,7 +1115,7 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
             num_splits = default_splits(R * (layout.groups // nkv), max_ctx, block_t, q.device)
         return _launch_heads(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, R, True, scale, out,
                              num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head,
-                             *_rope_opts(factors, d, rope, one_dot, maxnreg))
+                             *_rope_opts(factors, d, rope, one_dot, maxnreg, angles))
     if num_splits is None:
         num_splits = default_splits(R * layout.groups, max_ctx, block_t, q.device)
     return _launch(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, seq_lens, R, 1, True, scale,
@@ -1065,25 +1132,28 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      num_warps: int | None = None, num_stages: int | None = None, trans: bool = True,
                      rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False, prefetch: bool = True,
                      heads: int | None = None, cos_per_head: bool = False, rope: int | None = None,
-                     one_dot: bool | None = None, maxnreg: int | None = None,
-                     factors: LatentFactors | None = None) -> torch.Tensor:
+                     one_dot: bool | None = None, maxnreg: int | None = None, angles: bool | None = None,
+                     inv_freq: torch.Tensor | None = None, factors: LatentFactors | None = None) -> torch.Tensor:
     """Varlen causal attention over latent paged KV; same arguments and result as the reference.
 
     No host synchronisation: tiling is chosen from host-known sizes (``max_query_len`` if given, else the token
-    and request counts). Factors are rearranged once and cached per (tensor, version). The keyword-only launch
+    and request counts). Factors are rearranged once and cached per (tensor, version). ``inv_freq`` (optional,
+    the rotary embedding's fp32 inverse frequencies) lets the decode kernel compute cos / sin itself instead of
+    reading table rows, where it reproduces ``cos_sin_cache`` (:func:`angles_match`). The keyword-only launch
     options exist for tuning (benchmarks/gpu_decode.py); the defaults are the measured best on an H100.
     """
     check_supported(layout)
     n_tok = q.shape[0]
     R = seq_lens.shape[0]
     if factors is None:
-        factors = cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, _compute_dtype(q))
+        factors = cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, _compute_dtype(q),
+                                 inv_freq)
     opts = dict(trans=trans, rope_tau=rope_tau, group_fast=group_fast, prefetch=prefetch)
     if max_query_len == 1 and n_tok == R:
         return latent_decode(q, kv_cache, layout, block_table, seq_lens, factors, scale, out,
                              num_splits=num_splits, block_t=block_t, num_warps=num_warps,
                              num_stages=num_stages, pieces=pieces, heads=heads, cos_per_head=cos_per_head,
-                             rope=rope, one_dot=one_dot, maxnreg=maxnreg, **opts)
+                             rope=rope, one_dot=one_dot, maxnreg=maxnreg, angles=angles, **opts)
     decode_like = (max_query_len == 1) if max_query_len is not None else n_tok <= 2 * R
     if (decode_like and block_q in (None, 1) and trans and not rope_tau and heads != 0
             and heads_supported(layout, q.shape[1])):  # one query per program, several KV heads
@@ -1096,7 +1166,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
         return _launch_heads(q, kv_cache, layout, factors, block_table, seq_lens, query_start_loc, n_tok, False,
                              scale, out, num_splits, nkv, block_t, num_warps or d["num_warps"],
                              num_stages or d["num_stages"], pieces or d["pieces"], prefetch, cos_per_head,
-                             *_rope_opts(factors, d, rope, one_dot, maxnreg))
+                             *_rope_opts(factors, d, rope, one_dot, maxnreg, angles))
     opts["pieces"] = pieces or 1
     num_stages = num_stages or 2
     if block_q is None:
