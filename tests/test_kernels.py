@@ -241,6 +241,12 @@ HEADS_CASES = [
     ("angles_heads2_varlen_gptj_partial", [5, 40, 50, 21], [2, 1, 3, 0], dict(G=2, gs=1, qpk=3, hd=32, rk=24,
                                                                              rv=32, bs=16, is_neox=False, rot=16),
      dict(heads=2, block_t=16, angles=True)),
+    ("late_sum_heads2_split_bias", [3, 61, 90], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16, bs=5,
+                                                                 bias=True),
+     dict(max_query_len=1, heads=2, num_splits=4, block_t=16, late_sum=True)),
+    ("late_sum_heads2_split_varlen", [3, 61, 90, 40], [1, 1, 2, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16,
+                                                                          bs=5),
+     dict(heads=2, num_splits=2, block_t=16, late_sum=True)),
 ]
 if CUDA:
     HEADS_CASES += [
@@ -256,6 +262,10 @@ if CUDA:
         ("gpu_angles_heads2_llama_r025_split", [4097, 513, 100], [1] * 3, dict(G=8, gs=1, qpk=4, hd=128, rk=32,
                                                                               rv=32, bs=16),
          dict(max_query_len=1, heads=2, num_splits=4, angles=True)),
+        ("gpu_late_sum_llama_r05", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64,
+                                                                      bs=16), dict(max_query_len=1, late_sum=True)),
+        ("gpu_late_sum_llama_r025", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32,
+                                                                       bs=16), dict(max_query_len=1, late_sum=True)),
     ]
 
 

@@ -493,6 +493,7 @@ def _latent_decode_heads(
     SPLIT: tl.constexpr, DCH: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
     DIRECT: tl.constexpr, OFF64: tl.constexpr, PREFETCH: tl.constexpr, COS_PER_HEAD: tl.constexpr,
     ROPE: tl.constexpr = 0, ONE_DOT: tl.constexpr = False, ANGLES: tl.constexpr = False,
+    LATE_SUM: tl.constexpr = False,
 ):
     """Single-query attention (decode) at group size 1 for NKV KV heads per program.
 
@@ -569,6 +570,7 @@ def _latent_decode_heads(
 
     m_i = tl.full([M_P], -1.0e30, tl.float32)
     l_i = tl.zeros([M_P], tl.float32)
+    l_t = tl.zeros([BLOCK_T, M_P], tl.float32)  # LATE_SUM: per-token partial sums, reduced once after the loop
     acc = tl.zeros([NV, M_P], tl.float32)
 
     for phase in tl.static_range(2):
@@ -658,11 +660,16 @@ def _latent_decode_heads(
             m_new = tl.maximum(m_i, tl.max(s, 0) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s * qk_scale - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
+            if LATE_SUM:  # no cross-warp reduction per tile
+                l_t = l_t * alpha[None, :] + p
+            else:
+                l_i = l_i * alpha + tl.sum(p, 0)
             acc = acc * alpha[None, :]
             acc = tl.dot(tl.trans(vv), p.to(DT), acc)
             m_i = m_new
 
+    if LATE_SUM:
+        l_i = tl.sum(l_t, 0)
     acc_t = tl.trans(acc)  # [M_P, NV]; row i's own values sit in columns hrow[i] * RV_P ...
     diag = ((cvv // RV_P)[None, :] == hrow[:, None]) & row_ok[:, None]
     if SPLIT:
@@ -978,7 +985,8 @@ def _pick_nkv(layout: LatentLayout, qpk: int, nkv: int) -> int:
 
 def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, pm, pl, pacc, dummy, scale,
                       num_splits, G, qpk, hd, layout, rk_p, rv_p, nkv, block_t, pieces, direct, prefetch,
-                      cos_per_head, num_warps, num_stages, rope=0, one_dot=False, maxnreg=None, angles=False):
+                      cos_per_head, num_warps, num_stages, rope=0, one_dot=False, maxnreg=None, angles=False,
+                      late_sum=False):
     dch = hd
     while nkv * rv_p * dch > 128 * 128 and dch > 16:
         dch //= 2
@@ -998,7 +1006,7 @@ def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, p
         BS=kv_cache.shape[1], BLOCK_T=block_t, NH=pieces, SPLIT=num_splits > 1, DCH=dch,
         HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct,
         OFF64=kv_cache.shape[0] * kv_cache.stride(0) >= 2 ** 31 or "off64" in _DEBUG, PREFETCH=prefetch,
-        COS_PER_HEAD=cos_per_head, ROPE=rope, ONE_DOT=one_dot, ANGLES=angles, num_warps=num_warps,
+        COS_PER_HEAD=cos_per_head, ROPE=rope, ONE_DOT=one_dot, ANGLES=angles, LATE_SUM=late_sum, num_warps=num_warps,
         num_stages=num_stages,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
@@ -1006,7 +1014,7 @@ def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, p
 
 def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, seq_lens, qsl, n_prog, direct,
                   scale, out, num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head=False,
-                  rope=0, one_dot=False, maxnreg=None, angles=False):
+                  rope=0, one_dot=False, maxnreg=None, angles=False, late_sum=False):
     """Launch :func:`_latent_decode_heads` (one query per program, NKV KV heads; gs == 1, float latents)."""
     n_tok, hq, hd = q.shape
     G = layout.groups
@@ -1041,7 +1049,7 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
         try:
             _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, pm, pl, pacc, dummy, scale,
                               num_splits, G, qpk, hd, layout, rk_p, rv_p, nkv, block_t, pieces, direct, prefetch,
-                              cos_per_head, num_warps, num_stages, rope, one_dot, maxnreg, angles)
+                              cos_per_head, num_warps, num_stages, rope, one_dot, maxnreg, angles, late_sum)
             break
         except OutOfResources:
             if num_stages > 2:
@@ -1080,11 +1088,13 @@ def decode_defaults(layout: LatentLayout, hq: int | None = None) -> dict:
     multi-head decode kernel (:func:`_latent_decode_heads`, gs == 1 float latents) with that many KV heads per
     program; otherwise the generic kernel: 64-token KV tiles, 4 warps; small ranks rebuild the keys in two column
     pieces (fewer live registers, more programs per SM). ``angles``: cos / sin computed in the kernel (where the
-    factors carry inv_freq), measured 1-3% faster with one KV head per program and 7% slower with two."""
+    factors carry inv_freq), measured 1-3% faster with one KV head per program and 7% slower with two.
+    ``late_sum``: the softmax denominators are summed per token and reduced once after the loop (one cross-warp
+    reduction per tile fewer; 3-4% faster)."""
     if hq is not None and heads_supported(layout, hq):  # 1 KV head per program at rank 64, 2 at rank <= 32
         two = layout.rank_k <= 32
         return dict(heads=2 if two else 1, block_t=64, num_warps=4, num_stages=3, pieces=1, rope=1, one_dot=True,
-                    angles=not two)
+                    angles=not two, late_sum=True)
     small = layout.rank_k <= 32 and layout.head_dim >= 64
     return dict(heads=0, block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1)
 
@@ -1096,7 +1106,7 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
                   trans: bool = True, rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False,
                   prefetch: bool = True, heads: int | None = None, cos_per_head: bool = False,
                   rope: int | None = None, one_dot: bool | None = None, maxnreg: int | None = None,
-                  angles: bool | None = None) -> torch.Tensor:
+                  angles: bool | None = None, late_sum: bool | None = None) -> torch.Tensor:
     """Decode fast entry: ``q [R, Hq, hd]`` holds exactly one query (the last token) of each of the R requests.
 
     Without host synchronisation; ``max_seq_len`` (host int, optional) only sharpens the split-KV choice.
@@ -1115,7 +1125,8 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
             num_splits = default_splits(R * (layout.groups // nkv), max_ctx, block_t, q.device)
         return _launch_heads(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, R, True, scale, out,
                              num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head,
-                             *_rope_opts(factors, d, rope, one_dot, maxnreg, angles))
+                             *_rope_opts(factors, d, rope, one_dot, maxnreg, angles),
+                             late_sum=d.get("late_sum", False) if late_sum is None else late_sum)
     if num_splits is None:
         num_splits = default_splits(R * layout.groups, max_ctx, block_t, q.device)
     return _launch(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, seq_lens, R, 1, True, scale,
@@ -1133,7 +1144,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False, prefetch: bool = True,
                      heads: int | None = None, cos_per_head: bool = False, rope: int | None = None,
                      one_dot: bool | None = None, maxnreg: int | None = None, angles: bool | None = None,
-                     inv_freq: torch.Tensor | None = None, factors: LatentFactors | None = None) -> torch.Tensor:
+                     late_sum: bool | None = None, inv_freq: torch.Tensor | None = None, factors: LatentFactors | None = None) -> torch.Tensor:
     """Varlen causal attention over latent paged KV; same arguments and result as the reference.
 
     No host synchronisation: tiling is chosen from host-known sizes (``max_query_len`` if given, else the token
@@ -1153,7 +1164,8 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
         return latent_decode(q, kv_cache, layout, block_table, seq_lens, factors, scale, out,
                              num_splits=num_splits, block_t=block_t, num_warps=num_warps,
                              num_stages=num_stages, pieces=pieces, heads=heads, cos_per_head=cos_per_head,
-                             rope=rope, one_dot=one_dot, maxnreg=maxnreg, angles=angles, **opts)
+                             rope=rope, one_dot=one_dot, maxnreg=maxnreg, angles=angles, late_sum=late_sum,
+                             **opts)
     decode_like = (max_query_len == 1) if max_query_len is not None else n_tok <= 2 * R
     if (decode_like and block_q in (None, 1) and trans and not rope_tau and heads != 0
             and heads_supported(layout, q.shape[1])):  # one query per program, several KV heads
@@ -1166,7 +1178,8 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
         return _launch_heads(q, kv_cache, layout, factors, block_table, seq_lens, query_start_loc, n_tok, False,
                              scale, out, num_splits, nkv, block_t, num_warps or d["num_warps"],
                              num_stages or d["num_stages"], pieces or d["pieces"], prefetch, cos_per_head,
-                             *_rope_opts(factors, d, rope, one_dot, maxnreg, angles))
+                             *_rope_opts(factors, d, rope, one_dot, maxnreg, angles),
+                             late_sum=d.get("late_sum", False) if late_sum is None else late_sum)
     opts["pieces"] = pieces or 1
     num_stages = num_stages or 2
     if block_q is None:
