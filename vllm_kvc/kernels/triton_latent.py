@@ -441,30 +441,29 @@ def _cos_sin_approx(x):
 
 
 @triton.jit
+def _cos_sin_of(ang, ROPE: tl.constexpr):
+    """cos / sin of fp32 angles: the special-function approximations rounded to bf16 if ROPE == 1, else fp32."""
+    if ROPE == 1:
+        c, s = _cos_sin_approx(ang)
+        c = c.to(tl.bfloat16)
+        s = s.to(tl.bfloat16)
+    else:
+        c = tl.cos(ang)
+        s = tl.sin(ang)
+    return c, s
+
+
+@triton.jit
 def _angle_cos_sin(t, invf_ptr, dp, PW: tl.constexpr, NH: tl.constexpr, ROPE: tl.constexpr):
     """cos / sin of a tile computed from the positions ``t`` and the inverse frequencies (fp32 angles, the same
-    single multiply as vLLM's table; bf16 results if ROPE == 1, where the special-function approximations are
-    used): no table rows in the pipeline's shared memory. The second piece (NH == 2) at +PW."""
+    single multiply as vLLM's table): no table rows in the pipeline's shared memory. The second piece (NH == 2)
+    at +PW."""
     tf = t.to(tl.float32)[:, None]
-    ang_a = tf * tl.load(invf_ptr + dp)[None, :]
-    if ROPE == 1:
-        cos_a, sin_a = _cos_sin_approx(ang_a)
-        cos_a = cos_a.to(tl.bfloat16)
-        sin_a = sin_a.to(tl.bfloat16)
-    else:
-        cos_a = tl.cos(ang_a)
-        sin_a = tl.sin(ang_a)
+    cos_a, sin_a = _cos_sin_of(tf * tl.load(invf_ptr + dp)[None, :], ROPE)
     cos_b = cos_a
     sin_b = sin_a
     if NH == 2:
-        ang_b = tf * tl.load(invf_ptr + PW + dp)[None, :]
-        if ROPE == 1:
-            cos_b, sin_b = _cos_sin_approx(ang_b)
-            cos_b = cos_b.to(tl.bfloat16)
-            sin_b = sin_b.to(tl.bfloat16)
-        else:
-            cos_b = tl.cos(ang_b)
-            sin_b = tl.sin(ang_b)
+        cos_b, sin_b = _cos_sin_of(tf * tl.load(invf_ptr + PW + dp)[None, :], ROPE)
     return cos_a, sin_a, cos_b, sin_b
 
 
