@@ -97,6 +97,68 @@ def _rope_bf16x2(k1, k2, c, s):
 
 
 @triton.jit
+def _find_request(starts_ptr, num_reqs, pid):
+    """The largest r with starts[r] <= pid (binary search over a request's start offsets)."""
+    lo = num_reqs * 0
+    hi = num_reqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        ok = tl.load(starts_ptr + mid) <= pid
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _phase_tiles(phase: tl.constexpr, t_begin, t_mid, t_stop, bt_row, tt, BS: tl.constexpr, PREFETCH: tl.constexpr):
+    """KV range of a loop phase (0: the full tiles, no masks; 1: the partial last tile) and, with PREFETCH, the
+    block ids of its first tile (else a placeholder)."""
+    if phase == 1:
+        lo_t = t_mid
+        hi_t = t_stop
+    else:
+        lo_t = t_begin
+        hi_t = t_mid
+    tn = lo_t + tt
+    blk = tn
+    if PREFETCH:
+        blk = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
+    return lo_t, hi_t, blk
+
+
+@triton.jit
+def _load_tile(ptr, t_ok, col_ok, MASKED: tl.constexpr, INT8: tl.constexpr):
+    """One [tokens, columns] tile of latents (masked rows / columns read as 0; int8 bytes reinterpreted)."""
+    if MASKED:
+        x = tl.load(ptr, mask=t_ok[:, None] & col_ok[None, :], other=0)
+    else:
+        x = tl.load(ptr)
+    if INT8:
+        x = x.to(tl.int8, bitcast=True)
+    return x
+
+
+@triton.jit
+def _tile_rows(bt_row, blk, t, tt, t_stop, stride_cb, stride_cs, MASKED: tl.constexpr, PREFETCH: tl.constexpr,
+               OFF64: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(which tokens ``t`` of a KV tile exist, their cache row offsets): through the block ids ``blk`` already
+    loaded (PREFETCH) or read here from the request's block-table row; MASKED for the partial last tile."""
+    if MASKED:
+        t_ok = t < t_stop
+        if not PREFETCH:
+            blk = tl.load(bt_row + t // BS, mask=t_ok, other=0)
+    else:
+        t_ok = tt < BLOCK_T
+        if not PREFETCH:
+            blk = tl.load(bt_row + t // BS)
+    if OFF64:
+        row_off = blk.to(tl.int64) * stride_cb + (t % BS).to(tl.int64) * stride_cs
+    else:
+        row_off = blk * stride_cb + (t % BS) * stride_cs
+    return t_ok, row_off
+
+
+@triton.jit
 def _load_scale(cache_ptr, row_off, idx, t_ok, WIDTH: tl.constexpr):
     """fp16 scale number ``idx`` of int8 rows (byte offsets ``row_off``), read as two bytes (no alignment needed)."""
     p = cache_ptr + row_off + WIDTH + 2 * idx
@@ -157,14 +219,7 @@ def _latent_attn_fwd(
         total = tl.load(tile_start_ptr + num_reqs)
         if pid >= total:
             return
-        lo = num_reqs * 0
-        hi = num_reqs - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            ok = tl.load(tile_start_ptr + mid) <= pid
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        r = lo
+        r = _find_request(tile_start_ptr, num_reqs, pid)
         tile = pid - tl.load(tile_start_ptr + r)
         q_start = tl.load(qsl_ptr + r)
         q_end = tl.load(qsl_ptr + r + 1)
@@ -231,15 +286,10 @@ def _latent_attn_fwd(
         acc = tl.zeros([M_P, RV_P], tl.float32)
 
     for phase in tl.static_range(2):
-        if phase == 1:
-            lo_t = t_mid
-            hi_t = t_stop
-        else:
-            lo_t = t_begin
-            hi_t = t_mid
-        if PREFETCH:  # block ids (and int8 scales) one tile ahead: their load latency leaves the critical path
+        # block ids (and int8 scales) one tile ahead (PREFETCH): their load latency leaves the critical path
+        lo_t, hi_t, blk_nxt = _phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, PREFETCH)
+        if PREFETCH:
             tn = lo_t + tt
-            blk_nxt = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
             if INT8:
                 ro_nxt = blk_nxt.to(tl.int64) * stride_cb + (tn % BS).to(tl.int64) * stride_cs
                 sk_nxt = _load_scale(cache_ptr, ro_nxt, g, tn < hi_t, WIDTH)
@@ -256,30 +306,16 @@ def _latent_attn_fwd(
                     ro_nxt = blk_nxt.to(tl.int64) * stride_cb + (tn % BS).to(tl.int64) * stride_cs
                     sk_nxt = _load_scale(cache_ptr, ro_nxt, g, tn < hi_t, WIDTH)
                     sv_nxt = _load_scale(cache_ptr, ro_nxt, G + g, tn < hi_t, WIDTH)
-            if phase == 1:
-                t_ok = t < t_stop
-                if not PREFETCH:
-                    blk = tl.load(bt_row + t // BS, mask=t_ok, other=0)
-            else:
-                t_ok = tt < BLOCK_T
-                if not PREFETCH:
-                    blk = tl.load(bt_row + t // BS)
-            if OFF64:
-                row_off = blk.to(tl.int64) * stride_cb + (t % BS).to(tl.int64) * stride_cs
-            else:
-                row_off = blk * stride_cb + (t % BS) * stride_cs
+            if not PREFETCH:
+                blk = t
+            t_ok, row_off = _tile_rows(bt_row, blk, t, tt, t_stop, stride_cb, stride_cs, phase == 1, PREFETCH, OFF64,
+                                       BS, BLOCK_T)
             if INT8 and (not PREFETCH):
                 sk = _load_scale(cache_ptr, row_off, g, t_ok, WIDTH)
                 sv = _load_scale(cache_ptr, row_off, G + g, t_ok, WIDTH)
             if NRC == 1:  # the key latents of this tile, shared by all pieces and heads of the group
-                cptr = cache_ptr + row_off[:, None] + g * RK + cr[None, :]
-                if (phase == 1) or (RK != RCH):
-                    ck1 = tl.load(cptr, mask=t_ok[:, None] & (cr < RK)[None, :], other=0)
-                else:
-                    ck1 = tl.load(cptr)
-                if INT8:
-                    ck1 = ck1.to(tl.int8, bitcast=True)
-                ck1 = ck1.to(DT)
+                ck1 = _load_tile(cache_ptr + row_off[:, None] + g * RK + cr[None, :], t_ok, cr < RK,
+                                 (phase == 1) or (RK != RCH), INT8).to(DT)
 
             if TRANS:
                 s = tl.zeros([BLOCK_T, M_P], tl.float32)
@@ -293,12 +329,8 @@ def _latent_attn_fwd(
                         if NRC == 1:
                             ck = ck1
                         else:
-                            cmask = (c * RCH + cr) < RK
-                            ck = tl.load(cache_ptr + row_off[:, None] + (g * RK + c * RCH) + cr[None, :],
-                                         mask=t_ok[:, None] & cmask[None, :], other=0)
-                            if INT8:
-                                ck = ck.to(tl.int8, bitcast=True)
-                            ck = ck.to(DT)
+                            ck = _load_tile(cache_ptr + row_off[:, None] + (g * RK + c * RCH) + cr[None, :], t_ok,
+                                            (c * RCH + cr) < RK, True, INT8).to(DT)
                         if HOIST_B:
                             if hp == 0:
                                 bi = bih_a
@@ -356,14 +388,8 @@ def _latent_attn_fwd(
                         s = tl.dot(tl.trans(q2t), tl.trans(r2), s)
 
             s = s * qk_scale
-            vptr = cache_ptr + row_off[:, None] + (G * RK + g * RV) + cv[None, :]
-            if (phase == 1) or (RV_P != RV):
-                vv = tl.load(vptr, mask=t_ok[:, None] & (cv < RV)[None, :], other=0)
-            else:
-                vv = tl.load(vptr)
-            if INT8:
-                vv = vv.to(tl.int8, bitcast=True)
-            vv = vv.to(DT)
+            vv = _load_tile(cache_ptr + row_off[:, None] + (G * RK + g * RV) + cv[None, :], t_ok, cv < RV,
+                            (phase == 1) or (RV_P != RV), INT8).to(DT)
             if TRANS:
                 if phase == 1:
                     valid = row_ok[None, :] & (t[:, None] <= row_pos[None, :]) & t_ok[:, None]
@@ -519,14 +545,7 @@ def _latent_decode_heads(
         seq_len = tl.load(seq_lens_ptr + r)
         kv_end = seq_len
     else:  # the request of token pid: largest r with qsl[r] <= pid
-        lo = num_reqs * 0
-        hi = num_reqs - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            ok = tl.load(qsl_ptr + mid) <= pid
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        r = lo
+        r = _find_request(qsl_ptr, num_reqs, pid)
         seq_len = tl.load(seq_lens_ptr + r)
         kv_end = seq_len - tl.load(qsl_ptr + r + 1) + pid + 1  # causal: keys up to the query's position
     tok = pid
@@ -573,33 +592,17 @@ def _latent_decode_heads(
     acc = tl.zeros([NV, M_P], tl.float32)
 
     for phase in tl.static_range(2):
-        if phase == 1:
-            lo_t = t_mid
-            hi_t = t_stop
-        else:
-            lo_t = t_begin
-            hi_t = t_mid
-        if PREFETCH:
-            tn = lo_t + tt
-            blk_nxt = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
+        lo_t, hi_t, blk_nxt = _phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, PREFETCH)
         for t0 in range(lo_t, hi_t, BLOCK_T):
             t = t0 + tt
             if PREFETCH:
                 blk = blk_nxt
                 tn = t + BLOCK_T
                 blk_nxt = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
-            if phase == 1:
-                t_ok = t < t_stop
-                if not PREFETCH:
-                    blk = tl.load(bt_row + t // BS, mask=t_ok, other=0)
-            else:
-                t_ok = tt < BLOCK_T
-                if not PREFETCH:
-                    blk = tl.load(bt_row + t // BS)
-            if OFF64:
-                row_off = blk.to(tl.int64) * stride_cb + (t % BS).to(tl.int64) * stride_cs
-            else:
-                row_off = blk * stride_cb + (t % BS) * stride_cs
+            if not PREFETCH:
+                blk = t
+            t_ok, row_off = _tile_rows(bt_row, blk, t, tt, t_stop, stride_cb, stride_cs, phase == 1, PREFETCH, OFF64,
+                                       BS, BLOCK_T)
             cp = t[:, None] * stride_cos + dp[None, :]
             if ANGLES:  # cos / sin computed from positions (no table tiles in shared memory)
                 cos_a, sin_a, cos_b, sin_b = _angle_cos_sin(t, invf_ptr, dp, PW, NH, ROPE)
@@ -607,12 +610,8 @@ def _latent_decode_heads(
                 cos_a, sin_a, cos_b, sin_b = _load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, phase == 1, PW, NH, ROPE == 0)
             s = tl.zeros([BLOCK_T, M_P], tl.float32)
             for h in tl.static_range(NKV):
-                cptr = cache_ptr + row_off[:, None] + (g0 + h) * RK + cr[None, :]
-                if (phase == 1) or (RK != RK_P):
-                    ck = tl.load(cptr, mask=t_ok[:, None] & (cr < RK)[None, :], other=0.0)
-                else:
-                    ck = tl.load(cptr)
-                ck = ck.to(DT)
+                ck = _load_tile(cache_ptr + row_off[:, None] + (g0 + h) * RK + cr[None, :], t_ok, cr < RK,
+                                (phase == 1) or (RK != RK_P), False).to(DT)
                 sh = tl.zeros([BLOCK_T, M_P], tl.float32)
                 for hp in tl.static_range(NH):
                     bi = tl.load(bk_ptr + ((g0 + h) * RK + cr[:, None]) * HD + hp * 2 * PW + dc[None, :],
@@ -648,12 +647,8 @@ def _latent_decode_heads(
                         sh = tl.dot(r2, q2t, sh)
                 s = tl.where((hrow == h)[None, :], sh, s)
 
-            vptr = cache_ptr + row_off[:, None] + v_col[None, :]
-            if (phase == 1) or (RV_P != RV):
-                vv = tl.load(vptr, mask=t_ok[:, None] & v_ok[None, :], other=0.0)
-            else:
-                vv = tl.load(vptr)
-            vv = vv.to(DT)
+            vv = _load_tile(cache_ptr + row_off[:, None] + v_col[None, :], t_ok, v_ok, (phase == 1) or (RV_P != RV),
+                            False).to(DT)
             if phase == 1:
                 s = tl.where(t_ok[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0) * qk_scale)
@@ -899,6 +894,29 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def _prepare_io(q, kv_cache, f: LatentFactors, out):
+    """q in the factors' head-dim order with unit last stride, and the output buffer (allocated if None)."""
+    if f.perm is not None:
+        q = q.index_select(-1, f.perm)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.stride(-1) == 1
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache rows must be contiguous")
+    return q, out
+
+
+def _split_partials(q, num_splits: int, rv_p: int, dummy):
+    """Split-KV partials (running max, denominator, latent accumulator per split), or placeholders."""
+    if num_splits == 1:
+        return dummy, dummy, dummy
+    pm = torch.empty(q.shape[0], q.shape[1], num_splits, dtype=torch.float32, device=q.device)
+    pacc = torch.empty(q.shape[0], q.shape[1], num_splits, rv_p, dtype=torch.float32, device=q.device)
+    return pm, torch.empty_like(pm), pacc
+
+
 def _launch(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, seq_lens, qsl, tile_start,
             n_grid0, block_q, direct, scale, out, num_splits, block_t, num_warps, num_stages, rank_chunk, trans=True, rope_tau=False,
             pieces=1, group_fast=False, prefetch=True):
@@ -909,15 +927,7 @@ def _launch(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, se
         raise ValueError(f"{hq} query heads, {layout.num_kv_heads} KV heads")
     qpk = hq // layout.num_kv_heads
     hg = gs * qpk
-    if f.perm is not None:
-        q = q.index_select(-1, f.perm)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if out is None:
-        out = torch.empty(n_tok, hq, hd, dtype=q.dtype, device=q.device)
-    assert out.stride(-1) == 1
-    if kv_cache.stride(-1) != 1:
-        raise ValueError("kv_cache rows must be contiguous")
+    q, out = _prepare_io(q, kv_cache, f, out)
     check_supported(layout)
     rk_p = max(16, _next_pow2(layout.rank_k))
     rch = min(rk_p, rank_chunk or 128)
@@ -933,12 +943,7 @@ def _launch(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_table, se
     dummy = f.bk
     common = dict(G=G, GS=gs, QPK=qpk, HD=hd, RV=layout.rank_v, RV_P=rv_p, DCH=dch,
                   HAS_BV=f.bias_v is not None)
-    if num_splits > 1:
-        pm = torch.empty(n_tok, hq, num_splits, dtype=torch.float32, device=q.device)
-        pl = torch.empty_like(pm)
-        pacc = torch.empty(n_tok, hq, num_splits, rv_p, dtype=torch.float32, device=q.device)
-    else:
-        pm = pl = pacc = dummy
+    pm, pl, pacc = _split_partials(q, num_splits, rv_p, dummy)
     grid = (G, n_grid0, num_splits) if group_fast else (n_grid0, G, num_splits)
     LAST_LAUNCH.clear()
     LAST_LAUNCH["kernel"] = "generic"
@@ -1019,15 +1024,7 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
     G = layout.groups
     qpk = hq // layout.num_kv_heads
     nkv = _pick_nkv(layout, qpk, nkv)
-    if f.perm is not None:
-        q = q.index_select(-1, f.perm)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if out is None:
-        out = torch.empty(n_tok, hq, hd, dtype=q.dtype, device=q.device)
-    assert out.stride(-1) == 1
-    if kv_cache.stride(-1) != 1:
-        raise ValueError("kv_cache rows must be contiguous")
+    q, out = _prepare_io(q, kv_cache, f, out)
     if n_tok == 0:
         return out
     rk_p = max(16, _next_pow2(layout.rank_k))
@@ -1035,12 +1032,7 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
     if hd // 2 // pieces < 16:
         pieces = 1
     dummy = f.bk
-    if num_splits > 1:
-        pm = torch.empty(n_tok, hq, num_splits, dtype=torch.float32, device=q.device)
-        pl = torch.empty_like(pm)
-        pacc = torch.empty(n_tok, hq, num_splits, rv_p, dtype=torch.float32, device=q.device)
-    else:
-        pm = pl = pacc = dummy
+    pm, pl, pacc = _split_partials(q, num_splits, rv_p, dummy)
     LAST_LAUNCH.clear()
     LAST_LAUNCH["kernel"] = "heads"
     LAST_LAUNCH["angles"] = angles
