@@ -205,9 +205,10 @@ def kernel_configs(sweep: str, gs: int, ratio=None):
         else:
             grid = HEADS_FINAL
         heads = [dict(zip(hk, c), trans=True, prefetch=True) for c in grid]
-        if sweep == "final":  # cos / sin computed in the kernel vs read from the table, late vs per-tile sums
-            heads += [dict(zip(hk, c), trans=True, prefetch=True, angles=a, late_sum=ls) for c in grid[:2]
-                      for a in (True, False) for ls in (True, False)]
+        if sweep == "final":  # cos / sin computed in the kernel vs read from the table, late vs per-tile sums,
+            # first-tile vs running max
+            heads += [dict(zip(hk, c), trans=True, prefetch=True, angles=a, late_sum=ls, lazy_max=lz) for c in grid[:2]
+                      for a in (True, False) for ls, lz in ((True, True), (True, False), (False, False))]
     return generic + heads
 
 
@@ -322,7 +323,7 @@ def run_decode(args, bw, mm, results):
                     c2 = tr["cfg"]
                     print(f"    {tr['ms']:.4f} ms err {tr['err']:.1e} h{c2.get('heads', 0)} T{c2['block_t']} "
                           f"w{c2['num_warps']} st{c2['num_stages']} p{c2.get('pieces', 1)} s{c2['num_splits']}"
-                          f"{' cph' if c2.get('cos_per_head') else ''}{' angles=' + str(c2['angles']) if 'angles' in c2 else ''}{' late_sum=' + str(c2['late_sum']) if 'late_sum' in c2 else ''} {tr.get('stats', {}).get('fwd', '')}", flush=True)
+                          f"{' cph' if c2.get('cos_per_head') else ''}{' angles=' + str(c2['angles']) if 'angles' in c2 else ''}{' late_sum=' + str(c2['late_sum']) if 'late_sum' in c2 else ''}{' lazy_max=' + str(c2['lazy_max']) if 'lazy_max' in c2 else ''} {tr.get('stats', {}).get('fwd', '')}", flush=True)
                 del c
                 torch.cuda.empty_cache()
             ok = [v for v in variants if v["kernel"]]
@@ -360,7 +361,8 @@ def print_decode_table(rows, md=False):
              f"{', p=2' if cfg.get('pieces', 1) == 2 else ''}{', pf' if cfg.get('prefetch', True) else ''}" \
              f"{', heads=' + str(cfg['heads']) if cfg.get('heads') else ''}{', cph' if cfg.get('cos_per_head') else ''}" \
              f"{'' if 'angles' not in cfg else (', angles' if cfg['angles'] else ', table')}" \
-             f"{'' if 'late_sum' not in cfg else (', late sum' if cfg['late_sum'] else ', sum per tile')}"
+             f"{'' if 'late_sum' not in cfg else (', late sum' if cfg['late_sum'] else ', sum per tile')}" \
+             f"{'' if 'lazy_max' not in cfg else (', lazy max' if cfg['lazy_max'] else ', running max')}"
         rat = r["ratio"] if r["ratio"] != "int8" else "0.5 int8"
         print(f"| {r['B']}x{r['S']} | {rat} | {r['dense_ms']:.3f} | {r['dense_floor_ms']:.3f} | {b['naive_ms']:.3f} | "
               f"{k['ms']:.3f} ({cs}) | {b['bytes_floor_ms']:.3f} | {b['flop_floor_ms']:.3f} | {binds} | "

@@ -247,6 +247,9 @@ HEADS_CASES = [
     ("late_sum_heads2_split_varlen", [3, 61, 90, 40], [1, 1, 2, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16,
                                                                           bs=5),
      dict(heads=2, num_splits=2, block_t=16, late_sum=True)),
+    ("lazy_max_heads2_split_varlen", [3, 61, 90, 40], [1, 1, 2, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16,
+                                                                          bs=5, bias=True),
+     dict(heads=2, num_splits=2, block_t=16, late_sum=True, lazy_max=True)),
 ]
 if CUDA:
     HEADS_CASES += [
@@ -266,6 +269,9 @@ if CUDA:
                                                                       bs=16), dict(max_query_len=1, late_sum=True)),
         ("gpu_late_sum_llama_r025", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32,
                                                                        bs=16), dict(max_query_len=1, late_sum=True)),
+        ("gpu_lazy_max_llama_r05_split", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=64,
+                                                                            rv=64, bs=16),
+         dict(max_query_len=1, late_sum=True, lazy_max=True, num_splits=2)),
     ]
 
 
@@ -302,6 +308,30 @@ def test_angles_match_only_plain_tables():
     f = tk.prepare_factors(args["layout"], args["b_k"], args["b_v"], None, None, args["cos_sin_cache"], True,
                            inv_freq=rope_inv_freq(16))
     assert f.inv_freq.tolist() == rope_inv_freq(16).tolist() + [0.0] * 8  # dims not rotated: angle 0
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the lazy pass (interpreter)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("split", [1, 2])
+def test_triton_lazy_max_runs_again_when_a_later_score_jumps(split):
+    """lazy_max takes each program's first-tile max as the softmax reference: keys far above it later (scaled by
+    300 here, logits ~1e3 higher, so exp2 would overflow) must send those programs through the exact pass. Compared
+    with the same kernel without lazy_max: logits of ~1e3 in bf16 are off by units, so no reference agrees with
+    either to 1e-2, but the two passes must agree with each other (and be finite)."""
+    tk = kernels()
+    seq_lens, bs = [70, 100], 8
+    args, _ = make_case(seq_lens, [1, 1], G=2, gs=1, qpk=2, hd=32, rk=16, rv=16, bs=bs)
+    lay, cache, bt = args["layout"], args["kv_cache"], args["block_table"].cpu()
+    rows = cache.view(-1, cache.shape[-1])
+    for r, n in enumerate(seq_lens):
+        for pos in [p for p in range(40, 64)] + [p for p in range(90, n)]:
+            slot = int(bt[r, pos // bs]) * bs + pos % bs
+            rows[slot, : lay.groups * lay.rank_k] *= 300.0
+    kw = dict(max_query_len=1, block_t=16, num_splits=split, late_sum=True)
+    exact = tk.latent_attention(**args, **kw, lazy_max=False)
+    lazy = tk.latent_attention(**args, **kw, lazy_max=True)
+    assert tk.LAST_LAUNCH["kernel"] == "heads"
+    assert rel_err(lazy, exact) < TOL
 
 
 def test_triton_decode_entry_and_factor_cache():
