@@ -205,10 +205,10 @@ def kernel_configs(sweep: str, gs: int, ratio=None):
         else:
             grid = HEADS_FINAL
         heads = [dict(zip(hk, c), trans=True, prefetch=True) for c in grid]
-        if sweep == "final":  # cos / sin computed in the kernel vs read from the table, late vs per-tile sums,
-            # first-tile vs running max
-            heads += [dict(zip(hk, c), trans=True, prefetch=True, angles=a, late_sum=ls, lazy_max=lz) for c in grid[:2]
-                      for a in (True, False) for ls, lz in ((True, True), (True, False), (False, False))]
+        if sweep == "final":  # RoPE by tile rotation (angles=2), cos / sin computed in the kernel (1) or read from
+            # the table (0); first-tile vs running max (late sums)
+            heads += [dict(zip(hk, c), trans=True, prefetch=True, angles=a, late_sum=True, lazy_max=lz)
+                      for c in grid[:2] for a in (2, 1, 0) for lz in (True, False)]
     return generic + heads
 
 
@@ -360,7 +360,7 @@ def print_decode_table(rows, md=False):
              f"split={cfg['num_splits']}, {'T' if cfg['trans'] else 'N'}{'+tau' if cfg.get('rope_tau') else ''}" \
              f"{', p=2' if cfg.get('pieces', 1) == 2 else ''}{', pf' if cfg.get('prefetch', True) else ''}" \
              f"{', heads=' + str(cfg['heads']) if cfg.get('heads') else ''}{', cph' if cfg.get('cos_per_head') else ''}" \
-             f"{'' if 'angles' not in cfg else (', angles' if cfg['angles'] else ', table')}" \
+             f"{'' if 'angles' not in cfg else (', ' + ('table', 'angles', 'tile rotation')[int(cfg['angles'])])}" \
              f"{'' if 'late_sum' not in cfg else (', late sum' if cfg['late_sum'] else ', sum per tile')}" \
              f"{'' if 'lazy_max' not in cfg else (', lazy max' if cfg['lazy_max'] else ', running max')}"
         rat = r["ratio"] if r["ratio"] != "int8" else "0.5 int8"

@@ -3,6 +3,9 @@
     PYTHONPATH=. python benchmarks/rope_probe.py [--cases 64x4096] [--ratios 0.5,0.25] [--configs "<python list>"]
 
 Prints median ms (CUDA-graph replays, as benchmarks/gpu_decode.py), error vs the naive bf16 path, registers.
+``--alt FILE``: configs with ``alt=True`` run FILE's ``_latent_decode_heads`` (e.g. the previous commit's
+kernel: ``git show HEAD:vllm_kvc/kernels/triton_latent.py > /tmp/old.py``), for same-call A/B comparisons.
+A config's ``debug`` key (e.g. ``debug="no_exact_pass"``) sets the kernels' debug flags for that config only.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_decode as gd  # noqa: E402
+from vllm_kvc.kernels import triton_latent as tk  # noqa: E402
 
 
 def main():
@@ -24,7 +28,18 @@ def main():
     ap.add_argument("--ratios", default="0.5,0.25")
     ap.add_argument("--configs", default="")
     ap.add_argument("--splits", default="1")
+    ap.add_argument("--alt", default="")
     args = ap.parse_args()
+    own = tk._latent_decode_heads
+    alt = own
+    if args.alt:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("alt_latent", args.alt)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # (dataclasses look their module up)
+        spec.loader.exec_module(mod)
+        alt = mod._latent_decode_heads
+    probe_keys = ("debug", "alt")
     base = dict(block_t=64, num_warps=4, pieces=1, trans=True, prefetch=True)
     configs = eval(args.configs) if args.configs else [dict(heads=1, num_stages=3)]
     jobs = []
@@ -32,7 +47,8 @@ def main():
         rk, rv, lat = gd.variant_shapes(ratio, 1)
         for cfg0 in configs:
             for ns in (int(x) for x in args.splits.split(",")):
-                jobs.append(("decode", 1, rk, rv, lat, dict(base, **cfg0, num_splits=ns)))
+                opts = {k: v for k, v in cfg0.items() if k not in probe_keys}
+                jobs.append(("decode", 1, rk, rv, lat, dict(base, **opts, num_splits=ns)))
     gd.precompile(jobs, min(14, os.cpu_count() or 1))
     for case in args.cases.split(","):
         B, S = (int(x) for x in case.split("x"))
@@ -48,7 +64,10 @@ def main():
             kb = c.kernel_bytes()
             for cfg0 in configs:
                 for ns in (int(x) for x in args.splits.split(",")):
-                    cfg = dict(base, **cfg0, num_splits=ns)
+                    cfg = dict(base, **{k: v for k, v in cfg0.items() if k not in probe_keys}, num_splits=ns)
+                    tk._latent_decode_heads = alt if cfg0.get("alt") else own
+                    tk._DEBUG.clear()  # a config's "debug" key: VLLM_KVC_TRITON_DEBUG flags for that config only
+                    tk._DEBUG.update(cfg0.get("debug", "").split(","))
                     t0 = time.time()
                     try:
                         out = c.run_kernel(**cfg)

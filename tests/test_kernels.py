@@ -241,6 +241,13 @@ HEADS_CASES = [
     ("angles_heads2_varlen_gptj_partial", [5, 40, 50, 21], [2, 1, 3, 0], dict(G=2, gs=1, qpk=3, hd=32, rk=24,
                                                                              rv=32, bs=16, is_neox=False, rot=16),
      dict(heads=2, block_t=16, angles=True)),
+    # RoPE as R(t0 + i) = R(t0) R(i): keys turned by their offset in the tile, queries back by the tile's start
+    ("tile_rot_heads2_split_bias", [3, 61, 90], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16, bs=5,
+                                                                 bias=True),
+     dict(max_query_len=1, heads=2, num_splits=4, block_t=16, angles=2, lazy_max=True, late_sum=True)),
+    ("tile_rot_heads1_varlen_gptj_partial", [5, 40, 50, 21], [2, 1, 3, 0], dict(G=2, gs=1, qpk=3, hd=32, rk=24,
+                                                                               rv=32, bs=16, is_neox=False, rot=16),
+     dict(heads=1, block_t=16, angles=2)),
     ("late_sum_heads2_split_bias", [3, 61, 90], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16, bs=5,
                                                                  bias=True),
      dict(max_query_len=1, heads=2, num_splits=4, block_t=16, late_sum=True)),
@@ -265,6 +272,12 @@ if CUDA:
         ("gpu_angles_heads2_llama_r025_split", [4097, 513, 100], [1] * 3, dict(G=8, gs=1, qpk=4, hd=128, rk=32,
                                                                               rv=32, bs=16),
          dict(max_query_len=1, heads=2, num_splits=4, angles=True)),
+        ("gpu_tile_rot_heads2_llama_r025_long", [16384, 1, 9001, 4097], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128,
+                                                                                    rk=32, rv=32, bs=16),
+         dict(max_query_len=1, heads=2, angles=2, lazy_max=True, late_sum=True)),
+        ("gpu_tile_rot_llama_r05_split", [16384, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=64,
+                                                                             rv=64, bs=16),
+         dict(max_query_len=1, heads=1, angles=2, num_splits=3)),
         ("gpu_late_sum_llama_r05", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64,
                                                                       bs=16), dict(max_query_len=1, late_sum=True)),
         ("gpu_late_sum_llama_r025", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32,
@@ -285,7 +298,7 @@ def test_triton_heads_kernel_matches_reference(name, seq_lens, q_lens, case_kw, 
         call_kw = dict(call_kw, inv_freq=rope_inv_freq(args["cos_sin_cache"].shape[-1]).to(DEV))
     tk.latent_attention(**args, out=out, **call_kw)
     assert tk.LAST_LAUNCH["kernel"] == "heads"
-    assert tk.LAST_LAUNCH["angles"] == bool(call_kw.get("angles"))
+    assert tk.LAST_LAUNCH["angles"] == call_kw.get("angles", False)
     err = rel_err(out, expect)
     assert err < TOL, f"{name}: rel err {err:.3e}"
 

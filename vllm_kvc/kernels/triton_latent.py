@@ -44,6 +44,20 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+try:  # programmatic dependent launch (triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_GDC = True
+except ImportError:  # pragma: no cover
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 from vllm_kvc.layout import LatentLayout
 
 LOG2E = 1.4426950408889634
@@ -517,8 +531,8 @@ def _latent_decode_heads(
     NKV: tl.constexpr, M_P: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr, NH: tl.constexpr,
     SPLIT: tl.constexpr, DCH: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
     DIRECT: tl.constexpr, OFF64: tl.constexpr, PREFETCH: tl.constexpr, COS_PER_HEAD: tl.constexpr,
-    ROPE: tl.constexpr = 0, ONE_DOT: tl.constexpr = False, ANGLES: tl.constexpr = False,
-    LATE_SUM: tl.constexpr = False, LAZY: tl.constexpr = 0,
+    ROPE: tl.constexpr = 0, ONE_DOT: tl.constexpr = False, ANGLES: tl.constexpr = 0,
+    LATE_SUM: tl.constexpr = False, LAZY: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """Single-query attention (decode) at group size 1 for NKV KV heads per program.
 
@@ -542,8 +556,12 @@ def _latent_decode_heads(
     sp = tl.program_id(2)
     fid = (pid * tl.num_programs(1) + tl.program_id(1)) * num_splits + sp
     if LAZY == 2:  # the exact pass runs only the programs whose lazy pass flagged an overflow risk
+        if PDL:  # launched while the lazy pass still runs (programmatic dependent launch): wait for its flags
+            gdc_wait()
         if tl.load(flag_ptr + fid) == 0:
             return
+    if (LAZY == 1) and PDL:  # the exact pass may be launched now (it waits for this grid before reading)
+        gdc_launch_dependents()
     if DIRECT:
         r = pid
         seq_len = tl.load(seq_lens_ptr + r)
@@ -590,11 +608,21 @@ def _latent_decode_heads(
             q2t_b = tl.trans(tl.load(q_row[:, None] + HALF + PW + dp[None, :], mask=row_ok[:, None],
                                      other=0.0).to(DT))
 
+    if ANGLES == 2:  # RoPE split as R(t0 + i) = R(t0) R(i): keys turn by their offset i in the tile (cos / sin
+        # computed once), the queries by -t0 once per tile (q . R(t0) R(i) k = (R(-t0) q) . (R(i) k))
+        # (ANGLES == 2 implies ONE_DOT, NH == 1: q in B_k's block order; each element's pair partner, signed:
+        # the rotated query is q * cos + q_partner * sin elementwise)
+        cos_a, sin_a, cos_b, sin_b = _angle_cos_sin(tt, invf_ptr, dp, PW, NH, ROPE)
+        qdp = tl.where(qd >= HALF, qd - HALF, qd + HALF)
+        q_own = tl.load(q_row[:, None] + qd[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q_par = tl.load(q_row[:, None] + qdp[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q_par = tl.where((qd >= HALF)[None, :], -q_par, q_par)
+        invf_q = tl.load(invf_ptr + (qd % HALF)[None, :] + 0 * rows[:, None])  # (2-D: no layout conversions)
+
     m_i = tl.full([M_P], -1.0e30, tl.float32)
     l_i = tl.zeros([M_P], tl.float32)
     l_t = tl.zeros([BLOCK_T, M_P], tl.float32)  # LATE_SUM: per-token partial sums, reduced once after the loop
     acc = tl.zeros([NV, M_P], tl.float32)
-    x_hi = tl.full([BLOCK_T, M_P], float("-inf"), tl.float32)  # LAZY == 1: the largest exponent used
 
     for phase in tl.static_range(2):
         lo_t, hi_t, blk_nxt = _phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, PREFETCH)
@@ -609,9 +637,9 @@ def _latent_decode_heads(
             t_ok, row_off = _tile_rows(bt_row, blk, t, tt, t_stop, stride_cb, stride_cs, phase == 1, PREFETCH, OFF64,
                                        BS, BLOCK_T)
             cp = t[:, None] * stride_cos + dp[None, :]
-            if ANGLES:  # cos / sin computed from positions (no table tiles in shared memory)
+            if ANGLES == 1:  # cos / sin computed from positions (no table tiles in shared memory)
                 cos_a, sin_a, cos_b, sin_b = _angle_cos_sin(t, invf_ptr, dp, PW, NH, ROPE)
-            elif not COS_PER_HEAD:  # cos / sin of the tile's positions, shared by the NKV heads
+            elif (ANGLES == 0) and (not COS_PER_HEAD):  # cos / sin of the tile's positions, shared by the NKV heads
                 cos_a, sin_a, cos_b, sin_b = _load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, phase == 1, PW, NH, ROPE == 0)
             s = tl.zeros([BLOCK_T, M_P], tl.float32)
             for h in tl.static_range(NKV):
@@ -635,6 +663,19 @@ def _latent_decode_heads(
                         sinv = sin_a
                         q1t = q1t_a
                         q2t = q2t_a
+                        if ANGLES == 2:
+                            if h == 0:  # this tile's queries, turned back by the tile's first position. Computed
+                                # after the first rebuild: Triton 3.6 fences the shared-memory copy right before
+                                # the dot, and the barrier that must follow that fence is only inserted when no
+                                # earlier barrier (the rebuild's) sits between the copy and the dot.
+                                a0 = (t0 * 1.0) * invf_q  # (t0 * 1.0: fp32, and a plain int in the interpreter)
+                                if ROPE == 1:
+                                    c0, s0 = _cos_sin_approx(a0)
+                                else:
+                                    c0 = tl.cos(a0)
+                                    s0 = tl.sin(a0)
+                                q_tile = tl.trans((q_own * c0 + q_par * s0).to(DT))
+                            q1t = q_tile
                     else:
                         cosv = cos_b
                         sinv = sin_b
@@ -656,30 +697,33 @@ def _latent_decode_heads(
                             False).to(DT)
             if phase == 1:
                 s = tl.where(t_ok[:, None], s, float("-inf"))
-            if LAZY == 1:  # the softmax reference is the first tile's max: no cross-warp max on later tiles
+            if LAZY == 1:
+                # The softmax reference is the first tile's max: no cross-warp max on later tiles, and no
+                # rescaling at all (the sums are still zero when the reference is set), so the P.c_v products
+                # accumulate straight into acc.
                 if t0 == t_begin:
-                    m_new = tl.maximum(m_i, tl.max(s, 0) * qk_scale)
+                    m_i = tl.max(s, 0) * qk_scale
+                p = tl.exp2(s * qk_scale - m_i[None, :])
+                if LATE_SUM:  # no cross-warp reduction per tile
+                    l_t += p
                 else:
-                    m_new = m_i
+                    l_i += tl.sum(p, 0)
             else:
                 m_new = tl.maximum(m_i, tl.max(s, 0) * qk_scale)
-            alpha = tl.exp2(m_i - m_new)
-            x = s * qk_scale - m_new[None, :]
-            p = tl.exp2(x)
-            if LAZY == 1:
-                x_hi = tl.maximum(x_hi, x)
-            if LATE_SUM:  # no cross-warp reduction per tile
-                l_t = l_t * alpha[None, :] + p
-            else:
-                l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha[None, :]
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s * qk_scale - m_new[None, :])
+                if LATE_SUM:  # no cross-warp reduction per tile
+                    l_t = l_t * alpha[None, :] + p
+                else:
+                    l_i = l_i * alpha + tl.sum(p, 0)
+                acc = acc * alpha[None, :]
+                m_i = m_new
             acc = tl.dot(tl.trans(vv), p.to(DT), acc)
-            m_i = m_new
 
     if LATE_SUM:
         l_i = tl.sum(l_t, 0)
-    if LAZY == 1:  # weights above 2^64 could overflow: flag the program for the exact pass
-        tl.store(flag_ptr + fid, (tl.max(tl.max(x_hi, 1), 0) > 64.0).to(tl.int32))
+    if LAZY == 1:  # a weight above 2^64 could have overflowed (each weight <= its row's sum): flag the program
+        tl.store(flag_ptr + fid, (tl.max(l_i, 0) > 1.8446744e19).to(tl.int32))  # for the exact pass
     acc_t = tl.trans(acc)  # [M_P, NV]; row i's own values sit in columns hrow[i] * RV_P ...
     diag = ((cvv // RV_P)[None, :] == hrow[:, None]) & row_ok[:, None]
     if SPLIT:
@@ -862,7 +906,9 @@ def cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dty
     return f
 
 
-_DEBUG = set(os.environ.get("VLLM_KVC_TRITON_DEBUG", "").split(","))  # "masked": mask every tile; "off64"
+# VLLM_KVC_TRITON_DEBUG (comma-separated): "masked": mask every tile; "off64": 64-bit offsets; "no_pdl": no
+# programmatic dependent launch; "no_exact_pass": skip lazy_max's exact pass (timing probes only: not exact)
+_DEBUG = set(os.environ.get("VLLM_KVC_TRITON_DEBUG", "").split(","))
 _SM_COUNT: dict = {}
 LAST_LAUNCH: dict = {}  # compiled kernels of the last launch (diagnostics: n_regs, n_spills, metadata.shared)
 
@@ -896,6 +942,12 @@ def check_supported(layout: LatentLayout) -> None:
         # triton 3.6: gs=4 at rank 256 needs 413 KB of shared memory; gs=8 at rank 512 spills 62 KB)
         raise NotImplementedError(f"group_size={layout.group_size}, rank_k={layout.rank_k}, rank_v={layout.rank_v}: "
                                   "the kernels need next_pow2(rank_k) * group_size <= 512 and rank_v <= 256")
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch (the lazy_max exact pass starts while the lazy pass finishes): sm_90+."""
+    return (_HAS_GDC and device.type == "cuda" and not _interpreting() and "no_pdl" not in _DEBUG
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _interpreting() -> bool:
@@ -1006,7 +1058,7 @@ def _pick_nkv(layout: LatentLayout, qpk: int, nkv: int) -> int:
 def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, pm, pl, pacc, dummy, scale,
                       num_splits, G, qpk, hd, layout, rk_p, rv_p, nkv, block_t, pieces, direct, prefetch,
                       cos_per_head, num_warps, num_stages, rope=0, one_dot=False, maxnreg=None, angles=False,
-                      late_sum=False, lazy=0, flags=None):
+                      late_sum=False, lazy=0, flags=None, pdl=False):
     dch = hd
     while nkv * rv_p * dch > 128 * 128 and dch > 16:
         dch //= 2
@@ -1026,7 +1078,8 @@ def _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, p
         BS=kv_cache.shape[1], BLOCK_T=block_t, NH=pieces, SPLIT=num_splits > 1, DCH=dch,
         HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct,
         OFF64=kv_cache.shape[0] * kv_cache.stride(0) >= 2 ** 31 or "off64" in _DEBUG, PREFETCH=prefetch,
-        COS_PER_HEAD=cos_per_head, ROPE=rope, ONE_DOT=one_dot, ANGLES=angles, LATE_SUM=late_sum, LAZY=lazy,
+        COS_PER_HEAD=cos_per_head, ROPE=rope, ONE_DOT=one_dot, ANGLES=int(angles), LATE_SUM=late_sum, LAZY=lazy,
+        PDL=pdl, launch_pdl=pdl and lazy == 2,
         num_warps=num_warps,
         num_stages=num_stages,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)),
@@ -1039,8 +1092,10 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
     """Launch :func:`_latent_decode_heads` (one query per program, NKV KV heads; gs == 1, float latents).
 
     ``lazy_max``: two launches. The first takes each program's first-tile max as its softmax reference (no
-    per-tile max reduction) and flags the programs where a later weight would exceed 2^64; the second runs only
-    the flagged programs again with the running max (the others return at once)."""
+    per-tile max reduction, and no rescaling: the P.c_v products accumulate straight into acc) and flags the
+    programs where a weight could exceed 2^64 (a softmax row sum above it); the second runs only the flagged
+    programs again with the running max (the others return at once). On sm_90+ the second is a programmatic
+    dependent launch: it starts while the first finishes and waits for it in the kernel (``gdc_wait``)."""
     n_tok, hq, hd = q.shape
     G = layout.groups
     qpk = hq // layout.num_kv_heads
@@ -1052,6 +1107,8 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
     rv_p = max(16, _next_pow2(layout.rank_v))
     if hd // 2 // pieces < 16:
         pieces = 1
+    if angles == 2 and (pieces != 1 or not one_dot):  # the tile rotation needs q whole, in one dot
+        angles = 1
     dummy = f.bk
     pm, pl, pacc = _split_partials(q, num_splits, rv_p, dummy)
     LAST_LAUNCH.clear()
@@ -1061,11 +1118,12 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
         try:
             flags = torch.empty(n_prog * (G // nkv) * num_splits, dtype=torch.int32, device=q.device) \
                 if lazy_max else None
-            for lazy in ((1, 2) if lazy_max else (0,)):
+            pdl = lazy_max and _pdl_ok(q.device)
+            for lazy in ((1,) if "no_exact_pass" in _DEBUG else (1, 2)) if lazy_max else (0,):
                 _launch_heads_fwd(q, kv_cache, block_table, seq_lens, qsl, n_prog, f, out, pm, pl, pacc, dummy,
                                   scale, num_splits, G, qpk, hd, layout, rk_p, rv_p, nkv, block_t, pieces, direct,
                                   prefetch, cos_per_head, num_warps, num_stages, rope, one_dot, maxnreg, angles,
-                                  late_sum, lazy, flags)
+                                  late_sum, lazy, flags, pdl)
             break
         except OutOfResources:
             if num_stages > 2:
@@ -1091,7 +1149,7 @@ def _rope_opts(f: LatentFactors, d: dict, rope, one_dot, maxnreg, angles):
     operands, a GPU (the interpreter cannot run inline assembly) and bf16 cos/sin (the table's, or computed:
     ``angles``, which needs the factors' inv_freq)."""
     angles = d.get("angles", False) if angles is None else angles
-    angles = bool(angles) and f.inv_freq is not None
+    angles = int(angles) if angles and f.inv_freq is not None else 0
     rope = d.get("rope", 0) if rope is None else rope
     if rope and (_interpreting() or f.dtype != torch.bfloat16 or (f.cos.dtype != torch.bfloat16 and not angles)):
         rope = 0
@@ -1103,15 +1161,17 @@ def decode_defaults(layout: LatentLayout, hq: int | None = None) -> dict:
     """Launch options measured best on an H100 (benchmarks/RESULTS.md, GPU kernels). ``heads`` > 0: the
     multi-head decode kernel (:func:`_latent_decode_heads`, gs == 1 float latents) with that many KV heads per
     program; otherwise the generic kernel: 64-token KV tiles, 4 warps; small ranks rebuild the keys in two column
-    pieces (fewer live registers, more programs per SM). ``angles``: cos / sin computed in the kernel (where the
-    factors carry inv_freq), measured 1-3% faster with one KV head per program and 7% slower with two.
+    pieces (fewer live registers, more programs per SM). ``angles`` (where the factors carry inv_freq): 1: cos / sin
+    computed in the kernel, 1-3% faster than the table with one KV head per program and 7% slower with two; 2:
+    RoPE as R(t0 + i) = R(t0) R(i), keys turned by their offset i in the tile (cos / sin computed once), queries
+    by -t0 once per tile: 2% faster than 1 with one KV head per program, 4% slower than the table with two.
     ``late_sum``: the softmax denominators are summed per token and reduced once after the loop (one cross-warp
     reduction per tile fewer; 3-4% faster). ``lazy_max``: the first tile's max is the softmax reference, with an
     exact second pass for the programs where that could overflow (see :func:`_launch_heads`; 1-6% faster)."""
     if hq is not None and heads_supported(layout, hq):  # 1 KV head per program at rank 64, 2 at rank <= 32
         two = layout.rank_k <= 32
         return dict(heads=2 if two else 1, block_t=64, num_warps=4, num_stages=3, pieces=1, rope=1, one_dot=True,
-                    angles=not two, late_sum=True, lazy_max=True)
+                    angles=0 if two else 2, late_sum=True, lazy_max=True)
     small = layout.rank_k <= 32 and layout.head_dim >= 64
     return dict(heads=0, block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1)
 
@@ -1123,7 +1183,7 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
                   trans: bool = True, rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False,
                   prefetch: bool = True, heads: int | None = None, cos_per_head: bool = False,
                   rope: int | None = None, one_dot: bool | None = None, maxnreg: int | None = None,
-                  angles: bool | None = None, late_sum: bool | None = None,
+                  angles: bool | int | None = None, late_sum: bool | None = None,
                   lazy_max: bool | None = None) -> torch.Tensor:
     """Decode fast entry: ``q [R, Hq, hd]`` holds exactly one query (the last token) of each of the R requests.
 
@@ -1162,7 +1222,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      num_warps: int | None = None, num_stages: int | None = None, trans: bool = True,
                      rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False, prefetch: bool = True,
                      heads: int | None = None, cos_per_head: bool = False, rope: int | None = None,
-                     one_dot: bool | None = None, maxnreg: int | None = None, angles: bool | None = None,
+                     one_dot: bool | None = None, maxnreg: int | None = None, angles: bool | int | None = None,
                      late_sum: bool | None = None, lazy_max: bool | None = None, inv_freq: torch.Tensor | None = None, factors: LatentFactors | None = None) -> torch.Tensor:
     """Varlen causal attention over latent paged KV; same arguments and result as the reference.
 
