@@ -481,12 +481,14 @@ def _cos_sin_approx(x):
 
 
 @triton.jit
-def _cos_sin_of(ang, ROPE: tl.constexpr):
-    """cos / sin of fp32 angles: the special-function approximations rounded to bf16 if ROPE == 1, else fp32."""
+def _cos_sin_of(ang, ROPE: tl.constexpr, F32: tl.constexpr = False):
+    """cos / sin of fp32 angles: the special-function approximations if ROPE == 1 (rounded to bf16 unless F32),
+    else fp32."""
     if ROPE == 1:
         c, s = _cos_sin_approx(ang)
-        c = c.to(tl.bfloat16)
-        s = s.to(tl.bfloat16)
+        if not F32:
+            c = c.to(tl.bfloat16)
+            s = s.to(tl.bfloat16)
     else:
         c = tl.cos(ang)
         s = tl.sin(ang)
@@ -668,12 +670,8 @@ def _latent_decode_heads(
                                 # after the first rebuild: Triton 3.6 fences the shared-memory copy right before
                                 # the dot, and the barrier that must follow that fence is only inserted when no
                                 # earlier barrier (the rebuild's) sits between the copy and the dot.
-                                a0 = (t0 * 1.0) * invf_q  # (t0 * 1.0: fp32, and a plain int in the interpreter)
-                                if ROPE == 1:
-                                    c0, s0 = _cos_sin_approx(a0)
-                                else:
-                                    c0 = tl.cos(a0)
-                                    s0 = tl.sin(a0)
+                                # (t0 * 1.0: fp32, and a plain int in the interpreter)
+                                c0, s0 = _cos_sin_of((t0 * 1.0) * invf_q, ROPE, True)
                                 q_tile = tl.trans((q_own * c0 + q_par * s0).to(DT))
                             q1t = q_tile
                     else:
@@ -909,17 +907,20 @@ def cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dty
 # VLLM_KVC_TRITON_DEBUG (comma-separated): "masked": mask every tile; "off64": 64-bit offsets; "no_pdl": no
 # programmatic dependent launch; "no_exact_pass": skip lazy_max's exact pass (timing probes only: not exact)
 _DEBUG = set(os.environ.get("VLLM_KVC_TRITON_DEBUG", "").split(","))
-_SM_COUNT: dict = {}
+_PROPS: dict = {}
 LAST_LAUNCH: dict = {}  # compiled kernels of the last launch (diagnostics: n_regs, n_spills, metadata.shared)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
+def _props(device: torch.device):
+    """The CUDA device's properties, looked up once per device (they are read on every launch)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    if idx not in _PROPS:
+        _PROPS[idx] = torch.cuda.get_device_properties(idx)
+    return _PROPS[idx]
+
+
+def _num_sms(device: torch.device) -> int:
+    return _props(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def default_splits(n_programs: int, max_ctx: int, block_t: int, device) -> int:
@@ -947,7 +948,7 @@ def check_supported(layout: LatentLayout) -> None:
 def _pdl_ok(device: torch.device) -> bool:
     """Programmatic dependent launch (the lazy_max exact pass starts while the lazy pass finishes): sm_90+."""
     return (_HAS_GDC and device.type == "cuda" and not _interpreting() and "no_pdl" not in _DEBUG
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            and _props(device).major >= 9)
 
 
 def _interpreting() -> bool:
@@ -1144,17 +1145,19 @@ def _launch_heads(q, kv_cache, layout: LatentLayout, f: LatentFactors, block_tab
     return out
 
 
-def _rope_opts(f: LatentFactors, d: dict, rope, one_dot, maxnreg, angles):
-    """(rope, one_dot, maxnreg, angles) for the multi-head kernel: the packed bf16 RoPE (inline PTX) needs bf16
-    operands, a GPU (the interpreter cannot run inline assembly) and bf16 cos/sin (the table's, or computed:
-    ``angles``, which needs the factors' inv_freq)."""
+def _heads_opts(f: LatentFactors, d: dict, rope, one_dot, maxnreg, angles, late_sum, lazy_max) -> dict:
+    """The multi-head kernel's options, each the caller's or else the default in ``d``: the packed bf16 RoPE
+    (inline PTX) needs bf16 operands, a GPU (the interpreter cannot run inline assembly) and bf16 cos/sin (the
+    table's, or computed: ``angles``, which needs the factors' inv_freq)."""
     angles = d.get("angles", False) if angles is None else angles
     angles = int(angles) if angles and f.inv_freq is not None else 0
     rope = d.get("rope", 0) if rope is None else rope
     if rope and (_interpreting() or f.dtype != torch.bfloat16 or (f.cos.dtype != torch.bfloat16 and not angles)):
         rope = 0
-    one_dot = d.get("one_dot", False) if one_dot is None else one_dot
-    return rope, one_dot, d.get("maxnreg") if maxnreg is None else maxnreg, angles
+    return dict(rope=rope, one_dot=d.get("one_dot", False) if one_dot is None else one_dot,
+                maxnreg=d.get("maxnreg") if maxnreg is None else maxnreg, angles=angles,
+                late_sum=d.get("late_sum", False) if late_sum is None else late_sum,
+                lazy_max=d.get("lazy_max", False) if lazy_max is None else lazy_max)
 
 
 def decode_defaults(layout: LatentLayout, hq: int | None = None) -> dict:
@@ -1203,9 +1206,7 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
             num_splits = default_splits(R * (layout.groups // nkv), max_ctx, block_t, q.device)
         return _launch_heads(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, R, True, scale, out,
                              num_splits, nkv, block_t, num_warps, num_stages, pieces, prefetch, cos_per_head,
-                             *_rope_opts(factors, d, rope, one_dot, maxnreg, angles),
-                             late_sum=d.get("late_sum", False) if late_sum is None else late_sum,
-                             lazy_max=d.get("lazy_max", False) if lazy_max is None else lazy_max)
+                             **_heads_opts(factors, d, rope, one_dot, maxnreg, angles, late_sum, lazy_max))
     if num_splits is None:
         num_splits = default_splits(R * layout.groups, max_ctx, block_t, q.device)
     return _launch(q, kv_cache, layout, factors, block_table, seq_lens, seq_lens, seq_lens, R, 1, True, scale,
@@ -1257,9 +1258,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
         return _launch_heads(q, kv_cache, layout, factors, block_table, seq_lens, query_start_loc, n_tok, False,
                              scale, out, num_splits, nkv, block_t, num_warps or d["num_warps"],
                              num_stages or d["num_stages"], pieces or d["pieces"], prefetch, cos_per_head,
-                             *_rope_opts(factors, d, rope, one_dot, maxnreg, angles),
-                             late_sum=d.get("late_sum", False) if late_sum is None else late_sum,
-                             lazy_max=d.get("lazy_max", False) if lazy_max is None else lazy_max)
+                             **_heads_opts(factors, d, rope, one_dot, maxnreg, angles, late_sum, lazy_max))
     opts["pieces"] = pieces or 1
     num_stages = num_stages or 2
     if block_q is None:
