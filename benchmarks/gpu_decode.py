@@ -32,7 +32,7 @@ from vllm_kvc.layout import LatentLayout  # noqa: E402
 
 HQ, HKV, HD = 32, 8, 128  # Llama-3-8B layer
 QPK = HQ // HKV
-BS = 16  # vLLM block size
+BS = 64  # vLLM block size: the latent backend's default on GPUs (vllm_kvc/glue/backend.py, GPU_BLOCK_SIZE)
 DEV = "cuda"
 
 
@@ -227,7 +227,8 @@ def kernel_stats():
 
 def _warm_job(job):
     """Compile one kernel variant in a worker process (fills Triton's disk cache for the main process)."""
-    kind, gs, rk, rv, lat, cfg = job
+    global BS
+    kind, gs, rk, rv, lat, cfg, BS = job
     t = time.time()
     try:
         if kind == "decode":
@@ -251,7 +252,7 @@ def precompile(jobs, workers):
     t = time.time()
     errs = 0
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-        for job, (err, dt) in zip(jobs, ex.map(_warm_job, jobs)):
+        for job, (err, dt) in zip(jobs, ex.map(_warm_job, [j + (BS,) for j in jobs])):
             if err:
                 errs += 1
                 print(f"  compile failed {job}: {err}", flush=True)
@@ -466,6 +467,7 @@ def print_prefill_table(rows):
 
 
 def main():
+    global BS
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_decode.json"))
     ap.add_argument("--sweep", default="quick", choices=["quick", "full", "final", "heads"])
@@ -478,9 +480,11 @@ def main():
     ap.add_argument("--precompile", type=int, default=min(12, os.cpu_count() or 1),
                     help="worker processes compiling the kernel variants first (0: off)")
     ap.add_argument("--prefill-cases", default="1x4096,1x16384,8x2048")
+    ap.add_argument("--block-size", type=int, default=BS, help="vLLM block size of the paged caches")
     ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1,<latent_decode kwargs>: run that "
                     "kernel 5 times and exit (for ncu)")
     args = ap.parse_args()
+    BS = args.block_size
     TIMER["mode"] = args.timer
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.profile:
@@ -499,7 +503,7 @@ def main():
     props = torch.cuda.get_device_properties(0)
     results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-                   triton=triton.__version__, argv=sys.argv[1:], timer=args.timer)
+                   triton=triton.__version__, argv=sys.argv[1:], timer=args.timer, block_size=BS)
     bw, mm = measure_ceilings()
     results.update(copy_bw=bw, matmul_flops=mm)
     print(f"{results['date']} {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "

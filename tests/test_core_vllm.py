@@ -86,3 +86,18 @@ def test_eval_r100_on_heldout_corpus_file_is_lossless(model_dir, tmp_path):
     assert row["corpus"] == str(corpus)
     assert abs(row["ppl"] / row["ppl_baseline"] - 1) < 0.005, row
     assert row["kv_capacity_tokens"] == row["kv_capacity_tokens_baseline"]
+
+
+def test_latent_backend_prefers_whole_tile_blocks_on_gpus(monkeypatch):
+    """vLLM asks the backend for its block size when --block-size is not given: 64 tokens (one decode tile per
+    block) on GPUs, vLLM's default on CPU; any size is still supported."""
+    from vllm.platforms import current_platform
+    from vllm_kvc.glue.backend import GPU_BLOCK_SIZE, LatentAttentionBackend as B
+
+    assert not current_platform.is_cuda_alike()
+    assert B.get_preferred_block_size(16) == 16
+    monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: True)
+    assert GPU_BLOCK_SIZE == 64
+    assert B.get_preferred_block_size(16) == 64
+    assert B.get_preferred_block_size(128) == 128
+    assert all(B.supports_block_size(n) for n in (5, 16, 64, 128))

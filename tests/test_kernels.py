@@ -186,6 +186,11 @@ CASES = [
     ("fp16_fp32lat_gqa1", [26, 19], [3, 1], dict(G=2, gs=1, qpk=1, hd=64, rk=16, rv=16, bs=16,
                                                  lat_dtype="float32", dtype=torch.float16), dict()),
     ("gs4_rank_chunked", [41], [1], dict(G=1, gs=4, qpk=1, hd=32, rk=96, rv=32, bs=16), dict(max_query_len=1)),
+    # blocks holding whole tiles (one block id per tile; two tiles per block)
+    ("decode_whole_tile_blocks_split", [3, 61, 90], [1, 1, 1], dict(G=2, gs=1, qpk=4, hd=32, rk=32, rv=16, bs=32),
+     dict(max_query_len=1, num_splits=3, block_t=16)),
+    ("int8_prefill_whole_tile_blocks", [33, 70], [9, 1], dict(G=1, gs=2, qpk=1, hd=32, rk=48, rv=24, bs=32,
+                                                              lat_dtype="int8"), dict(block_t=16)),
 ]
 if CUDA:  # larger shapes only with a GPU (too slow for the interpreter)
     CASES += [
@@ -198,6 +203,10 @@ if CUDA:  # larger shapes only with a GPU (too slow for the interpreter)
         ("gpu_int8_decode", [3000, 17], [1, 1], dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32, bs=16,
                                                      lat_dtype="int8"), dict(max_query_len=1)),
         ("gpu_gs4_r025_prefill", [700, 129], [1, 129], dict(G=2, gs=4, qpk=4, hd=128, rk=128, rv=128, bs=16), dict()),
+        ("gpu_llama_prefill_chunked_bs64", [1000, 300, 517], [1000, 1, 77], dict(G=8, gs=1, qpk=4, hd=128, rk=64,
+                                                                                rv=64, bs=64), dict()),
+        ("gpu_int8_decode_bs64", [3000, 17], [1, 1], dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32, bs=64,
+                                                          lat_dtype="int8"), dict(max_query_len=1)),
     ]
 
 
@@ -257,9 +266,18 @@ HEADS_CASES = [
     ("lazy_max_heads2_split_varlen", [3, 61, 90, 40], [1, 1, 2, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16,
                                                                           bs=5, bias=True),
      dict(heads=2, num_splits=2, block_t=16, late_sum=True, lazy_max=True)),
+    ("lazy_max_heads2_whole_tile_blocks", [3, 61, 90, 40], [1, 1, 2, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32,
+                                                                               rv=16, bs=32, bias=True),
+     dict(heads=2, num_splits=2, block_t=16, late_sum=True, lazy_max=True)),
 ]
 if CUDA:
     HEADS_CASES += [
+        # the defaults (decode_defaults) on 64- and 128-token blocks (the latent backend's preferred size on GPUs)
+        ("gpu_defaults_llama_r025_bs64", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=32,
+                                                                            rv=32, bs=64), dict(max_query_len=1)),
+        ("gpu_defaults_llama_r05_bs128_split", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128,
+                                                                                  rk=64, rv=64, bs=128),
+         dict(max_query_len=1, num_splits=3)),
         ("gpu_heads4_llama_r05", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=16),
          dict(max_query_len=1, heads=4)),
         ("gpu_heads8_llama_r025_split", [2049, 513, 100], [1] * 3, dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32,

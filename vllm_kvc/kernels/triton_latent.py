@@ -27,7 +27,8 @@ generic kernel serves the rest (gs > 1, int8, prefill, rope_tau, TRANS=False).
 
 Launch options (measured on an H100, benchmarks/RESULTS.md, GPU kernels): ``trans`` (scores as [BLOCK_T, rows], keys as
 the register A operand), ``pieces=2`` (rebuild in two column halves: fewer live registers), ``prefetch`` (block
-ids and int8 scales loaded one tile ahead), split-KV for small batches. ``rope_tau`` is experimental (wrong
+ids and int8 scales loaded one tile ahead), split-KV for small batches. Blocks that hold whole tiles (block size
+a multiple of BLOCK_T, e.g. the latent backend's 64-token blocks on GPUs) give each tile one block id. ``rope_tau`` is experimental (wrong
 results with triton 3.6 on the GPU; interpreter-only tests).
 
 Importable without vLLM; runs on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 is then computed in fp32, see
@@ -124,7 +125,20 @@ def _find_request(starts_ptr, num_reqs, pid):
 
 
 @triton.jit
-def _phase_tiles(phase: tl.constexpr, t_begin, t_mid, t_stop, bt_row, tt, BS: tl.constexpr, PREFETCH: tl.constexpr):
+def _tile_blocks(bt_row, t0, tt, hi_t, BS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Block ids of the KV tile that starts at ``t0`` (a multiple of BLOCK_T; 0 from ``hi_t`` on): one per token,
+    or a single id when each block holds whole tiles (BS a multiple of BLOCK_T)."""
+    if BS % BLOCK_T == 0:
+        blk = tl.load(bt_row + t0 // BS, mask=t0 < hi_t, other=0)
+    else:
+        tn = t0 + tt
+        blk = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
+    return blk
+
+
+@triton.jit
+def _phase_tiles(phase: tl.constexpr, t_begin, t_mid, t_stop, bt_row, tt, BS: tl.constexpr, PREFETCH: tl.constexpr,
+                 BLOCK_T: tl.constexpr):
     """KV range of a loop phase (0: the full tiles, no masks; 1: the partial last tile) and, with PREFETCH, the
     block ids of its first tile (else a placeholder)."""
     if phase == 1:
@@ -133,10 +147,9 @@ def _phase_tiles(phase: tl.constexpr, t_begin, t_mid, t_stop, bt_row, tt, BS: tl
     else:
         lo_t = t_begin
         hi_t = t_mid
-    tn = lo_t + tt
-    blk = tn
+    blk = lo_t + tt
     if PREFETCH:
-        blk = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
+        blk = _tile_blocks(bt_row, lo_t, tt, hi_t, BS, BLOCK_T)
     return lo_t, hi_t, blk
 
 
@@ -153,23 +166,32 @@ def _load_tile(ptr, t_ok, col_ok, MASKED: tl.constexpr, INT8: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(bt_row, blk, t, tt, t_stop, stride_cb, stride_cs, MASKED: tl.constexpr, PREFETCH: tl.constexpr,
+def _tile_rows(bt_row, blk, t0, tt, t_stop, stride_cb, stride_cs, MASKED: tl.constexpr, PREFETCH: tl.constexpr,
                OFF64: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """(which tokens ``t`` of a KV tile exist, their cache row offsets): through the block ids ``blk`` already
-    loaded (PREFETCH) or read here from the request's block-table row; MASKED for the partial last tile."""
+    """(which tokens ``t0 + tt`` of a KV tile exist, their cache row offsets): through the block ids ``blk``
+    already loaded (PREFETCH) or read here from the request's block-table row; MASKED for the partial last tile.
+    Where each block holds whole tiles, ``blk`` is the tile's single block id and the rows are t0 % BS + tt."""
+    t = t0 + tt
+    t_ok = tt < BLOCK_T
     if MASKED:
         t_ok = t < t_stop
-        if not PREFETCH:
-            blk = tl.load(bt_row + t // BS, mask=t_ok, other=0)
+    if not PREFETCH:
+        blk = _tile_blocks(bt_row, t0, tt, t_stop if MASKED else t0 + BLOCK_T, BS, BLOCK_T)
+    return t_ok, _row_offsets(blk, t0, tt, stride_cb, stride_cs, OFF64, BS, BLOCK_T)
+
+
+@triton.jit
+def _row_offsets(blk, t0, tt, stride_cb, stride_cs, OFF64: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Cache row offsets of the tokens ``t0 + tt`` of a tile, from its block ids (see :func:`_tile_blocks`)."""
+    if BS % BLOCK_T == 0:
+        within = t0 % BS + tt
     else:
-        t_ok = tt < BLOCK_T
-        if not PREFETCH:
-            blk = tl.load(bt_row + t // BS)
+        within = (t0 + tt) % BS
     if OFF64:
-        row_off = blk.to(tl.int64) * stride_cb + (t % BS).to(tl.int64) * stride_cs
+        row_off = blk.to(tl.int64) * stride_cb + within.to(tl.int64) * stride_cs
     else:
-        row_off = blk * stride_cb + (t % BS) * stride_cs
-    return t_ok, row_off
+        row_off = blk * stride_cb + within * stride_cs
+    return row_off
 
 
 @triton.jit
@@ -301,11 +323,11 @@ def _latent_attn_fwd(
 
     for phase in tl.static_range(2):
         # block ids (and int8 scales) one tile ahead (PREFETCH): their load latency leaves the critical path
-        lo_t, hi_t, blk_nxt = _phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, PREFETCH)
+        lo_t, hi_t, blk_nxt = _phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, PREFETCH, BLOCK_T)
         if PREFETCH:
             tn = lo_t + tt
             if INT8:
-                ro_nxt = blk_nxt.to(tl.int64) * stride_cb + (tn % BS).to(tl.int64) * stride_cs
+                ro_nxt = _row_offsets(blk_nxt, lo_t, tt, stride_cb, stride_cs, True, BS, BLOCK_T)
                 sk_nxt = _load_scale(cache_ptr, ro_nxt, g, tn < hi_t, WIDTH)
                 sv_nxt = _load_scale(cache_ptr, ro_nxt, G + g, tn < hi_t, WIDTH)
         for t0 in range(lo_t, hi_t, BLOCK_T):
@@ -313,16 +335,16 @@ def _latent_attn_fwd(
             if PREFETCH:
                 blk = blk_nxt
                 tn = t + BLOCK_T
-                blk_nxt = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
+                blk_nxt = _tile_blocks(bt_row, t0 + BLOCK_T, tt, hi_t, BS, BLOCK_T)
                 if INT8:
                     sk = sk_nxt
                     sv = sv_nxt
-                    ro_nxt = blk_nxt.to(tl.int64) * stride_cb + (tn % BS).to(tl.int64) * stride_cs
+                    ro_nxt = _row_offsets(blk_nxt, t0 + BLOCK_T, tt, stride_cb, stride_cs, True, BS, BLOCK_T)
                     sk_nxt = _load_scale(cache_ptr, ro_nxt, g, tn < hi_t, WIDTH)
                     sv_nxt = _load_scale(cache_ptr, ro_nxt, G + g, tn < hi_t, WIDTH)
             if not PREFETCH:
                 blk = t
-            t_ok, row_off = _tile_rows(bt_row, blk, t, tt, t_stop, stride_cb, stride_cs, phase == 1, PREFETCH, OFF64,
+            t_ok, row_off = _tile_rows(bt_row, blk, t0, tt, t_stop, stride_cb, stride_cs, phase == 1, PREFETCH, OFF64,
                                        BS, BLOCK_T)
             if INT8 and (not PREFETCH):
                 sk = _load_scale(cache_ptr, row_off, g, t_ok, WIDTH)
@@ -627,16 +649,15 @@ def _latent_decode_heads(
     acc = tl.zeros([NV, M_P], tl.float32)
 
     for phase in tl.static_range(2):
-        lo_t, hi_t, blk_nxt = _phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, PREFETCH)
+        lo_t, hi_t, blk_nxt = _phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, PREFETCH, BLOCK_T)
         for t0 in range(lo_t, hi_t, BLOCK_T):
             t = t0 + tt
             if PREFETCH:
                 blk = blk_nxt
-                tn = t + BLOCK_T
-                blk_nxt = tl.load(bt_row + tn // BS, mask=tn < hi_t, other=0)
+                blk_nxt = _tile_blocks(bt_row, t0 + BLOCK_T, tt, hi_t, BS, BLOCK_T)
             if not PREFETCH:
                 blk = t
-            t_ok, row_off = _tile_rows(bt_row, blk, t, tt, t_stop, stride_cb, stride_cs, phase == 1, PREFETCH, OFF64,
+            t_ok, row_off = _tile_rows(bt_row, blk, t0, tt, t_stop, stride_cb, stride_cs, phase == 1, PREFETCH, OFF64,
                                        BS, BLOCK_T)
             cp = t[:, None] * stride_cos + dp[None, :]
             if ANGLES == 1:  # cos / sin computed from positions (no table tiles in shared memory)
