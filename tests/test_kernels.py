@@ -341,6 +341,58 @@ def test_angles_match_only_plain_tables():
     assert f.inv_freq.tolist() == rope_inv_freq(16).tolist() + [0.0] * 8  # dims not rotated: angle 0
 
 
+# long prompts: rebuilt densely and attended by torch's SDPA; the other requests of the batch by the kernels
+REBUILD_CASES = [
+    ("mixed_prefill_decode_chunk", [40, 37, 50, 21, 9], [40, 1, 19, 0, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=16,
+                                                                                rv=24, bs=16), 16, [0, 2]),
+    ("gs2_gptj_partial_bias_chunk", [29, 18, 33], [29, 7, 1], dict(G=1, gs=2, qpk=2, hd=32, rk=40, rv=64, bs=8,
+                                                                    bias=True, is_neox=False, rot=16), 8, [0]),
+    ("int8_whole_tile_blocks", [70, 33], [20, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=32, rv=32, bs=32,
+                                                       lat_dtype="int8"), 16, [0]),
+    ("all_long", [24, 40], [24, 17], dict(G=2, gs=1, qpk=4, hd=32, rk=32, rv=16, bs=5), 16, [0, 1]),
+]
+if CUDA:
+    REBUILD_CASES += [
+        ("gpu_llama_prompt_decodes_chunk", [1000, 300, 517, 4096], [1000, 1, 77, 1],
+         dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32, bs=64), None, [0]),
+        ("gpu_llama_chunked_prompts", [4096, 2048, 700], [512, 2048, 1], dict(G=8, gs=1, qpk=4, hd=128, rk=64,
+                                                                              rv=64, bs=16), None, [0, 1]),
+    ]
+
+
+@pytest.mark.parametrize("name,seq_lens,q_lens,case_kw,min_q,rebuilt", REBUILD_CASES,
+                         ids=[c[0] for c in REBUILD_CASES])
+def test_triton_long_prompts_rebuilt_then_flash(name, seq_lens, q_lens, case_kw, min_q, rebuilt):
+    """With max_query_len and the host query offsets, requests of >= rebuild_min_queries queries are rebuilt and
+    attended by SDPA (last positions of the sequence when chunked), the rest by the kernels in one launch."""
+    tk = kernels()
+    args, _ = make_case(seq_lens, q_lens, **case_kw)
+    expect = ref_out(args)
+    out = torch.full_like(args["q"], float("nan"))
+    kw = dict(max_query_len=max(q_lens), query_start_loc_cpu=args["query_start_loc"].cpu())
+    if min_q is not None:
+        kw["rebuild_min_queries"] = min_q
+    tk.latent_attention(**args, out=out, **kw)
+    assert tk.LAST_LAUNCH["rebuilt"] == rebuilt
+    err = rel_err(out, expect)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
+def test_reference_rebuild_attention_matches_latent_attention():
+    """reference.rebuild_attention (dense keys and values, SDPA) equals the latent reference in float64 terms:
+    a whole prompt (causal) and a chunk (its last positions), GQA, bias, GPT-J partial rotary."""
+    for kw, q_lens in [(dict(G=2, gs=1, qpk=3, hd=32, rk=16, rv=24, bs=8), [30, 12]),
+                       (dict(G=1, gs=2, qpk=2, hd=32, rk=40, rv=64, bs=4, bias=True, is_neox=False, rot=16), [5, 19])]:
+        args, _ = make_case([30, 19], q_lens, **kw, dtype=torch.float32, lat_dtype="float32", device="cpu")
+        expect = ref_out(args)
+        qsl = args["query_start_loc"].tolist()
+        for r, s in enumerate([30, 19]):
+            o = ref.rebuild_attention(args["q"][qsl[r]:qsl[r + 1]], args["kv_cache"], args["layout"],
+                                      args["block_table"][r], s, args["b_k"], args["b_v"], args["bias_k"],
+                                      args["bias_v"], args["cos_sin_cache"], args["scale"], args["is_neox"])
+            assert rel_err(o, expect[qsl[r]:qsl[r + 1]]) < 1e-5
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the lazy pass (interpreter)
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("split", [1, 2])

@@ -163,7 +163,8 @@ class LatentAttentionImpl(AttentionImpl[LatentMetadata]):
                         q, cache, layout, attn_metadata.block_table, attn_metadata.seq_lens,
                         attn_metadata.query_start_loc, layer.b_k, layer.b_v, layer.bias_k, layer.bias_v,
                         layer.cos_sin_cache, self.scale, layer.is_neox, out=output[:n],
-                        inv_freq=layer.inv_freq)
+                        inv_freq=layer.inv_freq, max_query_len=attn_metadata.max_query_len,
+                        query_start_loc_cpu=attn_metadata.query_start_loc_cpu)
                     return output
                 except NotImplementedError:  # a layout the kernels do not read (e.g. int4): reference path
                     pass

@@ -74,6 +74,38 @@ def rebuild_keys(ck: torch.Tensor, b_k: torch.Tensor, bias_k, layout: LatentLayo
     return apply_rope(k, positions, cos_sin_cache, is_neox)
 
 
+def rebuild_values(cv: torch.Tensor, b_v: torch.Tensor, bias_v, layout: LatentLayout) -> torch.Tensor:
+    """cv [T, G, rank_v] -> values [T, G*gs, hd]."""
+    bv = b_v.to(cv.dtype).view(layout.groups, layout.rank_v, layout.group_size, layout.head_dim)
+    v = torch.einsum("tgr,grwd->tgwd", cv, bv).reshape(cv.shape[0], layout.num_kv_heads, layout.head_dim)
+    if bias_v is not None:
+        v = v + bias_v.to(v.dtype).view(layout.num_kv_heads, layout.head_dim)
+    return v
+
+
+def rebuild_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout, block_row: torch.Tensor,
+                      seq_len: int, b_k: torch.Tensor, b_v: torch.Tensor, bias_k, bias_v,
+                      cos_sin_cache: torch.Tensor, scale: float, is_neox: bool = True,
+                      compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Causal attention of one request's queries ``q [nq, Hq, hd]`` (its last nq positions) by rebuilding its
+    keys (then RoPE) and values densely, in ``compute_dtype``, and running torch's scaled_dot_product_attention in
+    q's dtype (flash / memory-efficient kernels on GPUs). For long prompts this is faster than attention over the
+    latents: prefill is FLOP-bound and latents save it no FLOPs (benchmarks/RESULTS.md, GPU kernels, prefill)."""
+    nq, hq, hd = q.shape
+    ck, cv = layout.unpack(gather_rows(kv_cache, block_row, seq_len), compute_dtype)
+    k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox).to(q.dtype).transpose(0, 1)  # [Hkv, S, hd]
+    v = rebuild_values(cv, b_v, bias_v, layout).to(q.dtype).transpose(0, 1)
+    if nq == seq_len:
+        mask, causal = None, True
+    else:  # the queries are the last nq positions: query i sees keys j <= seq_len - nq + i
+        j = torch.arange(seq_len, device=q.device)
+        mask = j[None, :] <= (seq_len - nq + torch.arange(nq, device=q.device))[:, None]
+        causal = False
+    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal,
+                                                         scale=scale, enable_gqa=hq != k.shape[0])
+    return o.transpose(0, 1)
+
+
 def head_factor_views(b_v: torch.Tensor, layout: LatentLayout, num_q_heads: int):
     """Per query head: index of its latent group and its [rank_v, hd] slice of B_v -> (grp [Hq], bv [Hq, rv, hd])."""
     q_per_kv = num_q_heads // layout.num_kv_heads

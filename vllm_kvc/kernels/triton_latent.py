@@ -59,9 +59,12 @@ except ImportError:  # pragma: no cover
     def gdc_launch_dependents():
         pass
 
+from vllm_kvc.kernels import reference
 from vllm_kvc.layout import LatentLayout
 
 LOG2E = 1.4426950408889634
+# requests with at least this many query tokens take the rebuild-then-flash path (see latent_attention)
+REBUILD_MIN_QUERIES = 128
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -1245,8 +1248,15 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False, prefetch: bool = True,
                      heads: int | None = None, cos_per_head: bool = False, rope: int | None = None,
                      one_dot: bool | None = None, maxnreg: int | None = None, angles: bool | int | None = None,
-                     late_sum: bool | None = None, lazy_max: bool | None = None, inv_freq: torch.Tensor | None = None, factors: LatentFactors | None = None) -> torch.Tensor:
+                     late_sum: bool | None = None, lazy_max: bool | None = None, inv_freq: torch.Tensor | None = None, factors: LatentFactors | None = None,
+                     query_start_loc_cpu: torch.Tensor | None = None,
+                     rebuild_min_queries: int = REBUILD_MIN_QUERIES) -> torch.Tensor:
     """Varlen causal attention over latent paged KV; same arguments and result as the reference.
+
+    Long prompts: where ``max_query_len`` and ``query_start_loc_cpu`` (the host copy of ``query_start_loc``) are
+    given, requests with at least ``rebuild_min_queries`` query tokens are computed by rebuilding their keys and
+    values densely and running torch's flash attention (:func:`reference.rebuild_attention`; prefill is
+    FLOP-bound and the latent kernel's prefill is slower), the other requests by the kernels in one launch.
 
     No host synchronisation: tiling is chosen from host-known sizes (``max_query_len`` if given, else the token
     and request counts). Factors are rearranged once and cached per (tensor, version). ``inv_freq`` (optional,
@@ -1260,6 +1270,32 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     if factors is None:
         factors = cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, _compute_dtype(q),
                                  inv_freq)
+    if query_start_loc_cpu is not None and max_query_len is not None and max_query_len >= rebuild_min_queries:
+        qsl = query_start_loc_cpu.tolist()
+        nq = [qsl[r + 1] - qsl[r] for r in range(R)]
+        long = [r for r in range(R) if nq[r] >= rebuild_min_queries]
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        for r, s in zip(long, seq_lens[long].tolist()):  # (one host sync for all long requests)
+            out[qsl[r]:qsl[r + 1]] = reference.rebuild_attention(
+                q[qsl[r]:qsl[r + 1]], kv_cache, layout, block_table[r], s, b_k, b_v, bias_k, bias_v, cos_sin_cache,
+                scale, is_neox)
+        rest = [r for r in range(R) if 0 < nq[r] < rebuild_min_queries]
+        if rest:  # the others (decodes, short chunks) as one batch through the kernels
+            rows = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in rest]).to(q.device)
+            idx = torch.tensor(rest, device=q.device)
+            sub_qsl = torch.tensor([0] + [nq[r] for r in rest]).cumsum(0).to(q.device, query_start_loc.dtype)
+            out[rows] = latent_attention(
+                q[rows], kv_cache, layout, block_table[idx], seq_lens[idx], sub_qsl, b_k, b_v, bias_k,
+                bias_v, cos_sin_cache, scale, is_neox, max_query_len=max(nq[r] for r in rest),
+                num_splits=num_splits, block_q=block_q, block_t=block_t, num_warps=num_warps, num_stages=num_stages,
+                trans=trans, rope_tau=rope_tau, pieces=pieces, group_fast=group_fast, prefetch=prefetch, heads=heads,
+                cos_per_head=cos_per_head, rope=rope, one_dot=one_dot, maxnreg=maxnreg, angles=angles,
+                late_sum=late_sum, lazy_max=lazy_max, factors=factors)
+        else:
+            LAST_LAUNCH.clear()
+        LAST_LAUNCH["rebuilt"] = long
+        return out
     opts = dict(trans=trans, rope_tau=rope_tau, group_fast=group_fast, prefetch=prefetch)
     if max_query_len == 1 and n_tok == R:
         return latent_decode(q, kv_cache, layout, block_table, seq_lens, factors, scale, out,

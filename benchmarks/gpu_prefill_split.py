@@ -1,0 +1,67 @@
+"""Long prompts on an H100: the latent kernel vs the rebuild-then-flash path, by query chunk length.
+
+    PYTHONPATH=. python benchmarks/gpu_prefill_split.py [--batches 1,8] [--ctx 4096] [--chunks 16,...,4096]
+
+One Llama-3-8B layer (32 q / 8 kv heads, d=128), bf16 latents at ratio 0.5 and 0.25; each of B requests has
+``ctx`` cached tokens of which the last ``chunk`` are queries (a prompt when chunk == ctx, else a chunked-prefill
+step). Times ``triton_latent.latent_attention`` with every request on the kernels and with every request on the
+rebuild path (``reference.rebuild_attention``: keys and values rebuilt densely, torch SDPA), median of
+``triton.testing.do_bench`` (events, L2 flushed; the rebuild path reads the sequence lengths on the host, so it
+cannot be graph-captured). This is how ``REBUILD_MIN_QUERIES`` in vllm_kvc/kernels/triton_latent.py was chosen.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_decode as gd  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from vllm_kvc.kernels import triton_latent as tk  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--chunks", default="16,32,64,128,256,512,1024,4096")
+    ap.add_argument("--ratios", default="0.5,0.25")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, ctx {args.ctx}, block size {gd.BS}; "
+          "median ms (events)")
+    print("| ratio | batch | chunk | kernels ms | rebuild + SDPA ms | kernels / rebuild | rel diff |")
+    print("|---|---|---|---|---|---|---|")
+    for ratio in (float(x) for x in args.ratios.split(",")):
+        rk, rv, lat = gd.variant_shapes(ratio, 1)
+        for B in (int(x) for x in args.batches.split(",")):
+            c = gd.DecodeCase(B, args.ctx, 1, rk, rv, lat)
+            for nq in (int(x) for x in args.chunks.split(",")):
+                if nq > args.ctx:
+                    continue
+                q = torch.randn(B * nq, gd.HQ, gd.HD, device=gd.DEV, dtype=torch.bfloat16)
+                qsl_cpu = torch.arange(0, B * nq + 1, nq, dtype=torch.int32)
+                qsl = qsl_cpu.to(gd.DEV)
+
+                def run(min_q):
+                    return tk.latent_attention(q, c.cache, c.layout, c.block_table, c.seq_lens, qsl, c.b_k, c.b_v,
+                                               None, None, c.cs, c.scale, max_query_len=nq,
+                                               query_start_loc_cpu=qsl_cpu, rebuild_min_queries=min_q)
+                kern = lambda: run(1 << 30)  # noqa: E731
+                rebuild = lambda: run(1)  # noqa: E731
+                diff = gd.rel(kern(), rebuild())
+                tk_ms = do_bench(kern, return_mode="median")
+                rb_ms = do_bench(rebuild, return_mode="median")
+                print(f"| {ratio} | {B} | {nq} | {tk_ms:.3f} | {rb_ms:.3f} | {tk_ms / rb_ms:.2f} | {diff:.1e} |",
+                      flush=True)
+            del c
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
