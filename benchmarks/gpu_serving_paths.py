@@ -1,7 +1,12 @@
-"""Long prompts on an H100: the latent kernel vs the rebuild-then-flash path, by query chunk length.
+"""The paths the latent backend's batches take on a GPU, timed side by side on one Llama-3-8B layer.
 
-    PYTHONPATH=. python benchmarks/gpu_prefill_split.py [--batches 1,8] [--ctx 4096] [--chunks 16,...,4096]
+    PYTHONPATH=. python benchmarks/gpu_serving_paths.py [--batches 1,8] [--ctx 4096] [--chunks 16,...,4096]
 
+Decode batches: ``latent_attention`` with ``max_query_len=1`` (what the backend passes: the direct decode kernel)
+vs without it (the varlen multi-head kernel, which looks each program's request up in the query offsets),
+64 requests x ``ctx`` tokens, median of CUDA-graph replays.
+
+Long prompts: the latent kernel vs the rebuild-then-flash path, by query chunk length.
 One Llama-3-8B layer (32 q / 8 kv heads, d=128), bf16 latents at ratio 0.5 and 0.25; each of B requests has
 ``ctx`` cached tokens of which the last ``chunk`` are queries (a prompt when chunk == ctx, else a chunked-prefill
 step). Times ``triton_latent.latent_attention`` with every request on the kernels and with every request on the
@@ -34,7 +39,20 @@ def main():
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, ctx {args.ctx}, block size {gd.BS}; "
-          "median ms (events)")
+          "median ms (decode: CUDA-graph replays; prompts: events)")
+    print("| ratio | decode batch | max_query_len=1 ms | max_query_len=None ms |")
+    print("|---|---|---|---|")
+    for ratio in (float(x) for x in args.ratios.split(",")):
+        rk, rv, lat = gd.variant_shapes(ratio, 1)
+        c = gd.DecodeCase(64, args.ctx, 1, rk, rv, lat)
+        qsl = torch.arange(0, 65, dtype=torch.int32, device=gd.DEV)
+        t = {m: gd.bench(lambda: tk.latent_attention(c.q, c.cache, c.layout, c.block_table, c.seq_lens, qsl, c.b_k,
+                                                     c.b_v, None, None, c.cs, c.scale, max_query_len=m,
+                                                     factors=c.factors))
+             for m in (1, None)}
+        print(f"| {ratio} | 64x{args.ctx} | {t[1]:.4f} | {t[None]:.4f} |", flush=True)
+        del c
+    print()
     print("| ratio | batch | chunk | kernels ms | rebuild + SDPA ms | kernels / rebuild | rel diff |")
     print("|---|---|---|---|---|---|---|")
     for ratio in (float(x) for x in args.ratios.split(",")):
@@ -50,7 +68,7 @@ def main():
 
                 def run(min_q):
                     return tk.latent_attention(q, c.cache, c.layout, c.block_table, c.seq_lens, qsl, c.b_k, c.b_v,
-                                               None, None, c.cs, c.scale, max_query_len=nq,
+                                               None, None, c.cs, c.scale, max_query_len=nq, factors=c.factors,
                                                query_start_loc_cpu=qsl_cpu, rebuild_min_queries=min_q)
                 kern = lambda: run(1 << 30)  # noqa: E731
                 rebuild = lambda: run(1)  # noqa: E731
