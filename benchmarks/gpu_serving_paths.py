@@ -6,13 +6,13 @@ Decode batches: ``latent_attention`` with ``max_query_len=1`` (what the backend 
 vs without it (the varlen multi-head kernel, which looks each program's request up in the query offsets),
 64 requests x ``ctx`` tokens, median of CUDA-graph replays.
 
-Long prompts: the latent kernel vs the rebuild-then-flash path, by query chunk length.
-One Llama-3-8B layer (32 q / 8 kv heads, d=128), bf16 latents at ratio 0.5 and 0.25; each of B requests has
+Long prompts: the latent kernel vs the rebuild-then-flash path, by query chunk length. Each of B requests has
 ``ctx`` cached tokens of which the last ``chunk`` are queries (a prompt when chunk == ctx, else a chunked-prefill
-step). Times ``triton_latent.latent_attention`` with every request on the kernels and with every request on the
-rebuild path (``reference.rebuild_attention``: keys and values rebuilt densely, torch SDPA), median of
-``triton.testing.do_bench`` (events, L2 flushed; the rebuild path reads the sequence lengths on the host, so it
-cannot be graph-captured). This is how ``REBUILD_MIN_QUERIES`` in vllm_kvc/kernels/triton_latent.py was chosen.
+step), bf16 latents at ratio 0.5 and 0.25. Times ``triton_latent.latent_attention`` with every request on the
+kernels and with every request on the rebuild path (``reference.rebuild_attention``: keys and values rebuilt
+densely, torch SDPA), and names the path the default thresholds pick; median of ``triton.testing.do_bench``
+(events, L2 flushed; the rebuild path reads the sequence lengths on the host, so it cannot be graph-captured).
+This is how ``REBUILD_MIN_QUERIES`` and ``REBUILD_MIN_WORK`` (vllm_kvc/kernels/triton_latent.py) were chosen.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def main():
         print(f"| {ratio} | 64x{args.ctx} | {t[1]:.4f} | {t[None]:.4f} |", flush=True)
         del c
     print()
-    print("| ratio | batch | chunk | kernels ms | rebuild + SDPA ms | kernels / rebuild | rel diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ratio | batch | chunk | kernels ms | rebuild + SDPA ms | kernels / rebuild | default path | rel diff |")
+    print("|---|---|---|---|---|---|---|---|")
     for ratio in (float(x) for x in args.ratios.split(",")):
         rk, rv, lat = gd.variant_shapes(ratio, 1)
         for B in (int(x) for x in args.batches.split(",")):
@@ -66,17 +66,19 @@ def main():
                 qsl_cpu = torch.arange(0, B * nq + 1, nq, dtype=torch.int32)
                 qsl = qsl_cpu.to(gd.DEV)
 
-                def run(min_q):
+                def run(**kw):
                     return tk.latent_attention(q, c.cache, c.layout, c.block_table, c.seq_lens, qsl, c.b_k, c.b_v,
                                                None, None, c.cs, c.scale, max_query_len=nq, factors=c.factors,
-                                               query_start_loc_cpu=qsl_cpu, rebuild_min_queries=min_q)
-                kern = lambda: run(1 << 30)  # noqa: E731
-                rebuild = lambda: run(1)  # noqa: E731
+                                               query_start_loc_cpu=qsl_cpu, **kw)
+                kern = lambda: run(rebuild_min_queries=1 << 30)  # noqa: E731
+                rebuild = lambda: run(rebuild_min_queries=1, rebuild_min_work=0)  # noqa: E731
                 diff = gd.rel(kern(), rebuild())
                 tk_ms = do_bench(kern, return_mode="median")
                 rb_ms = do_bench(rebuild, return_mode="median")
-                print(f"| {ratio} | {B} | {nq} | {tk_ms:.3f} | {rb_ms:.3f} | {tk_ms / rb_ms:.2f} | {diff:.1e} |",
-                      flush=True)
+                run()
+                chosen = "rebuild" if tk.LAST_LAUNCH.get("rebuilt") else "kernels"
+                print(f"| {ratio} | {B} | {nq} | {tk_ms:.3f} | {rb_ms:.3f} | {tk_ms / rb_ms:.2f} | {chosen} | "
+                      f"{diff:.1e} |", flush=True)
             del c
             torch.cuda.empty_cache()
 

@@ -353,10 +353,11 @@ REBUILD_CASES = [
 ]
 if CUDA:
     REBUILD_CASES += [
-        ("gpu_llama_prompt_decodes_chunk", [1000, 300, 517, 4096], [1000, 1, 77, 1],
+        # the default thresholds: 1000 x 1000, 2048 x 2048 and 512 x 4096 (query, key) pairs stay on the kernels
+        ("gpu_llama_prompt_decodes_chunk", [3000, 300, 1000, 4096], [3000, 1, 1000, 1],
          dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32, bs=64), None, [0]),
-        ("gpu_llama_chunked_prompts", [4096, 2048, 700], [512, 2048, 1], dict(G=8, gs=1, qpk=4, hd=128, rk=64,
-                                                                              rv=64, bs=16), None, [0, 1]),
+        ("gpu_llama_chunked_prompts", [4096, 2048, 700, 4096], [2048, 2048, 1, 512],
+         dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=16), None, [0]),
     ]
 
 
@@ -370,8 +371,8 @@ def test_triton_long_prompts_rebuilt_then_flash(name, seq_lens, q_lens, case_kw,
     expect = ref_out(args)
     out = torch.full_like(args["q"], float("nan"))
     kw = dict(max_query_len=max(q_lens), query_start_loc_cpu=args["query_start_loc"].cpu())
-    if min_q is not None:
-        kw["rebuild_min_queries"] = min_q
+    if min_q is not None:  # small shapes: no minimum (query, key) pairs
+        kw.update(rebuild_min_queries=min_q, rebuild_min_work=0)
     tk.latent_attention(**args, out=out, **kw)
     assert tk.LAST_LAUNCH["rebuilt"] == rebuilt
     err = rel_err(out, expect)

@@ -93,17 +93,18 @@ def rebuild_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLay
     latents: prefill is FLOP-bound and latents save it no FLOPs (benchmarks/RESULTS.md, GPU kernels, prefill)."""
     nq, hq, hd = q.shape
     ck, cv = layout.unpack(gather_rows(kv_cache, block_row, seq_len), compute_dtype)
-    k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox).to(q.dtype).transpose(0, 1)  # [Hkv, S, hd]
-    v = rebuild_values(cv, b_v, bias_v, layout).to(q.dtype).transpose(0, 1)
+    # [1, heads, tokens, hd]: the fused SDPA kernels take 4-D inputs only (3-D ones fall back to the math path)
+    k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox).to(q.dtype).transpose(0, 1)[None]
+    v = rebuild_values(cv, b_v, bias_v, layout).to(q.dtype).transpose(0, 1)[None]
     if nq == seq_len:
         mask, causal = None, True
     else:  # the queries are the last nq positions: query i sees keys j <= seq_len - nq + i
         j = torch.arange(seq_len, device=q.device)
         mask = j[None, :] <= (seq_len - nq + torch.arange(nq, device=q.device))[:, None]
         causal = False
-    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal,
-                                                         scale=scale, enable_gqa=hq != k.shape[0])
-    return o.transpose(0, 1)
+    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask,
+                                                         is_causal=causal, scale=scale, enable_gqa=hq != k.shape[1])
+    return o[0].transpose(0, 1)
 
 
 def head_factor_views(b_v: torch.Tensor, layout: LatentLayout, num_q_heads: int):

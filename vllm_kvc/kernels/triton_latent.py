@@ -63,8 +63,10 @@ from vllm_kvc.kernels import reference
 from vllm_kvc.layout import LatentLayout
 
 LOG2E = 1.4426950408889634
-# requests with at least this many query tokens take the rebuild-then-flash path (see latent_attention)
-REBUILD_MIN_QUERIES = 128
+# requests with at least this many query tokens and query x key pairs take the rebuild-then-flash path (see
+# latent_attention; measured on an H100: benchmarks/RESULTS.md, GPU kernels, "Long prompts")
+REBUILD_MIN_QUERIES = 256
+REBUILD_MIN_WORK = 1 << 23
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -1250,13 +1252,16 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      one_dot: bool | None = None, maxnreg: int | None = None, angles: bool | int | None = None,
                      late_sum: bool | None = None, lazy_max: bool | None = None, inv_freq: torch.Tensor | None = None, factors: LatentFactors | None = None,
                      query_start_loc_cpu: torch.Tensor | None = None,
-                     rebuild_min_queries: int = REBUILD_MIN_QUERIES) -> torch.Tensor:
+                     rebuild_min_queries: int = REBUILD_MIN_QUERIES,
+                     rebuild_min_work: int = REBUILD_MIN_WORK) -> torch.Tensor:
     """Varlen causal attention over latent paged KV; same arguments and result as the reference.
 
     Long prompts: where ``max_query_len`` and ``query_start_loc_cpu`` (the host copy of ``query_start_loc``) are
-    given, requests with at least ``rebuild_min_queries`` query tokens are computed by rebuilding their keys and
-    values densely and running torch's flash attention (:func:`reference.rebuild_attention`; prefill is
-    FLOP-bound and the latent kernel's prefill is slower), the other requests by the kernels in one launch.
+    given, requests with at least ``rebuild_min_queries`` query tokens and ``rebuild_min_work`` (query, key) pairs
+    are computed by rebuilding their keys and values densely and running torch's flash attention
+    (:func:`reference.rebuild_attention`: prefill is FLOP-bound and the latent kernel's prefill is slower, while
+    the rebuild costs ~1 ms per request), the other requests by the kernels in one launch. Deciding reads the
+    sequence lengths of the candidates on the host (one synchronisation, only for batches with such prompts).
 
     No host synchronisation: tiling is chosen from host-known sizes (``max_query_len`` if given, else the token
     and request counts). Factors are rearranged once and cached per (tensor, version). ``inv_freq`` (optional,
@@ -1273,14 +1278,16 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     if query_start_loc_cpu is not None and max_query_len is not None and max_query_len >= rebuild_min_queries:
         qsl = query_start_loc_cpu.tolist()
         nq = [qsl[r + 1] - qsl[r] for r in range(R)]
-        long = [r for r in range(R) if nq[r] >= rebuild_min_queries]
+        cand = [r for r in range(R) if nq[r] >= rebuild_min_queries]
+        lens = dict(zip(cand, seq_lens[cand].tolist() if cand else []))
+        long = [r for r in cand if nq[r] * lens[r] >= rebuild_min_work]
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        for r, s in zip(long, seq_lens[long].tolist()):  # (one host sync for all long requests)
+        for r in long:
             out[qsl[r]:qsl[r + 1]] = reference.rebuild_attention(
-                q[qsl[r]:qsl[r + 1]], kv_cache, layout, block_table[r], s, b_k, b_v, bias_k, bias_v, cos_sin_cache,
-                scale, is_neox)
-        rest = [r for r in range(R) if 0 < nq[r] < rebuild_min_queries]
+                q[qsl[r]:qsl[r + 1]], kv_cache, layout, block_table[r], lens[r], b_k, b_v, bias_k, bias_v,
+                cos_sin_cache, scale, is_neox)
+        rest = [r for r in range(R) if nq[r] > 0 and r not in long]
         if rest:  # the others (decodes, short chunks) as one batch through the kernels
             rows = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in rest]).to(q.device)
             idx = torch.tensor(rest, device=q.device)
