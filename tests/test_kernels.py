@@ -353,10 +353,10 @@ REBUILD_CASES = [
 ]
 if CUDA:
     REBUILD_CASES += [
-        # the default thresholds: 1000 x 1000, 2048 x 2048 and 512 x 4096 (query, key) pairs stay on the kernels
-        ("gpu_llama_prompt_decodes_chunk", [3000, 300, 1000, 4096], [3000, 1, 1000, 1],
+        # the default thresholds: 1000 x 1000, 2048 x 4096 and 512 x 4096 (query, key) pairs stay on the kernels
+        ("gpu_llama_prompt_decodes_chunk", [4100, 300, 1000, 4096], [4100, 1, 1000, 1],
          dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32, bs=64), None, [0]),
-        ("gpu_llama_chunked_prompts", [4096, 2048, 700, 4096], [2048, 2048, 1, 512],
+        ("gpu_llama_chunked_prompts", [8192, 4096, 700, 4096], [2048, 2048, 1, 512],
          dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=16), None, [0]),
     ]
 

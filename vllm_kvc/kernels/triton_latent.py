@@ -66,7 +66,7 @@ LOG2E = 1.4426950408889634
 # requests with at least this many query tokens and query x key pairs take the rebuild-then-flash path (see
 # latent_attention; measured on an H100: benchmarks/RESULTS.md, GPU kernels, "Long prompts")
 REBUILD_MIN_QUERIES = 256
-REBUILD_MIN_WORK = 1 << 23
+REBUILD_MIN_WORK = 1 << 24
 
 
 # ------------------------------------------------------------------------------------------------ kernels
