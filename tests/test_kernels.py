@@ -379,6 +379,18 @@ def test_triton_long_prompts_rebuilt_then_flash(name, seq_lens, q_lens, case_kw,
     assert err < TOL, f"{name}: rel err {err:.3e}"
 
 
+def test_triton_long_context_stays_on_kernels(monkeypatch):
+    """Requests with more cached tokens than REBUILD_MAX_TOKENS are not rebuilt densely (transient memory)."""
+    tk = kernels()
+    monkeypatch.setattr(tk, "REBUILD_MAX_TOKENS", 30)
+    args, _ = make_case([24, 40], [24, 17], G=2, gs=1, qpk=4, hd=32, rk=32, rv=16, bs=5)
+    out = torch.full_like(args["q"], float("nan"))
+    tk.latent_attention(**args, out=out, max_query_len=24, query_start_loc_cpu=args["query_start_loc"].cpu(),
+                        rebuild_min_queries=16, rebuild_min_work=0)
+    assert tk.LAST_LAUNCH["rebuilt"] == [0]
+    assert rel_err(out, ref_out(args)) < TOL
+
+
 def test_reference_rebuild_attention_matches_latent_attention():
     """reference.rebuild_attention (dense keys and values, SDPA) equals the latent reference in float64 terms:
     a whole prompt (causal) and a chunk (its last positions), GQA, bias, GPT-J partial rotary."""

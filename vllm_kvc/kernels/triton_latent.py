@@ -67,6 +67,9 @@ LOG2E = 1.4426950408889634
 # latent_attention; measured on an H100: benchmarks/RESULTS.md, GPU kernels, "Long prompts")
 REBUILD_MIN_QUERIES = 256
 REBUILD_MIN_WORK = 1 << 24
+# ... and at most this many cached tokens: the dense keys and values exist only while the request's attention
+# runs, and vLLM's memory profiling does not see them (~12 KB per token for a Llama-3-8B layer: 400 MB here)
+REBUILD_MAX_TOKENS = 32768
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -1258,7 +1261,8 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
 
     Long prompts: where ``max_query_len`` and ``query_start_loc_cpu`` (the host copy of ``query_start_loc``) are
     given, requests with at least ``rebuild_min_queries`` query tokens and ``rebuild_min_work`` (query, key) pairs
-    are computed by rebuilding their keys and values densely and running torch's flash attention
+    (and at most ``REBUILD_MAX_TOKENS`` cached tokens) are computed by rebuilding their keys and values densely
+    and running torch's flash attention
     (:func:`reference.rebuild_attention`: prefill is FLOP-bound and the latent kernel's prefill is slower, while
     the rebuild costs ~1 ms per request), the other requests by the kernels in one launch. Deciding reads the
     sequence lengths of the candidates on the host (one synchronisation, only for batches with such prompts).
@@ -1280,7 +1284,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
         nq = [qsl[r + 1] - qsl[r] for r in range(R)]
         cand = [r for r in range(R) if nq[r] >= rebuild_min_queries]
         lens = dict(zip(cand, seq_lens[cand].tolist() if cand else []))
-        long = [r for r in cand if nq[r] * lens[r] >= rebuild_min_work]
+        long = [r for r in cand if nq[r] * lens[r] >= rebuild_min_work and lens[r] <= REBUILD_MAX_TOKENS]
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for r in long:
