@@ -24,7 +24,7 @@ from vllm.v1.attention.backend import (
 
 from vllm_kvc.kernels import reference
 
-# Blocks of (a multiple of) the decode kernels' 64-token tiles: at ratio 0.25 on an H100 the decode kernel is 5%
+# Blocks of (a multiple of) the decode kernels' 64-token tiles: at ratio 0.25 on an H100 the decode kernel is 3-5%
 # faster on 64-token blocks than on vLLM's default 16 (benchmarks/RESULTS.md, GPU kernels). The cost: up to 63
 # tokens of a request's last block unused (15 with 16-token blocks) and prefix caching in 64-token steps.
 GPU_BLOCK_SIZE = 64

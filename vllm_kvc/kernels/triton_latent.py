@@ -28,8 +28,8 @@ generic kernel serves the rest (gs > 1, int8, prefill, rope_tau, TRANS=False).
 Launch options (measured on an H100, benchmarks/RESULTS.md, GPU kernels): ``trans`` (scores as [BLOCK_T, rows], keys as
 the register A operand), ``pieces=2`` (rebuild in two column halves: fewer live registers), ``prefetch`` (block
 ids and int8 scales loaded one tile ahead), split-KV for small batches. Blocks that hold whole tiles (block size
-a multiple of BLOCK_T, e.g. the latent backend's 64-token blocks on GPUs) give each tile one block id. ``rope_tau`` is experimental (wrong
-results with triton 3.6 on the GPU; interpreter-only tests).
+a multiple of BLOCK_T, e.g. the latent backend's 64-token blocks on GPUs) give each tile one block id.
+``rope_tau`` is experimental (wrong results with triton 3.6 on the GPU; interpreter-only tests).
 
 Importable without vLLM; runs on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 is then computed in fp32, see
 ``_compute_dtype``).
@@ -1253,7 +1253,8 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      rope_tau: bool = False, pieces: int | None = None, group_fast: bool = False, prefetch: bool = True,
                      heads: int | None = None, cos_per_head: bool = False, rope: int | None = None,
                      one_dot: bool | None = None, maxnreg: int | None = None, angles: bool | int | None = None,
-                     late_sum: bool | None = None, lazy_max: bool | None = None, inv_freq: torch.Tensor | None = None, factors: LatentFactors | None = None,
+                     late_sum: bool | None = None, lazy_max: bool | None = None, inv_freq: torch.Tensor | None = None,
+                     factors: LatentFactors | None = None,
                      query_start_loc_cpu: torch.Tensor | None = None,
                      rebuild_min_queries: int = REBUILD_MIN_QUERIES,
                      rebuild_min_work: int = REBUILD_MIN_WORK) -> torch.Tensor:
