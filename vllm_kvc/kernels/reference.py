@@ -98,10 +98,8 @@ def rebuild_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLay
     v = rebuild_values(cv, b_v, bias_v, layout).to(q.dtype).transpose(0, 1)[None]
     if nq == seq_len:
         mask, causal = None, True
-    else:  # the queries are the last nq positions: query i sees keys j <= seq_len - nq + i
-        j = torch.arange(seq_len, device=q.device)
-        mask = j[None, :] <= (seq_len - nq + torch.arange(nq, device=q.device))[:, None]
-        causal = False
+    else:  # the queries are the last nq positions (SDPA's boolean masks mark what is visible)
+        mask, causal = ~visibility_mask([seq_len], nq, seq_len, True, q.device)[0], False
     o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask,
                                                          is_causal=causal, scale=scale, enable_gqa=hq != k.shape[1])
     return o[0].transpose(0, 1)
