@@ -12,6 +12,7 @@ Needs a CUDA GPU, torch and triton; not vLLM.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -28,6 +29,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from vllm_kvc.kernels import triton_latent as tk  # noqa: E402
+from vllm_kvc.kernels.triton_latent import LaunchConfig  # noqa: E402
 from vllm_kvc.layout import LatentLayout  # noqa: E402
 
 HQ, HKV, HD = 32, 8, 128  # Llama-3-8B layer
@@ -107,7 +109,7 @@ class DecodeCase:
         self.seq_lens = torch.full((B,), S, dtype=torch.int32, device=DEV)
         self.cs = rope_cache(S + 1)
         self.scale = HD ** -0.5
-        self.factors = tk.prepare_factors(L, self.b_k, self.b_v, None, None, self.cs, True, tk._compute_dtype(self.q),
+        self.factors = tk.prepare_factors(L, self.b_k, self.b_v, None, None, self.cs, True, tk.compute_dtype(self.q),
                                           rope_inv_freq())
         assert self.factors.inv_freq is not None
         del ck, cv
@@ -130,9 +132,9 @@ class DecodeCase:
         return self.B * self.S * HQ * HD * 4
 
     # --- paths
-    def run_kernel(self, **cfg):
+    def run_kernel(self, cfg: LaunchConfig | None = None):
         return tk.latent_decode(self.q, self.cache, self.layout, self.block_table, self.seq_lens, self.factors,
-                                self.scale, **cfg)
+                                self.scale, config=cfg)
 
     def rebuild_dense(self):
         """Naive rebuild: K = RoPE(c_k B_k), V = c_v B_v as [B, Hkv, S, hd] bf16."""
@@ -171,58 +173,50 @@ def dense_paths(B, S, seed=1):
     return paths, (q, k, v)
 
 
-def kernel_configs(sweep: str, gs: int, ratio=None):
+def kernel_configs(sweep: str, gs: int, ratio=None) -> list[LaunchConfig]:
     """Launch configurations (without the split factor, which is swept per case: it is a run-time argument).
     ``heads`` > 0: the multi-head decode kernel with that many KV heads per program (gs == 1 float latents);
-    0: the generic kernel."""
-    keys = ("block_t", "num_warps", "num_stages", "trans", "pieces", "prefetch")
-    generic = []
+    0: the generic kernel. Variants that RESULTS.md rejected (trans=False, prefetch=False, cos_per_head, angles=1,
+    the decode kernel in two pieces) left the kernels with the issue-13 split; git history has their sweeps."""
+    keys = ("block_t", "num_warps", "num_stages", "pieces")
     if sweep == "final":  # the winners of the quick sweeps (benchmarks/RESULTS.md, GPU kernels), timed again
-        base = [(64, 4, 3, True, 1, True), (64, 4, 2, True, 1, True), (64, 4, 2, True, 2, True),
-                (64, 4, 2, True, 2, False)] if gs == 1 else [(64, 4, 3, True, 1, True), (64, 4, 2, True, 2, True)]
+        base = [(64, 4, 3, 1), (64, 4, 2, 1), (64, 4, 2, 2)] if gs == 1 else [(64, 4, 3, 1), (64, 4, 2, 2)]
     elif sweep == "full":
-        base = [(bt, w, st, tr, nh, pf) for bt in (64, 128) for w in (4, 8) for st in (2, 3, 4) for tr in (True, False)
-                for nh in (1, 2) for pf in (True, False)]
+        base = [(bt, w, st, nh) for bt in (64, 128) for w in (4, 8) for st in (2, 3, 4) for nh in (1, 2)]
     elif sweep == "heads":  # the generic kernel's two winners, then the multi-head kernel's grid
-        base = [(64, 4, 3, True, 1, True), (64, 4, 2, True, 2, True)]
+        base = [(64, 4, 3, 1), (64, 4, 2, 2)]
     elif gs == 1:
-        base = [(64, 4, 3, True, 1, True), (64, 4, 2, True, 1, True), (64, 4, 3, True, 2, True),
-                (64, 4, 2, True, 2, True), (64, 4, 2, True, 2, False), (64, 4, 3, False, 1, True),
-                (128, 4, 3, True, 2, True), (128, 4, 2, True, 2, True)]
+        base = [(64, 4, 3, 1), (64, 4, 2, 1), (64, 4, 3, 2), (64, 4, 2, 2), (128, 4, 3, 2), (128, 4, 2, 2)]
     elif gs == 2:
-        base = [(64, 4, 3, True, 2, True), (64, 4, 2, True, 2, True), (64, 4, 3, True, 1, True),
-                (64, 4, 2, False, 1, True)]
+        base = [(64, 4, 3, 2), (64, 4, 2, 2), (64, 4, 3, 1)]
     else:
-        base = [(64, 4, 2, True, 2, True), (64, 4, 3, True, 1, True)]
-    generic = [dict(zip(keys, c), heads=0) for c in base]
+        base = [(64, 4, 2, 2), (64, 4, 3, 1)]
+    generic = [LaunchConfig(heads=0, **dict(zip(keys, c))) for c in base]
     heads = []
     if gs == 1 and ratio != "int8" and sweep in ("heads", "final", "quick"):
-        hk = ("heads", "block_t", "num_warps", "num_stages", "pieces", "cos_per_head")
+        hk = ("heads", "block_t", "num_warps", "num_stages")
         if sweep == "heads":
-            grid = [(nkv, 64, 4, st, nh, False) for nkv in (1, 2, 4) for st, nh in ((2, 1), (3, 1), (2, 2))]
-            grid += [(nkv, 64, 4, 3, 1, True) for nkv in (1, 2)]
-            grid += [(4, 128, 8, 2, 1, False)]
+            grid = [(nkv, 64, 4, st) for nkv in (1, 2, 4) for st in (2, 3)] + [(4, 128, 8, 2)]
         else:
             grid = HEADS_FINAL
-        heads = [dict(zip(hk, c), trans=True, prefetch=True) for c in grid]
-        if sweep == "final":  # RoPE by tile rotation (angles=2), cos / sin computed in the kernel (1) or read from
-            # the table (0); first-tile vs running max (late sums)
-            heads += [dict(zip(hk, c), trans=True, prefetch=True, angles=a, late_sum=True, lazy_max=lz)
-                      for c in grid[:2] for a in (2, 1, 0) for lz in (True, False)]
+        heads = [LaunchConfig(**dict(zip(hk, c))) for c in grid]
+        if sweep == "final":  # RoPE by tile rotation or from the table; first-tile vs running max
+            heads += [dataclasses.replace(c, tile_rotation=rot, lazy_max=lz)
+                      for c in heads[:2] for rot in (True, False) for lz in (True, False)]
     return generic + heads
 
 
-HEADS_FINAL = [(1, 64, 4, 3, 1, False), (2, 64, 4, 3, 1, False), (4, 64, 4, 3, 1, False), (4, 128, 8, 2, 1, False)]
+HEADS_FINAL = [(1, 64, 4, 3), (2, 64, 4, 3), (4, 64, 4, 3), (4, 128, 8, 2)]
 
 
-def kernel_stats():
-    out = {}
-    for name, k in tk.LAST_LAUNCH.items():
-        try:
-            out[name] = dict(regs=k.n_regs, spills=k.n_spills, smem=k.metadata.shared)
-        except Exception:  # noqa: BLE001
-            pass
-    return out
+def cfg_text(cfg: dict) -> str:
+    """A launch configuration (as a dict) in a few words."""
+    rot = cfg.get("tile_rotation")
+    lazy = cfg.get("lazy_max")
+    return (f"h{cfg.get('heads') or 0} T{cfg['block_t']} w{cfg['num_warps']} st{cfg['num_stages']} "
+            f"p{cfg.get('pieces') or 1} s{cfg['num_splits']}"
+            f"{'' if rot is None else (' tile rotation' if rot else ' table')}"
+            f"{'' if lazy is None else (' lazy max' if lazy else ' running max')}")
 
 
 def _warm_job(job):
@@ -233,13 +227,13 @@ def _warm_job(job):
     try:
         if kind == "decode":
             c = DecodeCase(2, 256, gs, rk, rv, lat)
-            c.run_kernel(**cfg)
+            c.run_kernel(cfg)
         else:
             c = DecodeCase(2, 256, gs, rk, rv, lat)
             qf = torch.randn(2 * 256, HQ, HD, device=DEV, dtype=torch.bfloat16)
             qsl = torch.arange(0, 2 * 256 + 1, 256, device=DEV, dtype=torch.int32)
             tk.latent_attention(qf, c.cache, c.layout, c.block_table, c.seq_lens, qsl, c.b_k, c.b_v, None, None,
-                                c.cs, c.scale, factors=c.factors, **cfg)
+                                c.cs, c.scale, factors=c.factors, config=cfg)
         torch.cuda.synchronize()
         return None, time.time() - t
     except Exception as e:  # noqa: BLE001
@@ -295,21 +289,18 @@ def run_decode(args, bw, mm, results):
                 tried = []
                 for kc in kernel_configs(args.sweep, gs, ratio):
                     for ns in ((1, 2, 4) if args.sweep in ("final", "heads") else (1, 2, 4, 8)):
-                        cfg = dict(kc, num_splits=ns)
+                        cfg = dataclasses.replace(kc, num_splits=ns)
                         try:
-                            out = c.run_kernel(**cfg)
+                            out = c.run_kernel(cfg)
                             torch.cuda.synchronize()
                             err = rel(out, ref_out)
-                            t = bench(lambda: c.run_kernel(**cfg))
+                            t = bench(lambda: c.run_kernel(cfg))
                         except Exception as e:  # noqa: BLE001  (out of resources etc.)
-                            tried.append(dict(cfg=cfg, error=str(e).splitlines()[0][:120]))
+                            tried.append(dict(cfg=dataclasses.asdict(cfg), error=str(e).splitlines()[0][:120]))
                             continue
-                        tried.append(dict(cfg=cfg, ms=t, err=err, stats=kernel_stats()))
+                        tried.append(dict(cfg=dataclasses.asdict(cfg), ms=t, err=err))
                         if best is None or t < best["ms"]:
-                            best = dict(cfg=cfg, ms=t, err=err)
-                if best:
-                    c.run_kernel(**best["cfg"])
-                    best["stats"] = kernel_stats()
+                            best = dict(cfg=dataclasses.asdict(cfg), ms=t, err=err)
                 kb, kf = c.kernel_bytes(), c.kernel_flops()
                 v = dict(B=B, S=S, ratio=ratio, gs=gs, rank_k=c.layout.rank_k, rank_v=c.layout.rank_v,
                          lat_dtype=c.layout.dtype, naive_ms=naive_t, kernel=best, bytes=kb, flops=kf,
@@ -321,10 +312,7 @@ def run_decode(args, bw, mm, results):
                       f"err={best['err'] if best else float('nan'):.1e} floors bytes {v['bytes_floor_ms']:.3f} "
                       f"flops {v['flop_floor_ms']:.3f} ({v['sweep_s']:.0f}s)", flush=True)
                 for tr in sorted([x for x in tried if "ms" in x], key=lambda x: x["ms"])[:6]:
-                    c2 = tr["cfg"]
-                    print(f"    {tr['ms']:.4f} ms err {tr['err']:.1e} h{c2.get('heads', 0)} T{c2['block_t']} "
-                          f"w{c2['num_warps']} st{c2['num_stages']} p{c2.get('pieces', 1)} s{c2['num_splits']}"
-                          f"{' cph' if c2.get('cos_per_head') else ''}{' angles=' + str(c2['angles']) if 'angles' in c2 else ''}{' late_sum=' + str(c2['late_sum']) if 'late_sum' in c2 else ''}{' lazy_max=' + str(c2['lazy_max']) if 'lazy_max' in c2 else ''} {tr.get('stats', {}).get('fwd', '')}", flush=True)
+                    print(f"    {tr['ms']:.4f} ms err {tr['err']:.1e} {cfg_text(tr['cfg'])}", flush=True)
                 del c
                 torch.cuda.empty_cache()
             ok = [v for v in variants if v["kernel"]]
@@ -357,13 +345,7 @@ def print_decode_table(rows, md=False):
         fl = max(b["bytes_floor_ms"], b["flop_floor_ms"])
         binds = "bytes" if b["bytes_floor_ms"] >= b["flop_floor_ms"] else "FLOPs"
         cfg = k["cfg"]
-        cs = f"gs={b['gs']}, T={cfg['block_t']}, w={cfg['num_warps']}, st={cfg['num_stages']}, " \
-             f"split={cfg['num_splits']}, {'T' if cfg['trans'] else 'N'}{'+tau' if cfg.get('rope_tau') else ''}" \
-             f"{', p=2' if cfg.get('pieces', 1) == 2 else ''}{', pf' if cfg.get('prefetch', True) else ''}" \
-             f"{', heads=' + str(cfg['heads']) if cfg.get('heads') else ''}{', cph' if cfg.get('cos_per_head') else ''}" \
-             f"{'' if 'angles' not in cfg else (', ' + ('table', 'angles', 'tile rotation')[int(cfg['angles'])])}" \
-             f"{'' if 'late_sum' not in cfg else (', late sum' if cfg['late_sum'] else ', sum per tile')}" \
-             f"{'' if 'lazy_max' not in cfg else (', lazy max' if cfg['lazy_max'] else ', running max')}"
+        cs = f"gs={b['gs']}, {cfg_text(cfg)}"
         rat = r["ratio"] if r["ratio"] != "int8" else "0.5 int8"
         print(f"| {r['B']}x{r['S']} | {rat} | {r['dense_ms']:.3f} | {r['dense_floor_ms']:.3f} | {b['naive_ms']:.3f} | "
               f"{k['ms']:.3f} ({cs}) | {b['bytes_floor_ms']:.3f} | {b['flop_floor_ms']:.3f} | {binds} | "
@@ -388,8 +370,8 @@ def print_decode_table(rows, md=False):
 
 # ------------------------------------------------------------------------------------------------ prefill
 def prefill_configs():
-    return [dict(block_q=bq, block_t=bt, num_warps=w, trans=tr, num_splits=1)
-            for bq in (16, 32) for bt in (64, 128) for w in (4, 8) for tr in (True, False)]
+    return [LaunchConfig(block_q=bq, block_t=bt, num_warps=w, num_splits=1)
+            for bq in (16, 32) for bt in (64, 128) for w in (4, 8)]
 
 
 def run_prefill(args, bw, mm, results):
@@ -424,16 +406,17 @@ def run_prefill(args, bw, mm, results):
         best, tried = None, []
         for cfg in prefill_configs():
             fn = lambda: tk.latent_attention(qf, c.cache, c.layout, c.block_table, c.seq_lens, qsl,  # noqa: E731
-                                             c.b_k, c.b_v, None, None, c.cs, c.scale, factors=c.factors, **cfg)
+                                             c.b_k, c.b_v, None, None, c.cs, c.scale, factors=c.factors,
+                                             config=cfg)
             try:
                 err = rel(fn(), ref)
                 t = bench(fn, warmup=5, rep=40)
             except Exception as e:  # noqa: BLE001
-                tried.append(dict(cfg=cfg, error=str(e).splitlines()[0][:120]))
+                tried.append(dict(cfg=dataclasses.asdict(cfg), error=str(e).splitlines()[0][:120]))
                 continue
-            tried.append(dict(cfg=cfg, ms=t, err=err))
+            tried.append(dict(cfg=dataclasses.asdict(cfg), ms=t, err=err))
             if best is None or t < best["ms"]:
-                best = dict(cfg=cfg, ms=t, err=err)
+                best = dict(cfg=dataclasses.asdict(cfg), ms=t, err=err)
         L = c.layout
         # our kernel's FLOPs with query tiles of block_q tokens: QK + P c_v, + key rebuild once per (q tile, kv tile)
         bq = best["cfg"]["block_q"] if best else 16
@@ -462,8 +445,8 @@ def print_prefill_table(rows):
         k = r["kernel"]
         cfg = k["cfg"]
         print(f"| {r['B']}x{r['S']} | {r['dense_ms']:.3f} | {r['dense_flop_floor_ms']:.3f} | {r['naive_ms']:.3f} | "
-              f"{k['ms']:.3f} (q={cfg['block_q']}, T={cfg['block_t']}, w={cfg['num_warps']}, "
-              f"{'T' if cfg['trans'] else 'N'}) | {r['kernel_flop_floor_ms']:.3f} | {r['dense_ms'] / k['ms']:.2f}x |")
+              f"{k['ms']:.3f} (q={cfg['block_q']}, T={cfg['block_t']}, w={cfg['num_warps']}) | "
+              f"{r['kernel_flop_floor_ms']:.3f} | {r['dense_ms'] / k['ms']:.2f}x |")
 
 
 def main():
@@ -481,7 +464,7 @@ def main():
                     help="worker processes compiling the kernel variants first (0: off)")
     ap.add_argument("--prefill-cases", default="1x4096,1x16384,8x2048")
     ap.add_argument("--block-size", type=int, default=BS, help="vLLM block size of the paged caches")
-    ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1,<latent_decode kwargs>: run that "
+    ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1,<LaunchConfig fields>: run that "
                     "kernel 5 times and exit (for ncu)")
     args = ap.parse_args()
     BS = args.block_size
@@ -493,12 +476,11 @@ def main():
         ratio = kv.pop("ratio")
         rk, rv, lat = variant_shapes(ratio if ratio == "int8" else float(ratio), gs)
         c = DecodeCase(B, S, gs, rk, rv, lat)
-        cfg = {k: (v == "1") if k in ("trans", "rope_tau", "group_fast", "prefetch", "cos_per_head") else int(v)
-               for k, v in kv.items()}
+        cfg = LaunchConfig(**{k: (v == "1") if k in ("tile_rotation", "lazy_max") else int(v) for k, v in kv.items()})
         for _ in range(5):
-            c.run_kernel(**cfg)
+            c.run_kernel(cfg)
         torch.cuda.synchronize()
-        print("profiled", cfg, kernel_stats())
+        print("profiled", cfg)
         return
     props = torch.cuda.get_device_properties(0)
     results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -518,7 +500,7 @@ def main():
                 rk, rv, lat = variant_shapes(ratio, gs)
                 for kc in kernel_configs(args.sweep, gs, ratio):
                     for ns in (1, 2):
-                        jobs.append(("decode", gs, rk, rv, lat, dict(kc, num_splits=ns)))
+                        jobs.append(("decode", gs, rk, rv, lat, dataclasses.replace(kc, num_splits=ns)))
         if args.no_decode:
             jobs = []
         if not args.no_prefill:

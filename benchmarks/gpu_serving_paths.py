@@ -12,7 +12,8 @@ step), bf16 latents at ratio 0.5 and 0.25. Times ``triton_latent.latent_attentio
 kernels and with every request on the rebuild path (``reference.rebuild_attention``: keys and values rebuilt
 densely, torch SDPA), and names the path the default thresholds pick; median of ``triton.testing.do_bench``
 (events, L2 flushed; the rebuild path reads the sequence lengths on the host, so it cannot be graph-captured).
-This is how ``REBUILD_MIN_QUERIES`` and ``REBUILD_MIN_WORK`` (vllm_kvc/kernels/triton_latent.py) were chosen.
+This is how ``REBUILD_MIN_QUERIES`` and ``REBUILD_MIN_WORK`` (vllm_kvc/kernels/triton_latent/config.py) were
+chosen; the path named is what ``plan_launch`` decides.
 """
 from __future__ import annotations
 
@@ -66,17 +67,18 @@ def main():
                 qsl_cpu = torch.arange(0, B * nq + 1, nq, dtype=torch.int32)
                 qsl = qsl_cpu.to(gd.DEV)
 
-                def run(**kw):
+                def run(cfg):
                     return tk.latent_attention(q, c.cache, c.layout, c.block_table, c.seq_lens, qsl, c.b_k, c.b_v,
                                                None, None, c.cs, c.scale, max_query_len=nq, factors=c.factors,
-                                               query_start_loc_cpu=qsl_cpu, **kw)
-                kern = lambda: run(rebuild_min_queries=1 << 30)  # noqa: E731
-                rebuild = lambda: run(rebuild_min_queries=1, rebuild_min_work=0)  # noqa: E731
+                                               query_start_loc_cpu=qsl_cpu, config=cfg)
+                kern = lambda: run(tk.LaunchConfig(rebuild_min_queries=1 << 30))  # noqa: E731
+                rebuild = lambda: run(tk.LaunchConfig(rebuild_min_queries=1, rebuild_min_work=0))  # noqa: E731
                 diff = gd.rel(kern(), rebuild())
                 tk_ms = do_bench(kern, return_mode="median")
                 rb_ms = do_bench(rebuild, return_mode="median")
-                run()
-                chosen = "rebuild" if tk.LAST_LAUNCH.get("rebuilt") else "kernels"
+                plan = tk.plan_launch(c.layout, gd.HQ, B * nq, B, max_query_len=nq, query_lens=[nq] * B,
+                                      seq_lens=[args.ctx] * B)
+                chosen = "rebuild" if plan.rebuilt else "kernels"
                 print(f"| {ratio} | {B} | {nq} | {tk_ms:.3f} | {rb_ms:.3f} | {tk_ms / rb_ms:.2f} | {chosen} | "
                       f"{diff:.1e} |", flush=True)
             del c

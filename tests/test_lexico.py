@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vllm_kvc import lexico
-from vllm_kvc.config import CalibrationConfig, CompressionConfig, LexicoConfig
+from vllm_kvc.config import CalibrationConfig, CompressionConfig
+from vllm_kvc.methods.lexico import LexicoConfig
 from vllm_kvc.lexico import (SparseLayout, learn_dictionary, omp, reconstruction_error, sparse_decode)
 
 
@@ -168,7 +169,8 @@ def _codes(n, h, s, atoms, seed):
 
 
 def test_sparse_layout_bytes_match_the_plan():
-    from vllm_kvc.plan import ModelShape, build_plan
+    from vllm_kvc.plan import ModelShape
+    from vllm_kvc.methods import build_plan
 
     lay = SparseLayout(num_kv_heads=3, head_dim=64, sparsity_k=8, sparsity_v=6)
     assert lay.row_bytes == lay.row_elems == 3 * 14 * 4 == 168

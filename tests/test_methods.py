@@ -2,7 +2,9 @@
 import pytest
 
 from vllm_kvc.config import CompressionConfig, ConfigError, parse_compression
-from vllm_kvc.plan import ModelShape, build_plan, pod_default_groups, pod_groups_of
+from vllm_kvc.plan import ModelShape
+from vllm_kvc.methods import build_plan
+from vllm_kvc.methods.pod import default_groups as pod_default_groups
 
 SMOL = ModelShape("LlamaForCausalLM", 30, 576, 9, 3, 64)
 LLAMA8B = ModelShape("LlamaForCausalLM", 32, 4096, 32, 8, 128)
@@ -21,13 +23,13 @@ def test_lexico_bytes_per_token():
 def test_pod_bytes_and_groups():
     cfg = CompressionConfig(method="pod", pod={"followers": 20, "max_group": 3})
     p = build_plan(cfg, SMOL)
-    groups = pod_groups_of(p)
+    groups = [list(g) for g in p.groups]
     assert sum(len(g) - 1 for g in groups) == 20 and max(len(g) for g in groups) <= 3
     assert [i for g in groups for i in g] == list(range(30))
     assert p.bytes_per_token() == (10 * 2 + 20) * 3 * 64 * 2
     explicit = [[0, 1, 2]] + [[i] for i in range(3, 30)]
     p2 = build_plan(CompressionConfig(method="pod", pod={"groups": explicit, "max_group": 3}), SMOL)
-    assert pod_groups_of(p2) == explicit and p2.ranks_k[:3] == (64, 0, 0)
+    assert [list(g) for g in p2.groups] == explicit and p2.reported_ranks()[0][:3] == [64, 0, 0]
     assert pod_default_groups(5, 2, 2) == [[0], [1, 2], [3, 4]]
 
 
@@ -58,7 +60,7 @@ def test_bad_method_settings_rejected_by_schema(comp, field):
 
 
 def test_prepare_without_building_reads_only_what_is_cached(tmp_path, monkeypatch):
-    from vllm_kvc.prepare import prepare
+    from vllm_kvc.methods import prepare
 
     monkeypatch.setenv("VLLM_KVC_CACHE", str(tmp_path))
     model = tmp_path / "m"

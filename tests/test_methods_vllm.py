@@ -6,7 +6,8 @@ import yaml
 from conftest import PROMPTS, SHARED, engine_spec as _engine, run_engine, vllm_kvc
 
 from vllm_kvc.config import CompressionConfig
-from vllm_kvc.plan import ModelShape, build_plan
+from vllm_kvc.plan import ModelShape
+from vllm_kvc.methods import build_plan
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def test_lexico_eval_matches_transformers_emulation(model_dir, tmp_path):
 
     from vllm_kvc.emulate import perplexity
     from vllm_kvc.evaluate import eval_chunks
-    from vllm_kvc.lexico import SparseLayout, build_dictionaries, load_dictionaries
+    from vllm_kvc.lexico import build_dictionaries
 
     comp = {"method": "lexico", "lexico": {**LEXICO_SMALL, "sparsity_k": 8, "sparsity_v": 12},
             "calibration": CALIB_SMALL}
@@ -82,17 +83,12 @@ def test_lexico_eval_matches_transformers_emulation(model_dir, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
+    from vllm_kvc.methods import get_method
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     path = build_dictionaries(model_dir, CompressionConfig(**comp))
-    layout = SparseLayout(3, 64, 8, 12)
-    for i, layer in enumerate(model.model.layers):
-        d_k, d_v = load_dictionaries(path, i)
-        for which, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj)):
-            def hook(mod, args, out, d_k=d_k, d_v=d_v, which=which):
-                x = out.float().reshape(-1, 3, 64)
-                k, v = layout.decode(layout.encode(x, x, d_k, d_v), d_k, d_v)
-                return (k if which == "k" else v).reshape(out.shape).to(out.dtype)
-            proj.register_forward_hook(hook)
+    # each layer's k_proj / v_proj outputs replaced by decode(encode(.)) over its dictionaries
+    get_method("lexico").emulate(model, plan, path, CompressionConfig(**comp))
     emu = perplexity(model, eval_chunks(model_dir, "default", 2048, 1024))
     assert abs(row["ppl"] / emu - 1) < 0.01, (row["ppl"], emu)
     assert row["ppl"] > row["ppl_baseline"]

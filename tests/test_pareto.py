@@ -2,9 +2,12 @@
 import pytest
 from conftest import run_engine
 
-from vllm_kvc.bench import _uniform_ranks, check_dominance, plot
-from vllm_kvc.config import CompressionConfig, LayerRanks
-from vllm_kvc.plan import ModelShape, build_plan
+from vllm_kvc.bench import check_dominance, plot
+from vllm_kvc.methods.lowrank import uniform_ranks as _uniform_ranks
+from vllm_kvc.config import CompressionConfig
+from vllm_kvc.methods.lowrank import LayerRanks
+from vllm_kvc.plan import ModelShape
+from vllm_kvc.methods import build_plan
 
 
 def _pt(method, frac, rise, base=True):

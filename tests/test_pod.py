@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vllm_kvc import pod
-from vllm_kvc.config import CalibrationConfig, CompressionConfig, PodConfig
+from vllm_kvc.config import CalibrationConfig, CompressionConfig
+from vllm_kvc.methods.pod import PodConfig
 from vllm_kvc.pod import PodPlan, layer_similarity, plan_groups, pod_attention, pod_logits
 
 

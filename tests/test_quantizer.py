@@ -95,10 +95,9 @@ def test_pack_unpack_bytes_unchanged(spec, rk, rv, nbytes):
 
 def test_sensitivity_key_carries_the_quantizer_version(tmp_path, monkeypatch):
     import vllm_kvc.allocate as al
-    import vllm_kvc.calibrate as cal
     from vllm_kvc.config import CompressionConfig
 
-    monkeypatch.setattr(cal, "checkpoint_fingerprint", lambda d: "ckpt")
+    monkeypatch.setattr(al, "checkpoint_fingerprint", lambda d: "ckpt")
     cfg = CompressionConfig(group_size=3)
     fk, sk = al._fisher_key("m", cfg, al.DEFAULT_PROBE), al.sensitivity_key("m", cfg, al.DEFAULT_PROBE)
     assert fk != sk  # allocations priced with the version-1 quantizer are not reused

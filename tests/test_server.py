@@ -133,13 +133,15 @@ def test_metrics_exported_with_sane_values(server, client):
 
 
 def test_plain_vllm_server_with_plugin_flags(model_dir, tmp_path):
-    """The same plugin through vLLM's own entry point and flags only (what `vllm serve` users type)."""
+    """The same plugin through vLLM's own entry point and flags only (what `vllm serve` users type), behind an API
+    key: the plugin's route is guarded exactly like vLLM's own /v1 routes; /metrics and /health stay open."""
     port = _free_port()
+    key = {"Authorization": "Bearer kvc-test-key"}
     comp = {"ratio": 0.5, "ratio_v": 1.0, "group_size": 3, "latent_dtype": "int8"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", "smol", "--port", str(port), "--enforce-eager", "--max-model-len", "2048",
            "--additional-config", json.dumps({"kv_compression": comp}),
-           "--middleware", "vllm_kvc.server.app.kv_compression_middleware"]
+           "--middleware", "vllm_kvc.server.app.kv_compression_middleware", "--api-key", "kvc-test-key"]
     log = tmp_path / "vllm.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"), stdout=fh,
@@ -154,15 +156,22 @@ def test_plain_vllm_server_with_plugin_flags(model_dir, tmp_path):
                         break
                 except requests.ConnectionError:
                     time.sleep(2)
-            d = requests.get(url + "/v1/kv_compression", timeout=10).json()
+            for path in ("/v1/kv_compression", "/v1/models"):  # the route is guarded like vLLM's own
+                assert requests.get(url + path, timeout=10).status_code == 401, path
+                bad = {"Authorization": "Bearer wrong"}
+                assert requests.get(url + path, headers=bad, timeout=10).status_code == 401, path
+            d = requests.get(url + "/v1/kv_compression", headers=key, timeout=10).json()
             assert d["enabled"] and d["settings"]["ratio"] == 0.5 and d["model"] == "smol"
             assert d["layers"][0]["rank_k"] == 96 and d["layers"][0]["rank_v"] == 192
             r = requests.post(url + "/v1/completions", json={"model": "smol", "prompt": "The capital of France is",
-                                                             "max_tokens": 8, "temperature": 0}, timeout=60)
+                                                             "max_tokens": 8, "temperature": 0}, headers=key,
+                              timeout=60)
             assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["text"]
             cap = (1 << 30) // (d["block_size"] * 30 * (96 + 192 + 4)) * d["block_size"]
             assert d["kv_capacity_tokens"] == cap
             assert f"CPU KV cache size: {cap:,} tokens" in log.read_text()
+            m = requests.get(url + "/metrics", timeout=10)
+            assert m.status_code == 200 and "vllm_kvc_compression_ratio" in m.text and "vllm:" in m.text
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(60)

@@ -38,7 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_kvc.config import CompressionConfig, LayerRanks
+from vllm_kvc.artifacts import (cache_key, cache_root, cached_json, cached_tensors, checkpoint_fingerprint,
+                                discard, file_lock, load_hf_model, progress, save_tensors_atomic,
+                                write_text_atomic)
 from vllm_kvc.plan import latent_part_bytes
 
 log = logging.getLogger("vllm_kvc")
@@ -82,13 +84,14 @@ class Allocation:
     predicted_kl: float  # summed predicted loss increase (Fisher-weighted error), arbitrary but additive units
     measured_rise_pct: float | None = None  # on the calibration slice (quality mode)
 
-    def compression(self, base: CompressionConfig) -> CompressionConfig:
-        """The deployment settings of this allocation (explicit per-layer ranks, K/V latent widths)."""
+    def compression(self, base):
+        """The deployment settings of this allocation (explicit per-layer ranks, K/V latent widths) on top of
+        ``base`` (a CompressionConfig of an allocatable method)."""
         d = base.model_dump()
-        d.update(method="lowrank", ranks=LayerRanks(k=self.ranks_k, v=self.ranks_v).model_dump(),
+        d.update(ranks={"k": list(self.ranks_k), "v": list(self.ranks_v)},
                  latent_dtype=f"int{self.bits_k}", latent_dtype_k=f"int{self.bits_k}",
                  latent_dtype_v=f"int{self.bits_v}", quant_group=self.quant_group)
-        return CompressionConfig.model_validate(d)
+        return base.model_validate(d)
 
 
 # ----------------------------------------------------------------------------------------------- allocation
@@ -211,25 +214,32 @@ def _factors(w, gs, hd, rank, cov, rotate=True):
     return a.float(), b.float()
 
 
-def _fisher_key(model_dir: str, cfg: CompressionConfig, probe: dict) -> str:
+def _fisher_key(model_dir: str, cfg, probe: dict) -> str:
     """Key of the Fisher weights and recorded inputs (independent of the latent quantizer)."""
-    from vllm_kvc.calibrate import _key, checkpoint_fingerprint
-
-    return _key(ALLOC_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(), cfg.factorization,
+    return cache_key(ALLOC_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(), cfg.factorization,
                 cfg.group_size, probe)
 
 
-def sensitivity_key(model_dir: str, cfg: CompressionConfig, probe: dict) -> str:
+def sensitivity_key(model_dir: str, cfg, probe: dict) -> str:
     """Key of sensitivities and allocations: the Fisher key plus the int4/int2 quantizer version (layout.py)."""
-    from vllm_kvc.calibrate import _key
     from vllm_kvc.layout import QUANT_VERSION
 
-    return _key(_fisher_key(model_dir, cfg, probe), "quant", QUANT_VERSION)
+    return cache_key(_fisher_key(model_dir, cfg, probe), "quant", QUANT_VERSION)
+
+
+def _cached(path: Path, cls):
+    """A cached Sensitivity / Allocation, or None (missing, or not a whole record of ``cls``: removed)."""
+    d = cached_json(path)
+    if d is None:
+        return None
+    try:
+        return cls(**d)
+    except TypeError as e:
+        discard(path, f"not a {cls.__name__} record ({e})")
+        return None
 
 
 def _alloc_dir() -> Path:
-    from vllm_kvc.checkpoints import cache_root
-
     d = cache_root() / "alloc"
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -238,38 +248,20 @@ def _alloc_dir() -> Path:
 DEFAULT_PROBE = {"tokens": 2048, "seq_len": 512, "rank_step": 8, "error_stride": 2}
 
 
-def _load_model(model_dir: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _covariances(model_dir: str, cfg, model, tok):
+    from vllm_kvc.calibrate import covariances
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return tok, model
-
-
-def _covariances(model_dir: str, cfg: CompressionConfig, model, tok):
-    from safetensors.torch import load_file, save_file
-
-    from vllm_kvc.calibrate import _file_lock, compute_covariances, covariance_path
-
-    if cfg.factorization != "whitened":
-        return None
-    cpath = covariance_path(model_dir, cfg.calibration)
-    with _file_lock(cpath):
-        if cpath.exists():
-            return load_file(str(cpath))["cov"].double()
-        covs = compute_covariances(model, tok, cfg.calibration)
-        save_file({"cov": covs.float()}, str(cpath))
-        return covs
+    return covariances(model_dir, cfg.calibration, model, tok) if cfg.factorization == "whitened" else None
 
 
 class _Context:
     """Model, calibration slice and covariances, loaded once per process."""
 
-    def __init__(self, model_dir: str, cfg: CompressionConfig, probe: dict):
+    def __init__(self, model_dir: str, cfg, probe: dict):
         from vllm_kvc.corpus import load_text, token_chunks
 
         self.model_dir, self.cfg, self.probe_cfg = model_dir, cfg, probe
-        self.tok, self.model = _load_model(model_dir)
+        self.tok, self.model = load_hf_model(model_dir, dtype=torch.float32, device="cpu")
         self.covs = _covariances(model_dir, cfg, self.model, self.tok)
         text = load_text(cfg.calibration.corpus, "calibration")
         # the slice comes from the end of the calibration text: not the tokens the covariances saw first
@@ -318,11 +310,9 @@ def _context(model_dir, cfg, probe) -> _Context:
 
 def _fisher(ctx, probe: dict, path: Path):
     """Per layer: ([K Fisher weights [T, out], V ...], K/V projection inputs [T, hidden]); cached on disk."""
-    from safetensors.torch import load_file, save_file
-
     model, L = ctx.model, len(ctx.model.model.layers)
-    if path.exists():
-        t = load_file(str(path))
+    t = cached_tensors(path)
+    if t is not None:
         return [[t[f"{i}.fk"], t[f"{i}.fv"]] for i in range(L)], [t[f"{i}.x"] for i in range(L)]
     fisher = [[None, None] for _ in range(L)]
     xs = [[] for _ in range(L)]
@@ -354,13 +344,13 @@ def _fisher(ctx, probe: dict, path: Path):
         for h in handles:
             h.remove()
     xs = [torch.cat(x) for x in xs]
-    save_file({**{f"{i}.fk": fisher[i][0].contiguous() for i in range(L)},
-               **{f"{i}.fv": fisher[i][1].contiguous() for i in range(L)},
-               **{f"{i}.x": xs[i].contiguous() for i in range(L)}}, str(path))
+    save_tensors_atomic({**{f"{i}.fk": fisher[i][0].contiguous() for i in range(L)},
+                         **{f"{i}.fv": fisher[i][1].contiguous() for i in range(L)},
+                         **{f"{i}.x": xs[i].contiguous() for i in range(L)}}, path)
     return fisher, xs
 
 
-def measure_sensitivity(model_dir: str, cfg: CompressionConfig, probe: dict | None = None,
+def measure_sensitivity(model_dir: str, cfg, probe: dict | None = None,
                         refresh: bool = False) -> Sensitivity:
     """Measure (or load from the cache) the sensitivity table of this checkpoint, calibration and settings.
 
@@ -369,15 +359,15 @@ def measure_sensitivity(model_dir: str, cfg: CompressionConfig, probe: dict | No
     error is g**2. Every option's output error on the recorded inputs, dy = (truncation to rank r) + (latent
     rounding to b bits, rotated factors exactly as deployed), is computed exactly and weighted:
     cost = sum_t,d g_td**2 dy_td**2, the second-order estimate of the loss increase (up to a factor 1/2)."""
-    from vllm_kvc.calibrate import _file_lock
     from vllm_kvc.factorize import rotation
     from vllm_kvc.layout import roundtrip
 
     probe = {**DEFAULT_PROBE, **(probe or {})}
     path = _alloc_dir() / f"sens-{sensitivity_key(model_dir, cfg, probe)}.json"
-    with _file_lock(path):
-        if path.exists() and not refresh:
-            return Sensitivity(**json.loads(path.read_text()))
+    with file_lock(path):
+        sens = None if refresh else _cached(path, Sensitivity)
+        if sens is not None:
+            return sens
         t0 = time.time()
         ctx = _context(model_dir, cfg, probe)
         L = len(ctx.model.model.layers)
@@ -390,7 +380,7 @@ def measure_sensitivity(model_dir: str, cfg: CompressionConfig, probe: dict | No
         log.info("allocator: Fisher weights from %d calibration tokens (%.0f s)",
                  sum(int(i.shape[1]) for i in ctx.probe.ids), time.time() - t0)
         cost = []
-        for i in range(L):
+        for i in progress(range(L), "allocator: sensitivity", unit="layer"):
             x = xs[i]  # [T, hidden]
             cov = ctx.covs[i] if ctx.covs is not None else None
             per_kind = []
@@ -434,11 +424,11 @@ def measure_sensitivity(model_dir: str, cfg: CompressionConfig, probe: dict | No
                          c[0, len(ranks) // 2, 0], ranks[-1], c[1, -1, 0], ranks[len(ranks) // 2],
                          c[1, len(ranks) // 2, 0], time.time() - t0)
         sens = Sensitivity(L, groups, full, ranks, variants, cost, probe, time.time() - t0)
-        path.write_text(json.dumps(asdict(sens)))
+        write_text_atomic(json.dumps(asdict(sens)), path)
         return sens
 
 
-def allocate_quality(model_dir: str, cfg: CompressionConfig, max_rise_pct: float, baseline_bytes: int,
+def allocate_quality(model_dir: str, cfg, max_rise_pct: float, baseline_bytes: int,
                      probe: dict | None = None, lo_frac: float = 0.08, hi_frac: float = 0.55,
                      iters: int = 7) -> Allocation:
     """Smallest budget (bisection on the byte fraction) whose allocation's measured perplexity rise on the
@@ -446,8 +436,8 @@ def allocate_quality(model_dir: str, cfg: CompressionConfig, max_rise_pct: float
     probe = {**DEFAULT_PROBE, **(probe or {})}
     key = sensitivity_key(model_dir, cfg, probe)
     path = _alloc_dir() / f"quality-{key}-{max_rise_pct:g}-{baseline_bytes}-{lo_frac:g}-{hi_frac:g}-{iters}.json"
-    if path.exists():
-        return Allocation(**json.loads(path.read_text()))
+    if (done := _cached(path, Allocation)) is not None:
+        return done
     sens = measure_sensitivity(model_dir, cfg, probe)
     ctx = _context(model_dir, cfg, probe)
     lo, hi = lo_frac, hi_frac
@@ -475,11 +465,11 @@ def allocate_quality(model_dir: str, cfg: CompressionConfig, max_rise_pct: float
             hi, best = mid, a
         else:
             lo = mid
-    path.write_text(json.dumps(asdict(best)))
+    write_text_atomic(json.dumps(asdict(best)), path)
     return best
 
 
-def allocate_for_budget(model_dir: str, cfg: CompressionConfig, fraction: float, baseline_bytes: int,
+def allocate_for_budget(model_dir: str, cfg, fraction: float, baseline_bytes: int,
                         probe: dict | None = None, verify: int = 3) -> Allocation:
     """Memory-budget mode: at most ``fraction`` of the bf16 KV bytes per token (scales included).
 
@@ -488,8 +478,8 @@ def allocate_for_budget(model_dir: str, cfg: CompressionConfig, fraction: float,
     probe = {**DEFAULT_PROBE, **(probe or {})}
     budget = int(math.floor(fraction * baseline_bytes))
     path = _alloc_dir() / f"budget-{sensitivity_key(model_dir, cfg, probe)}-{budget}-{verify}.json"
-    if path.exists():
-        return Allocation(**json.loads(path.read_text()))
+    if (done := _cached(path, Allocation)) is not None:
+        return done
     sens = measure_sensitivity(model_dir, cfg, probe)
     cands = allocate_budget(sens, budget, top=max(1, verify))
     if verify > 0:
@@ -500,5 +490,5 @@ def allocate_for_budget(model_dir: str, cfg: CompressionConfig, fraction: float,
                      fraction, a.bits_k, a.bits_v, a.quant_group, a.predicted_kl, a.measured_rise_pct)
         cands.sort(key=lambda a: a.measured_rise_pct)
     best = cands[0]
-    path.write_text(json.dumps(asdict(best)))
+    write_text_atomic(json.dumps(asdict(best)), path)
     return best

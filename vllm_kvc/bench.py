@@ -2,14 +2,15 @@
 
 For each method and memory point (about 50, 35, 25, 20, 15 % of the bf16 KV bytes, scales included) one vLLM
 engine runs in a child process (``evaluate.run_engine``) over the same token chunks and the same KV budget;
-the uncompressed baseline runs once. Methods:
+the uncompressed baseline runs once. Each method contributes its points (``Method.bench_points``):
 
 - ``kvc-alloc`` (ours): per-layer, per-K/V rank and latent width from measured sensitivity (allocate.py), at
   each memory point; ``kvc-alloc-q<X>``: the quality-budget mode (smallest memory whose calibration
   perplexity rise is <= X %);
 - baselines: ``quant-int8/int4/int2`` (KIVI-style: K and V themselves, one fp16 scale per 32 values, full
   rank, through the same latent cache path), ``svd-whitened`` (uniform rank, int8 latents, rotated),
-  ``svd-plain`` (uniform rank, plain SVD of the weights, int8 latents).
+  ``svd-plain`` (uniform rank, plain SVD of the weights, int8 latents);
+- ``lexico`` at each memory point and ``pod`` with a third, half and two thirds of the layers as followers.
 
 vLLM's own ``kv_cache_dtype=fp8`` does not run on this CPU build ("FP8 KV cache on CPU requires x86 with
 AVX-512 or AMX"), so it is not a measured peer here.
@@ -19,87 +20,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
 
-from vllm_kvc.config import CompressionConfig, LayerRanks
+from vllm_kvc.artifacts import progress
+from vllm_kvc.config import CompressionConfig
+from vllm_kvc.methods import all_methods, build_plan, prepare
 
 log = logging.getLogger("vllm_kvc")
 
 POINTS = (0.50, 0.35, 0.25, 0.20, 0.15)
-PLAIN_POINTS = (0.50, 0.25)
 QUALITY_BUDGET_PCT = 3.0
 
 
-def _uniform_ranks(plan_groups: int, full: int, n_layers: int, fraction: float, baseline_bytes: int,
-                   dtype: str = "int8") -> list[int] | None:
-    """Largest uniform rank (K = V) whose int8 rows fit ``fraction`` of the bf16 bytes."""
-    from vllm_kvc.plan import latent_row_bytes
-
-    best = None
-    for r in range(1, full + 1):
-        if n_layers * latent_row_bytes(plan_groups, r, r, dtype) <= fraction * baseline_bytes:
-            best = r
-    return [best] * n_layers if best else None
-
-
-def build_methods(base: CompressionConfig, shape, model_dir: str, points=POINTS, plain_points=PLAIN_POINTS,
-                  quality_pct: float | None = QUALITY_BUDGET_PCT, include=None) -> list[dict]:
-    """[{method, is_baseline, target, compression}] in the order they run."""
-    from vllm_kvc.allocate import allocate_for_budget, allocate_quality
-    from vllm_kvc.plan import build_plan
-
-    base_bytes = build_plan(base, shape).baseline_bytes_per_token()
-    full = base.group_size * shape.head_dim
-    groups = shape.num_kv_heads // base.group_size
-    n = shape.num_layers
-    common = dict(group_size=base.group_size, calibration=base.calibration.model_dump())
+def build_methods(base, shape, model_dir: str, points=POINTS, quality_pct: float | None = QUALITY_BUDGET_PCT,
+                  include=None) -> list[dict]:
+    """[{method, is_baseline, target, compression[, allocation]}] in the order they run: every registered
+    method's points (``Method.bench_points``)."""
     out = []
-
-    def want(name):
-        return include is None or any(name.startswith(i) for i in include)
-
-    if want("kvc-alloc"):
-        for f in points:
-            a = allocate_for_budget(model_dir, CompressionConfig(**common), f, base_bytes)
-            out.append({"method": "kvc-alloc", "is_baseline": False, "target": f,
-                        "compression": a.compression(CompressionConfig(**common)),
-                        "allocation": dataclasses.asdict(a)})
-    for bits in (8, 4, 2):
-        if want(f"quant-int{bits}"):
-            out.append({"method": f"quant-int{bits}", "is_baseline": True, "target": None,
-                        "compression": CompressionConfig(**common, method="quant", bits=bits, quant_group=32)})
-    if want("lexico"):  # sparse codes: (sk + sv) * 4 bytes per KV head vs 4 * head_dim in bf16
-        per_head_bf16 = 4 * shape.head_dim
-        for f in points:
-            total = max(2, round(f * per_head_bf16 / 4))
-            sk = total // 2
-            out.append({"method": "lexico", "is_baseline": False, "target": f,
-                        "compression": CompressionConfig(**common, method="lexico",
-                                                         lexico={"sparsity_k": sk, "sparsity_v": total - sk})})
-    if want("pod"):  # followers drop their keys: 1 - followers / (2 * layers) of the bf16 bytes
-        for followers, max_group in ((n // 3, 2), (n // 2, 2), (2 * n // 3, 3)):
-            out.append({"method": "pod", "is_baseline": False, "target": None,
-                        "compression": CompressionConfig(**common, method="pod",
-                                                         pod={"followers": followers, "max_group": max_group})})
-    for name, fact, pts in (("svd-whitened", "whitened", points), ("svd-plain", "plain", plain_points)):
-        if name == "svd-plain" and want("kvc-alloc") and quality_pct is not None:
-            a = allocate_quality(model_dir, CompressionConfig(**common), quality_pct, base_bytes,
-                                 lo_frac=0.1, hi_frac=0.4, iters=4)
-            out.append({"method": f"kvc-alloc-q{quality_pct:g}", "is_baseline": False, "target": None,
-                        "compression": a.compression(CompressionConfig(**common)),
-                        "allocation": dataclasses.asdict(a)})
-        if not want(name):
-            continue
-        for f in pts:
-            r = _uniform_ranks(groups, full, n, f, base_bytes)
-            if r is None:
-                continue
-            out.append({"method": name, "is_baseline": True, "target": f,
-                        "compression": CompressionConfig(**common, factorization=fact, latent_dtype="int8",
-                                                         ranks=LayerRanks(k=r, v=r))})
+    for m in all_methods():
+        out += m.bench_points(base, shape, model_dir, points, include, quality_pct=quality_pct)
     return out
 
 
@@ -199,8 +140,6 @@ def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_le
            kv_space_gib: str = "1", include=None, points=POINTS, quality_pct: float | None = QUALITY_BUDGET_PCT,
            log_dir: Path | None = None, partial: Path | None = None) -> dict:
     from vllm_kvc.evaluate import engine_kwargs, eval_chunks, run_engine
-    from vllm_kvc.plan import build_plan
-    from vllm_kvc.prepare import prepare
     from vllm_kvc.validate import check_file, engine_dtype
 
     c = check_file(config_path)
@@ -218,20 +157,27 @@ def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_le
     base = run_engine(engine_kwargs(dep, model_dir, None), chunks, kv_space_gib, logs / "baseline.log")
     base["kv_bytes_per_token"] = base_plan_bytes
     log.info("pareto: baseline ppl %.3f, capacity %d tokens", base["ppl"], base["kv_capacity_tokens"])
-    pts = []
-    for i, m in enumerate(methods):
+    pts, failed = [], []
+    for i, m in enumerate(progress(methods, "pareto", unit="point")):
         comp = m["compression"]
-        plan, _ = prepare(model_dir, comp, shape)
-        res = run_engine(engine_kwargs(dep, model_dir, comp), chunks, kv_space_gib, logs / f"{i:02d}_{m['method']}.log")
+        log_file = logs / f"{i:02d}_{m['method']}.log"
+        try:
+            plan, _ = prepare(model_dir, comp, shape)
+            res = run_engine(engine_kwargs(dep, model_dir, comp), chunks, kv_space_gib, log_file)
+        except Exception as e:  # noqa: BLE001 (one failed point is reported, the others still run)
+            failed.append({"method": m["method"], "target_fraction": m["target"], "log": str(log_file),
+                           "error": f"{type(e).__name__}: {e}"[:2000], "compression": comp.model_dump(mode="json")})
+            log.error("pareto: %s (target %s) failed: %s; log %s", m["method"], m["target"], e, log_file)
+            continue
         frac = plan.bytes_per_token() / base_plan_bytes
+        ranks_k, ranks_v = plan.reported_ranks()
         p = {"method": m["method"], "is_baseline": m["is_baseline"], "memory_fraction": frac, "ppl": res["ppl"],
              "ppl_rise_pct": 100.0 * (res["ppl"] / base["ppl"] - 1.0),
              "kv_capacity_tokens": res["kv_capacity_tokens"], "target_fraction": m["target"],
              "kv_bytes_per_token": plan.bytes_per_token(), "latent_dtype": plan.latent_dtype,
-             "rank_k_mean": sum(plan.ranks_k) / len(plan.ranks_k),
-             "rank_v_mean": sum(plan.ranks_v) / len(plan.ranks_v),
-             "ranks_k": list(plan.ranks_k), "ranks_v": list(plan.ranks_v),
-             "factorization": "identity" if plan.identity else comp.factorization,
+             "rank_k_mean": sum(ranks_k) / len(ranks_k), "rank_v_mean": sum(ranks_v) / len(ranks_v),
+             "ranks_k": ranks_k, "ranks_v": ranks_v,
+             "factorization": "identity" if getattr(plan, "identity", False) else comp.factorization,
              "seconds": res["seconds"]}
         if "allocation" in m and m["allocation"].get("measured_rise_pct") is not None:
             p["calibration_rise_pct"] = m["allocation"]["measured_rise_pct"]
@@ -243,7 +189,7 @@ def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_le
     return {"model": dep.model, "config": config_path, "corpus": corpus, "tokens_evaluated": base["tokens_evaluated"],
             "baseline": {"ppl": base["ppl"], "kv_capacity_tokens": base["kv_capacity_tokens"],
                          "kv_bytes_per_token": base_plan_bytes},
-            "points": pts, "dominance": check_dominance(pts),
+            "points": pts, "failures": failed, "dominance": check_dominance(pts),
             "not_measured": {"vllm kv_cache_dtype=fp8": "fails on this CPU build: FP8 KV cache on CPU requires "
                                                         "x86 with AVX-512 or AMX"},
             "seconds": time.time() - t0}

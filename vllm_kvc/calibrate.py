@@ -12,69 +12,27 @@ tensor-parallel workers compute it once).
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from vllm_kvc.checkpoints import cache_root
-from vllm_kvc.config import CalibrationConfig, CompressionConfig
+from vllm_kvc.artifacts import (attn_modules, cache_key, cache_root, cached_tensors, checkpoint_fingerprint,
+                                file_lock, load_hf_model, progress, save_tensors_atomic)
 from vllm_kvc.factorize import group_factors, identity_factors
-from vllm_kvc.plan import CompressionPlan
+from vllm_kvc.settings import CalibrationConfig
 
 log = logging.getLogger("vllm_kvc")
 FACTOR_FORMAT = 2
-
-
-def checkpoint_fingerprint(model_dir: str) -> str:
-    p = Path(model_dir)
-    h = hashlib.sha256()
-    h.update((p / "config.json").read_bytes() if (p / "config.json").exists() else model_dir.encode())
-    for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _load_hf(model_dir: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if dev == "cpu" else torch.bfloat16)
-    return tok, model.to(dev).eval()
-
-
-def _attn_modules(model):
-    return [layer.self_attn for layer in model.model.layers]
 
 
 def compute_covariances(model, tok, calib: CalibrationConfig) -> torch.Tensor:
     from vllm_kvc.corpus import load_text, token_chunks
 
     chunks = token_chunks(tok, load_text(calib.corpus, "calibration"), calib.tokens, calib.seq_len)
-    attn = _attn_modules(model)
+    attn = attn_modules(model)
     hidden = model.config.hidden_size
     covs = torch.zeros(len(attn), hidden, hidden, dtype=torch.float64)
     count = 0
@@ -88,7 +46,7 @@ def compute_covariances(model, tok, calib: CalibrationConfig) -> torch.Tensor:
     dev = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for n, ids in enumerate(chunks):
+            for n, ids in enumerate(progress(chunks, "calibration: covariances", unit="chunk")):
                 model(torch.tensor([ids], device=dev))
                 count += len(ids)
                 log.info("calibration %d/%d chunks (%.0f s)", n + 1, len(chunks), time.time() - t0)
@@ -99,43 +57,50 @@ def compute_covariances(model, tok, calib: CalibrationConfig) -> torch.Tensor:
 
 
 def covariance_path(model_dir: str, calib: CalibrationConfig) -> Path:
-    return cache_root() / "cov" / f"{_key(checkpoint_fingerprint(model_dir), calib.model_dump())}.safetensors"
+    return cache_root() / "cov" / f"{cache_key(checkpoint_fingerprint(model_dir), calib.model_dump())}.safetensors"
 
 
-def factors_path(model_dir: str, cfg: CompressionConfig, plan: CompressionPlan) -> Path:
+def covariances(model_dir: str, calib: CalibrationConfig, model=None, tok=None) -> torch.Tensor:
+    """Per-layer input covariances [layers, hidden, hidden] (float64), from the cache or computed once (file
+    lock); ``model`` / ``tok``: an already loaded HF model to compute with."""
+    cpath = covariance_path(model_dir, calib)
+    with file_lock(cpath):
+        if (t := cached_tensors(cpath)) is not None:
+            return t["cov"].double()
+        if model is None:
+            tok, model = load_hf_model(model_dir)
+        covs = compute_covariances(model, tok, calib)
+        save_tensors_atomic({"cov": covs.float()}, cpath, metadata={"calibration": json.dumps(calib.model_dump())})
+        log.info("covariances of %d layers written to %s", covs.shape[0], cpath)
+        return covs
+
+
+def factors_path(model_dir: str, cfg, plan) -> Path:
     if plan.identity:  # method quant: the weights themselves, nothing calibrated
-        key = _key(FACTOR_FORMAT, checkpoint_fingerprint(model_dir), "identity", plan.group_size)
+        key = cache_key(FACTOR_FORMAT, checkpoint_fingerprint(model_dir), "identity", plan.group_size)
     else:  # (the key of float and int8 plans is what it was before int4/int2 existed)
-        key = _key(FACTOR_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(),
-                   cfg.factorization, plan.group_size, plan.ranks_k, plan.ranks_v, plan.rotate)
+        key = cache_key(FACTOR_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(),
+                        cfg.factorization, plan.group_size, plan.ranks_k, plan.ranks_v, plan.rotate)
     return cache_root() / "factors" / f"{key}.safetensors"
 
 
-def build_factors(model_dir: str, cfg: CompressionConfig, plan: CompressionPlan) -> Path:
+def build_factors(model_dir: str, cfg, plan) -> Path:
     """Compute (or find in the cache) the factor file of this checkpoint, calibration and plan."""
-    from safetensors.torch import load_file, save_file
-
     out = factors_path(model_dir, cfg, plan)
-    if out.exists():
+    if cached_tensors(out) is not None:
         return out
-    with _file_lock(out):
-        if out.exists():
+    with file_lock(out):
+        if cached_tensors(out) is not None:
             return out
-        tok, model = _load_hf(model_dir)
+        tok, model = load_hf_model(model_dir)
         covs = None
         if cfg.factorization == "whitened" and not plan.identity:
-            cpath = covariance_path(model_dir, cfg.calibration)
-            with _file_lock(cpath):
-                if cpath.exists():
-                    covs = load_file(str(cpath))["cov"].double()
-                else:
-                    covs = compute_covariances(model, tok, cfg.calibration)
-                    save_file({"cov": covs.float()}, str(cpath))
+            covs = covariances(model_dir, cfg.calibration, model, tok)
         hd, gs = plan.shape.head_dim, plan.group_size
         rotate = plan.rotate
         tensors = {}
         t0 = time.time()
-        for i, a in enumerate(_attn_modules(model)):
+        for i, a in enumerate(progress(attn_modules(model), "calibration: factors", unit="layer")):
             cov = covs[i] if covs is not None else None
             for kind, proj, rank in (("k", a.k_proj, plan.ranks_k[i]), ("v", a.v_proj, plan.ranks_v[i])):
                 w = proj.weight.detach().float().cpu()
@@ -148,9 +113,7 @@ def build_factors(model_dir: str, cfg: CompressionConfig, plan: CompressionPlan)
             if (i + 1) % 10 == 0:
                 log.info("factors: %d/%d layers (%.1f s)", i + 1, plan.shape.num_layers, time.time() - t0)
         meta = {"plan": json.dumps(plan.to_json()), "format": str(FACTOR_FORMAT)}
-        tmp = out.with_suffix(".partial")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, out)
+        save_tensors_atomic(tensors, out, metadata=meta)
         log.info("factors for %d layers written to %s (%.1f s)", plan.shape.num_layers, out, time.time() - t0)
         del model
         return out

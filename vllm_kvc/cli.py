@@ -5,6 +5,7 @@ Bad settings exit with code 2 and one line ``error: <field>: <what was expected>
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -31,28 +32,55 @@ def cmd_validate(a) -> int:
     c = _checked(a.config)
     summary = {"model": c.model_dir, "architecture": c.shape.architecture, "compression": None}
     if c.plan is not None:
+        ranks_k, ranks_v = c.plan.reported_ranks()
         summary["compression"] = {
-            "ranks_k": list(c.plan.ranks_k), "ranks_v": list(c.plan.ranks_v),
+            "method": c.deployment.compression.method, "ranks_k": ranks_k, "ranks_v": ranks_v,
             "latent_dtype": c.plan.latent_dtype, "kv_bytes_per_token": c.plan.bytes_per_token(),
             "kv_bytes_per_token_baseline": c.plan.baseline_bytes_per_token(),
         }
+    if a.kv_memory is not None:
+        summary["capacity"] = _capacity(c, a)
     print(json.dumps(summary, indent=2))
     return 0
 
 
+def _capacity(c, a) -> dict:
+    """Tokens and concurrent sequences in ``--kv-memory`` per TP rank, dense vs this deployment."""
+    from vllm_kvc.methods import build_plan
+    from vllm_kvc.plan import dense_bytes_per_token, kv_capacity, parse_bytes
+    from vllm_kvc.validate import engine_dtype
+
+    try:
+        mem = parse_bytes(a.kv_memory)
+    except ValueError as e:
+        raise ConfigError("--kv-memory", str(e)) from None
+    engine = c.deployment.engine
+    tp = a.tp or int(engine.get("tensor_parallel_size", 1))
+    context = a.context or int(engine.get("max_model_len") or 0)
+    if context <= 0 or mem <= 0 or tp <= 0:
+        raise ConfigError("--context" if context <= 0 else "--kv-memory" if mem <= 0 else "--tp",
+                          "expected a positive number (--context defaults to engine.max_model_len)")
+    bs = a.block_size or int(engine.get("block_size") or 16)
+    shape = dataclasses.replace(c.shape, dtype=engine_dtype(c.deployment, c.shape))
+    plan = build_plan(c.deployment.compression, shape, tp) if c.deployment.compression is not None else None
+    dense_bpt = dense_bytes_per_token(shape, tp)
+    out = {"kv_memory_bytes": mem, "context": context, "tensor_parallel_size": tp, "block_size": bs,
+           "dense": kv_capacity(dense_bpt, mem, bs, context)}
+    if plan is not None:
+        out["compressed"] = kv_capacity(plan.bytes_per_token(tp), mem, bs, context)
+        out["token_gain"] = out["compressed"]["tokens"] / max(1, out["dense"]["tokens"])
+    return out
+
+
 def cmd_compress(a) -> int:
-    from vllm_kvc.prepare import prepare
+    from vllm_kvc.methods import get_method, prepare
 
     c = _checked(a.config, check_engine=False)
     if c.plan is None:
         raise ConfigError("compression", "missing: nothing to compress")
-    plan, path = prepare(c.model_dir, c.deployment.compression, c.plan.shape)
-    if path is None:  # pod: the measured sharing groups are the artifact
-        from vllm_kvc.plan import pod_groups_of
-
-        print(json.dumps({"pod_groups": pod_groups_of(plan)}))
-    else:
-        print(path)
+    comp = c.deployment.compression
+    plan, path = prepare(c.model_dir, comp, c.plan.shape, int(c.deployment.engine.get("tensor_parallel_size", 1)))
+    print(get_method(comp.method).artifact_summary(plan, path))
     return 0
 
 
@@ -64,7 +92,7 @@ def cmd_allocate(a) -> int:
 
     from vllm_kvc.allocate import allocate_for_budget, allocate_quality
     from vllm_kvc.config import CompressionConfig
-    from vllm_kvc.plan import build_plan
+    from vllm_kvc.methods import build_plan, get_method
 
     if (a.memory is None) == (a.max_rise is None):
         raise ConfigError("allocate", "give exactly one of --memory FRACTION or --max-rise PERCENT")
@@ -72,8 +100,9 @@ def cmd_allocate(a) -> int:
         raise ConfigError("--memory", f"{a.memory}: expected a fraction of the bf16 KV bytes in (0, 1]")
     c = _checked(a.config, check_engine=False)
     base = c.deployment.compression or CompressionConfig(group_size=c.shape.num_kv_heads)
-    if base.method != "lowrank":
-        raise ConfigError("compression.method", f"{base.method}: the allocator allocates method lowrank")
+    if not get_method(base.method).allocatable:
+        raise ConfigError("compression.method", f"{base.method}: the allocator allocates latent ranks and widths "
+                                                "(method lowrank)")
     base_bytes = build_plan(base, c.shape).baseline_bytes_per_token()
     if a.memory is not None:
         alloc = allocate_for_budget(c.model_dir, base, a.memory, base_bytes)
@@ -131,10 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("convert", help="install and convert the embedded default model (SmolLM2-135M)")
     s.set_defaults(fn=cmd_convert)
-    s = sub.add_parser("validate", help="check a deployment config and print its plan")
+    s = sub.add_parser("validate", help="check a deployment config and print its plan (and, with --kv-memory, "
+                                        "what fits)")
     s.add_argument("--config", required=True)
+    s.add_argument("--kv-memory", help="KV cache memory per GPU / TP rank, e.g. 40GiB: print tokens and concurrent "
+                                       "sequences that fit, dense vs this deployment")
+    s.add_argument("--context", type=int, help="tokens per sequence for --kv-memory (default: engine.max_model_len)")
+    s.add_argument("--tp", type=int, help="tensor-parallel size (default: engine.tensor_parallel_size or 1)")
+    s.add_argument("--block-size", type=int, help="KV block size in tokens (default: engine.block_size or 16; "
+                                                  "the latent backend prefers 64 on GPUs)")
     s.set_defaults(fn=cmd_validate)
-    s = sub.add_parser("compress", help="calibrate and write the factor file of a deployment")
+    s = sub.add_parser("compress", help="calibrate ahead of serving: the method's artifacts (factor or dictionary file, sharing groups)")
     s.add_argument("--config", required=True)
     s.set_defaults(fn=cmd_compress)
     s = sub.add_parser("allocate", help="per-layer K/V rank and latent width for a memory budget or a maximum "

@@ -1,7 +1,9 @@
-"""Compression and deployment settings (pydantic). Plain Python: importable without vLLM or torch.
+"""Deployment settings (pydantic): the schema of a deployment YAML (``configs/*.yaml``) and of its
+``compression:`` section, assembled from the registered methods (vllm_kvc/methods/): their flat fields sit
+directly under ``compression:``, their sections under ``compression.<method>:``. Importable without vLLM.
 
-A deployment YAML (``configs/*.yaml``) holds a :class:`DeploymentConfig`. The compression part travels to
-every vLLM process inside ``additional_config["kv_compression"]`` (vLLM's own passthrough for plugins).
+The compression part travels to every vLLM process inside ``additional_config["kv_compression"]`` (vLLM's own
+passthrough for plugins).
 """
 from __future__ import annotations
 
@@ -9,115 +11,35 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator
 
-ADDITIONAL_CONFIG_KEY = "kv_compression"
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from vllm_kvc.methods import all_methods, method_names
+from vllm_kvc.settings import (ADDITIONAL_CONFIG_KEY, SUPPORTED_ARCHITECTURES, CalibrationConfig, ConfigError,
+                               ServerConfig, Strict, first_error)
 
-
-class ConfigError(ValueError):
-    """A bad setting: ``field`` is the dotted path of the offending key."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
+__all__ = ["ADDITIONAL_CONFIG_KEY", "SUPPORTED_ARCHITECTURES", "CalibrationConfig", "CompressionConfig",
+           "ConfigError", "DeploymentConfig", "ServerConfig", "load_deployment", "parse_compression"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _compression_model():
+    methods = all_methods()
+    flat = [m.fields for m in methods if m.fields is not None]
+    # one base per family of flat fields (a method's fields may extend another's, e.g. quant's lowrank's)
+    bases = tuple(dict.fromkeys(f for f in flat if not any(g is not f and issubclass(g, f) for g in flat)))
+    names = method_names()
+    head = create_model("_Method", __base__=Strict, method=(Literal[names], Field(
+        names[0], description="; ".join(m.summary for m in methods))))
+    sections = {m.name: (m.section, m.section()) for m in methods if m.section is not None}
+    model = create_model("CompressionConfig", __base__=(*bases, head), __module__=__name__,
+                         calibration=(CalibrationConfig, CalibrationConfig()), **sections)
+    model.__doc__ = "The ``compression:`` section of a deployment: ``method`` and every method's settings."
+    return model
 
 
-class CalibrationConfig(_Strict):
-    corpus: str = Field("default", description="'default' (a registry package's English prose) or a .txt path")
-    tokens: int = Field(16384, gt=0, description="calibration tokens")
-    seq_len: int = Field(1024, gt=0, le=32768)
+CompressionConfig = _compression_model()
 
 
-class LayerRanks(_Strict):
-    """Explicit ranks per layer (per head group), one entry per decoder layer."""
-
-    k: list[int]
-    v: list[int]
-
-    @model_validator(mode="after")
-    def _same_len(self):
-        if len(self.k) != len(self.v):
-            raise ValueError(f"k has {len(self.k)} entries and v has {len(self.v)}: expected one per layer in both")
-        if any(r < 1 for r in self.k + self.v):
-            raise ValueError("ranks must be >= 1")
-        return self
-
-
-class LexicoConfig(_Strict):
-    """Method ``lexico``: each KV head's key (before RoPE) and value is a sparse combination of atoms of a
-    per-layer dictionary learned once from calibration K/V; the cache row holds (int16 index, fp16 value) pairs."""
-
-    atoms: int = Field(1024, ge=16, le=32768, description="dictionary atoms per layer and per K/V")
-    sparsity_k: int = Field(8, ge=1, le=256, description="non-zero coefficients per key vector")
-    sparsity_v: int = Field(8, ge=1, le=256, description="non-zero coefficients per value vector")
-    iters: int = Field(6, ge=0, le=100, description="dictionary-learning iterations over calibration K/V")
-    train_sparsity: int = Field(8, ge=1, le=256, description="sparsity the dictionaries are learned at; one "
-                                                             "dictionary serves every sparsity_k / sparsity_v")
-    recent_window: int = Field(0, ge=0, description="newest tokens per sequence attended with exact K/V "
-                                                     "(kept in a dense side pool); 0: every token from its code")
-
-
-class PodConfig(_Strict):
-    """Method ``pod``: in each group of adjacent layers the first (lead) keeps its keys; the others (followers)
-    score distant tokens with the lead's queries and keys and keep only their own values, plus exact keys for
-    the sink and recent tokens."""
-
-    followers: int | None = Field(None, ge=0, description="layers that share the distant keys of their group's "
-                                                          "lead (default: half of the layers)")
-    max_group: int = Field(2, ge=2, le=16, description="most layers per sharing group (lead included)")
-    window: int = Field(64, ge=0, description="recent tokens a follower scores with its own keys")
-    sinks: int = Field(4, ge=0, description="first tokens a follower scores with its own keys")
-    groups: list[list[int]] | None = Field(
-        None, description="explicit sharing groups of adjacent layers (first = lead), covering every layer in "
-                          "order; default: chosen from measured inter-layer attention similarity")
-
-
-class CompressionConfig(_Strict):
-    method: Literal["lowrank", "quant", "lexico", "pod"] = Field(
-        "lowrank", description="lowrank: factorized latents; quant: K/V themselves quantized per token group "
-                               "(KIVI-style baseline, full rank, no rotation); lexico: sparse codes over a "
-                               "learned dictionary; pod: distant-token keys shared across adjacent layers")
-    bits: Literal[8, 4, 2] = Field(4, description="method quant: bits per K/V value")
-    ratio: float = Field(0.5, gt=0, le=1, description="kept rank / full rank of each head group, K and V")
-    ratio_k: float | None = Field(None, gt=0, le=1, description="overrides ratio for keys")
-    ratio_v: float | None = Field(None, gt=0, le=1, description="overrides ratio for values")
-    ranks: LayerRanks | None = Field(None, description="explicit per-layer ranks (overrides ratio and schedule)")
-    schedule: Literal["uniform", "progressive"] = "uniform"
-    progressive_spread: float = Field(
-        0.4, ge=0, lt=1, description="progressive: layer 0 keeps (1+spread)x the mean rank, the last (1-spread)x")
-    group_size: int = Field(1, ge=1, description="KV heads per factorized head group")
-    latent_dtype: Literal["auto", "bfloat16", "float16", "float32", "int8", "int4", "int2"] = "auto"
-    latent_dtype_k: Literal["int8", "int4", "int2"] | None = Field(None, description="overrides latent_dtype for keys")
-    latent_dtype_v: Literal["int8", "int4", "int2"] | None = Field(None, description="overrides latent_dtype for values")
-    quant_group: int | None = Field(
-        None, ge=0, description="integer latents: values per fp16 scale; 0: one scale per token, head group and "
-                                "K/V (default for lowrank); method quant defaults to 32")
-    factorization: Literal["whitened", "plain"] = "whitened"
-    calibration: CalibrationConfig = CalibrationConfig()
-    lexico: LexicoConfig = LexicoConfig()
-    pod: PodConfig = PodConfig()
-
-    @property
-    def k_ratio(self) -> float:
-        return self.ratio_k if self.ratio_k is not None else self.ratio
-
-    @property
-    def v_ratio(self) -> float:
-        return self.ratio_v if self.ratio_v is not None else self.ratio
-
-
-class ServerConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-
-
-class DeploymentConfig(_Strict):
+class DeploymentConfig(Strict):
     model: str = Field(..., description="HF checkpoint folder, hub id, or 'smollm2' for the embedded default")
     served_model_name: str | None = None
     engine: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments")
@@ -132,23 +54,6 @@ class DeploymentConfig(_Strict):
         return v
 
 
-def _field_path(err: dict) -> str:
-    return ".".join(str(p) for p in err.get("loc", ())) or "<root>"
-
-
-def first_error(exc: ValidationError, prefix: str = "") -> ConfigError:
-    err = exc.errors()[0]
-    path = _field_path(err)
-    if prefix:
-        path = f"{prefix}.{path}" if path != "<root>" else prefix
-    msg = err.get("msg", "invalid")
-    if err.get("type") == "extra_forbidden":
-        msg = "unknown key"
-    elif "input" in err and err.get("type") not in ("missing",):
-        msg = f"{msg} (got {err['input']!r})"
-    return ConfigError(path, msg)
-
-
 def parse_compression(data: dict | None) -> CompressionConfig | None:
     if data is None:
         return None
@@ -158,14 +63,39 @@ def parse_compression(data: dict | None) -> CompressionConfig | None:
         raise first_error(e, "compression") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}, first given at line {seen[key] + 1}", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_deployment(path: str | Path) -> DeploymentConfig:
     p = Path(path)
     if not p.exists():
         raise ConfigError("config", f"file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError("config", f"{p} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError("config", f"{p} is not valid YAML: {what}{where}") from None
     if not isinstance(data, dict):
         raise ConfigError("<root>", f"{p} must hold a mapping, got {type(data).__name__}")
     try:

@@ -1,9 +1,14 @@
-"""Independent emulation of a factor file in plain transformers (no vLLM, no paged cache).
+"""Independent emulations of each method in plain transformers (no vLLM, no paged cache); each method's
+``emulate`` (vllm_kvc/methods/) installs one of these.
 
-Each layer's k_proj / v_proj become the low-rank products of the factor file, K = (x A_k) B_k, applied through
-forward hooks on the projections' inputs, with the latent rounded to the latent dtype (bf16/fp16, or int8 with
-one absmax scale per token and head group). Perplexity is computed on the same token chunks as the vLLM eval:
-the two must agree, which checks the whole vLLM path (cache layout, paging, rebuild, RoPE, folding of B_v).
+- ``install_factors`` (lowrank, quant): each layer's k_proj / v_proj become the low-rank products of the factor
+  file, K = (x A_k) B_k, applied through forward hooks on the projections' inputs, with the latent rounded to
+  the latent dtype (bf16/fp16, or int8 with one absmax scale per token and head group);
+- ``install_sparse`` (lexico): k_proj / v_proj outputs replaced by decode(encode(.)) over the dictionaries;
+- ``install_pod`` (pod): every layer's attention replaced by POD's over the whole sequence.
+
+Perplexity is computed on the same token chunks as the vLLM eval: the two must agree, which checks the whole
+vLLM path (cache layout, paging, rebuild, RoPE, folding of B_v).
 """
 from __future__ import annotations
 
@@ -52,6 +57,27 @@ def install_factors(model, factors_path: str, latent_dtype: str) -> list:
 
             handles.append(proj.register_forward_hook(hook))
     return handles
+
+
+def install_sparse(model, dictionaries_path, sparsity_k, sparsity_v) -> list:
+    """Replace every layer's k_proj / v_proj output (before RoPE) by its sparse code's reconstruction over the
+    layer's dictionaries (vllm_kvc/lexico.py), ``sparsity_k[i]`` / ``sparsity_v[i]`` atoms. Returns undo
+    callables."""
+    from vllm_kvc.lexico import SparseLayout, load_dictionaries
+
+    hkv = model.config.num_key_value_heads
+    undo = []
+    for i, layer in enumerate(model.model.layers):
+        hd = layer.self_attn.head_dim
+        layout = SparseLayout(hkv, hd, sparsity_k[i], sparsity_v[i])
+        d_k, d_v = load_dictionaries(dictionaries_path, i)
+        for which, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj)):
+            def hook(mod, args, out, d_k=d_k, d_v=d_v, which=which, layout=layout, hd=hd):
+                x = out.float().reshape(-1, hkv, hd)
+                k, v = layout.decode(layout.encode(x, x, d_k, d_v), d_k, d_v)
+                return (k if which == "k" else v).reshape(out.shape).to(out.dtype)
+            undo.append(proj.register_forward_hook(hook).remove)
+    return undo
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_kvc.config import ADDITIONAL_CONFIG_KEY, CompressionConfig, DeploymentConfig
-from vllm_kvc.plan import ModelShape, build_plan
+from vllm_kvc.methods import get_method, prepare
+from vllm_kvc.plan import ModelShape
 
 DEFAULT_KV_SPACE_GIB = "1"
 
@@ -39,6 +40,8 @@ def engine_kwargs(dep: DeploymentConfig, model: str, compression: CompressionCon
     kw.setdefault("seed", 0)
     if compression is not None:
         kw["additional_config"] = {ADDITIONAL_CONFIG_KEY: compression.model_dump(mode="json")}
+        for key, value in get_method(compression.method).engine_defaults(compression).items():
+            kw.setdefault(key, value)
     return kw
 
 
@@ -111,8 +114,6 @@ def evaluate(dep: DeploymentConfig, model_dir: str, corpus: str = "default", tok
     """Baseline and each compression setting on the same tokens and KV budget.
 
     Returns one row per compressed setting with the baseline's numbers alongside."""
-    from vllm_kvc.calibrate import build_factors
-
     comps = compressions if compressions is not None else [dep.compression or CompressionConfig()]
     chunks = eval_chunks(model_dir, corpus, tokens, seq_len)
     shape = ModelShape.from_model_dir(model_dir)
@@ -123,8 +124,9 @@ def evaluate(dep: DeploymentConfig, model_dir: str, corpus: str = "default", tok
     base = run_engine(engine_kwargs(dep, model_dir, None), chunks, kv_space_gib, logs / "baseline.log")
     rows = []
     for i, comp in enumerate(comps):
-        plan = build_plan(comp, shape.__class__(**{**shape.__dict__, "dtype": engine_dtype}))
-        build_factors(model_dir, comp, plan)  # calibrate before the engine starts (cached)
+        # the method's calibration artifacts before the engine starts (cached)
+        plan, _ = prepare(model_dir, comp, shape.__class__(**{**shape.__dict__, "dtype": engine_dtype}))
+        ranks_k, ranks_v = plan.reported_ranks()
         res = run_engine(engine_kwargs(dep, model_dir, comp), chunks, kv_space_gib, logs / f"compressed_{i}.log")
         rows.append({
             "model": dep.model,
@@ -136,8 +138,8 @@ def evaluate(dep: DeploymentConfig, model_dir: str, corpus: str = "default", tok
             "group_size": comp.group_size,
             "latent_dtype": plan.latent_dtype,
             "factorization": comp.factorization,
-            "ranks_k": list(plan.ranks_k),
-            "ranks_v": list(plan.ranks_v),
+            "ranks_k": ranks_k,
+            "ranks_v": ranks_v,
             "kv_bytes_per_token_baseline": plan.baseline_bytes_per_token(dtype_bytes=dtype_bytes),
             "kv_bytes_per_token": plan.bytes_per_token(),
             "kv_capacity_tokens_baseline": base["kv_capacity_tokens"],

@@ -19,7 +19,6 @@ Dictionaries are learned once per checkpoint from K/V collected on calibration t
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -330,12 +329,12 @@ def collect_kv(model_dir: str, calib, max_rows: int | None = None, seed: int = 0
     outputs (bias included, before RoPE) of every calibration token and KV head (``R = tokens * num_kv_heads``,
     rows ordered token-major then head). ``max_rows``: keep at most that many rows per layer and side, a
     deterministic random subset drawn chunk by chunk (the same rows for K and V), so memory stays bounded."""
-    from vllm_kvc.calibrate import _attn_modules, _load_hf
+    from vllm_kvc.artifacts import attn_modules, load_hf_model, progress
     from vllm_kvc.corpus import load_text, token_chunks
 
-    tok, model = _load_hf(model_dir)
+    tok, model = load_hf_model(model_dir)
     chunks = token_chunks(tok, load_text(calib.corpus, "calibration"), calib.tokens, calib.seq_len)
-    attn = _attn_modules(model)
+    attn = attn_modules(model)
     hkv = model.config.num_key_value_heads
     total = sum(len(c) for c in chunks) * hkv
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -356,7 +355,7 @@ def collect_kv(model_dir: str, calib, max_rows: int | None = None, seed: int = 0
     try:
         with torch.no_grad():
             taken = 0
-            for n, ids in enumerate(chunks):
+            for n, ids in enumerate(progress(chunks, "lexico: calibration K/V", unit="chunk")):
                 rows = len(ids) * hkv
                 if max_rows is not None and max_rows < total:
                     # quota of this chunk so that the chunks share max_rows evenly
@@ -376,11 +375,10 @@ def collect_kv(model_dir: str, calib, max_rows: int | None = None, seed: int = 0
 
 
 def dictionaries_path(model_dir: str, cfg) -> Path:
-    from vllm_kvc.calibrate import _key, checkpoint_fingerprint
-    from vllm_kvc.checkpoints import cache_root
+    from vllm_kvc.artifacts import cache_key, cache_root, checkpoint_fingerprint
 
     lc = cfg.lexico
-    key = _key("lexico", LEXICO_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(),
+    key = cache_key("lexico", LEXICO_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(),
                lc.atoms, lc.train_sparsity, lc.iters, LEARN_MAX_ROWS)
     return cache_root() / "lexico" / f"{key}.safetensors"
 
@@ -389,22 +387,20 @@ def build_dictionaries(model_dir: str, cfg) -> Path:
     """Learn (or find in the cache) every layer's ``D_k`` / ``D_v`` for this checkpoint, calibration and lexico
     settings; returns the safetensors file (tensors ``k.{layer}``, ``v.{layer}``). Built once under a file lock,
     so concurrent processes (tensor-parallel workers) wait for the first one."""
-    from safetensors.torch import save_file
-
-    from vllm_kvc.calibrate import _file_lock
+    from vllm_kvc.artifacts import cached_tensors, file_lock, progress, save_tensors_atomic
 
     out = dictionaries_path(model_dir, cfg)
-    if out.exists():
+    if cached_tensors(out) is not None:
         return out
-    with _file_lock(out):
-        if out.exists():
+    with file_lock(out):
+        if cached_tensors(out) is not None:
             return out
         lc = cfg.lexico
         t0 = time.time()
         kv = collect_kv(model_dir, cfg.calibration, max_rows=LEARN_MAX_ROWS)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         tensors = {}
-        for i, (k, v) in enumerate(kv):
+        for i, (k, v) in enumerate(progress(kv, "lexico: dictionaries", unit="layer")):
             t1 = time.time()
             errs = {}
             for side, x, s in (("k", k, lc.train_sparsity), ("v", v, lc.train_sparsity)):
@@ -417,9 +413,7 @@ def build_dictionaries(model_dir: str, cfg) -> Path:
                      i + 1, len(kv), lc.atoms, errs["k"], errs["v"], time.time() - t1)
         meta = {"format": str(LEXICO_FORMAT), "atoms": str(lc.atoms), "train_sparsity": str(lc.train_sparsity),
                 "iters": str(lc.iters), "layers": str(len(kv))}
-        tmp = out.with_suffix(".partial")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, out)
+        save_tensors_atomic(tensors, out, metadata=meta)
         log.info("lexico: dictionaries of %d layers written to %s (%.1f s)", len(kv), out, time.time() - t0)
         return out
 

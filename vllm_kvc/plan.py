@@ -1,17 +1,19 @@
-"""Per-layer rank plan: turns a CompressionConfig and a model's shape into (rank_k, rank_v) per layer.
+"""What a plan is, for every method: a model's shape (:class:`ModelShape`) and, per layer, what one token costs
+in the KV cache (:class:`Plan`); plus the byte arithmetic of latent rows and the LoRC rank schedules.
 
+Each method's plan class (a :class:`Plan` subclass with explicit fields) lives in its module under
+``vllm_kvc/methods/``; ``vllm_kvc.methods.build_plan`` turns a compression config into one.
 Plain Python (reads a HF config.json); importable without vLLM or torch.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from vllm_kvc.config import SUPPORTED_ARCHITECTURES, CompressionConfig, ConfigError
+from vllm_kvc.settings import SUPPORTED_ARCHITECTURES, ConfigError
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "int8": 1}
-SPARSE_PAIR_BYTES = 4  # lexico: one int16 atom index + one fp16 coefficient
 FLOAT_LATENTS = ("bfloat16", "float16", "float32")
 INT_LATENTS = {"int8": 8, "int4": 4, "int2": 2}
 
@@ -83,69 +85,105 @@ class ModelShape:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError("model", f"architecture {arch} is not supported: expected one of "
                                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-        heads = cfg["num_attention_heads"]
+        missing = [k for k in ("num_attention_heads", "hidden_size", "num_hidden_layers") if not cfg.get(k)]
+        if missing:
+            raise ConfigError("model", f"the checkpoint's config.json lacks {', '.join(missing)}: expected a "
+                                       "Hugging Face Llama-family config")
+        heads = int(cfg["num_attention_heads"])
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
-        return cls(arch, cfg["num_hidden_layers"], cfg["hidden_size"], heads,
-                   cfg.get("num_key_value_heads", heads), head_dim, str(dtype))
+        return cls(arch, int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), heads,
+                   int(cfg.get("num_key_value_heads") or heads), int(head_dim), str(dtype))
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "ModelShape":
         p = Path(path) / "config.json"
         if not p.exists():
             raise ConfigError("model", f"{p} not found: expected a Hugging Face checkpoint folder")
-        return cls.from_hf_config(json.loads(p.read_text()))
+        try:
+            cfg = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError("model", f"{p} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError("model", f"{p} must hold a JSON object")
+        return cls.from_hf_config(cfg)
+
+
+def dtype_bytes(dtype: str, default: int = 2) -> int:
+    return _DTYPE_BYTES.get(dtype, default)
+
+
+def kv_heads_per_rank(shape: "ModelShape", tp_size: int = 1) -> int:
+    """KV heads one tensor-parallel rank holds (vLLM replicates them when there are fewer than ranks)."""
+    return max(1, shape.num_kv_heads // tp_size)
+
+
+def dense_bytes_per_token(shape: "ModelShape", tp_size: int = 1, dtype_bytes: int | None = None) -> int:
+    """vLLM's own (uncompressed) KV bytes per token on one TP rank, in the model dtype unless given."""
+    db = dtype_bytes or _DTYPE_BYTES.get(shape.dtype, 2)
+    return shape.num_layers * 2 * kv_heads_per_rank(shape, tp_size) * shape.head_dim * db
 
 
 @dataclass(frozen=True)
-class CompressionPlan:
+class Plan:
+    """One deployment's plan for one model: what each layer caches per token. Subclasses (one per method) add
+    explicit fields and define ``layer_bytes_per_token`` and ``layer_ranks``."""
+
     shape: ModelShape
-    group_size: int
-    latent_dtype: str  # resolved latent spec (see latent_spec): bfloat16 / float16 / float32 / int8 / int4 / int8/int4@g32 ...
-    ranks_k: tuple[int, ...]  # per layer, per head group
-    ranks_v: tuple[int, ...]
-    identity: bool = False  # method "quant": full-rank identity factors (the latent is K / V itself), no rotation
-    method: str = "lowrank"  # lowrank | quant | lexico | pod (see config.CompressionConfig.method)
-    # lexico: ranks_k / ranks_v hold the non-zero coefficients per KV head of each layer; pod: ranks_k is 0 for the
-    # followers (their keys are not cached per token) and head_dim for leads, ranks_v head_dim everywhere
+    latent_dtype: str  # the cache's storage format as reported (a latent spec for latent plans: layout.py)
 
-    @property
-    def group_dim(self) -> int:
-        return self.group_size * self.shape.head_dim
-
-    @property
-    def num_groups(self) -> int:
-        return self.shape.num_kv_heads // self.group_size
+    method = "?"  # class attribute set by each method's plan class (not a dataclass field)
 
     def layer_bytes_per_token(self, layer: int, tp_size: int = 1) -> int:
-        """Bytes one token costs in this layer's cache on one TP rank (scales included)."""
-        if self.method == "lexico":
-            kv = max(1, self.shape.num_kv_heads // tp_size)
-            return kv * (self.ranks_k[layer] + self.ranks_v[layer]) * SPARSE_PAIR_BYTES
-        groups = max(1, self.num_groups // tp_size) if self.shape.num_kv_heads >= tp_size else 1
-        return latent_row_bytes(groups, self.ranks_k[layer], self.ranks_v[layer], self.latent_dtype)
+        """Bytes one token costs in this layer's paged cache on one TP rank (scales included)."""
+        raise NotImplementedError
 
-    @property
-    def quantized(self) -> bool:
-        return parse_latent_spec(self.latent_dtype)[0] in INT_LATENTS
+    def layer_ranks(self, layer: int) -> tuple[int, int]:
+        """(rank_k, rank_v) this layer reports on /v1/kv_compression and ``vllm_kvc_layer_rank`` (each method
+        says what they mean: ``Method.rank_meaning``)."""
+        raise NotImplementedError
 
-    @property
-    def rotate(self) -> bool:
-        """Factors are rotated (Hadamard / random orthogonal) for integer latents, except identity factors."""
-        return self.quantized and not self.identity
+    def reported_ranks(self) -> tuple[list[int], list[int]]:
+        """(rank_k of every layer, rank_v of every layer), see ``layer_ranks``."""
+        ranks = [self.layer_ranks(i) for i in range(self.shape.num_layers)]
+        return [r[0] for r in ranks], [r[1] for r in ranks]
 
     def bytes_per_token(self, tp_size: int = 1) -> int:
         return sum(self.layer_bytes_per_token(i, tp_size) for i in range(self.shape.num_layers))
 
     def baseline_bytes_per_token(self, tp_size: int = 1, dtype_bytes: int | None = None) -> int:
-        db = dtype_bytes or _DTYPE_BYTES.get(self.shape.dtype, 2)
-        kv = max(1, self.shape.num_kv_heads // tp_size)
-        return self.shape.num_layers * 2 * kv * self.shape.head_dim * db
+        return dense_bytes_per_token(self.shape, tp_size, dtype_bytes)
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["shape"] = asdict(self.shape)
+        d["method"] = self.method
         return d
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'40GiB', '512 MiB', '1.5GB', '1073741824' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r}: expected a size such as 40GiB, 512MiB or 1.5GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def kv_capacity(bytes_per_token: int, kv_memory: int, block_size: int, context: int) -> dict:
+    """What vLLM's allocator fits in ``kv_memory`` bytes of KV cache (one TP rank): every layer's page lives
+    in one block table (``UniformTypeKVCacheSpecs``: a block costs ``block_size`` x the bytes per token of all
+    layers), so ``blocks = kv_memory // (block_size * bytes_per_token)``; a sequence of ``context`` tokens
+    holds ``ceil(context / block_size)`` blocks."""
+    blocks = kv_memory // (block_size * bytes_per_token)
+    per_seq = -(-context // block_size)
+    return {"kv_bytes_per_token": bytes_per_token, "num_blocks": blocks, "tokens": blocks * block_size,
+            "sequences_at_context": blocks // per_seq}
 
 
 def _clip(r: float, full: int) -> int:
@@ -179,124 +217,3 @@ def schedule_ranks(ratio: float, num_layers: int, full: int, schedule: str, spre
             ranks[j % num_layers] -= 1
         j -= 1
     return ranks
-
-
-def pod_default_groups(num_layers: int, followers: int, max_group: int) -> list[list[int]]:
-    """Sharing groups used before similarity is measured (only their byte count matters then): ``followers``
-    followers in groups of at most ``max_group`` from the deepest layers up."""
-    groups, i, left = [], num_layers - 1, followers
-    while i >= 0:
-        size = min(max_group, left + 1, i + 1)
-        groups.insert(0, list(range(i - size + 1, i + 1)))
-        left -= size - 1
-        i -= size
-    return groups
-
-
-def pod_followers(cfg: CompressionConfig, num_layers: int) -> int:
-    pc = cfg.pod
-    most = num_layers - -(-num_layers // pc.max_group)
-    f = pc.followers if pc.followers is not None else min(num_layers // 2, most)
-    if f > most:
-        raise ConfigError("compression.pod.followers",
-                          f"{f} followers do not fit {num_layers} layers in groups of at most {pc.max_group} "
-                          f"(at most {most})")
-    return min(f, most)
-
-
-def check_pod_groups(groups, num_layers: int, max_group: int, field: str = "compression.pod.groups") -> None:
-    flat = [i for g in groups for i in g]
-    if flat != list(range(num_layers)) or any(not g for g in groups):
-        raise ConfigError(field, f"expected non-empty groups of adjacent layers covering 0..{num_layers - 1} in "
-                                 f"order, got {groups}")
-    if any(len(g) > max_group for g in groups):
-        raise ConfigError(field, f"a group is larger than max_group {max_group}")
-
-
-def _special_plan(cfg: CompressionConfig, shape: ModelShape, pod_groups=None) -> CompressionPlan:
-    n, hd = shape.num_layers, shape.head_dim
-    dt = shape.dtype if shape.dtype in FLOAT_LATENTS else "bfloat16"
-    if cfg.method == "lexico":
-        lc = cfg.lexico
-        for name, s in (("sparsity_k", lc.sparsity_k), ("sparsity_v", lc.sparsity_v)):
-            if s > hd:
-                raise ConfigError(f"compression.lexico.{name}", f"{s} is larger than head_dim {hd}")
-        if lc.atoms < max(lc.sparsity_k, lc.sparsity_v):
-            raise ConfigError("compression.lexico.atoms", f"{lc.atoms} atoms: expected at least the sparsity")
-        return CompressionPlan(shape, 1, "float16", (lc.sparsity_k,) * n, (lc.sparsity_v,) * n, method="lexico")
-    # pod
-    groups = pod_groups if pod_groups is not None else cfg.pod.groups
-    if groups is not None:
-        check_pod_groups(groups, n, cfg.pod.max_group)
-    else:
-        groups = pod_default_groups(n, pod_followers(cfg, n), cfg.pod.max_group)
-    followers = {i for g in groups for i in g[1:]}
-    rk = tuple(0 if i in followers else hd for i in range(n))
-    return CompressionPlan(shape, 1, dt, rk, (hd,) * n, method="pod")
-
-
-def pod_groups_of(plan: CompressionPlan) -> list[list[int]]:
-    """The sharing groups of a pod plan (a follower belongs to the nearest lead above it)."""
-    groups: list[list[int]] = []
-    for i, r in enumerate(plan.ranks_k):
-        if r or not groups:
-            groups.append([i])
-        else:
-            groups[-1].append(i)
-    return groups
-
-
-def build_plan(cfg: CompressionConfig, shape: ModelShape, tp_size: int = 1, pod_groups=None) -> CompressionPlan:
-    """The plan of ``cfg`` for ``shape``; ``pod_groups``: method pod's measured sharing groups (without them,
-    and without explicit ``pod.groups``, a pod plan has the right bytes but placeholder groups)."""
-    if tp_size > 1 and shape.num_kv_heads % tp_size and shape.num_kv_heads > tp_size:
-        raise ConfigError("engine.tensor_parallel_size",
-                          f"{tp_size} does not divide the model's {shape.num_kv_heads} KV heads")
-    if cfg.method in ("lexico", "pod"):
-        return _special_plan(cfg, shape, pod_groups)
-    gs = cfg.group_size
-    if shape.num_kv_heads % gs:
-        raise ConfigError("compression.group_size",
-                          f"{gs} does not divide the model's {shape.num_kv_heads} KV heads")
-    if tp_size > 1:
-        if shape.num_kv_heads >= tp_size:
-            per_rank = shape.num_kv_heads // tp_size
-            if shape.num_kv_heads % tp_size or per_rank % gs:
-                raise ConfigError("compression.group_size",
-                                  f"{gs} must divide the {per_rank} KV heads each of {tp_size} tensor-parallel "
-                                  f"ranks holds, so no head group straddles two ranks")
-        elif gs != 1:
-            raise ConfigError("compression.group_size",
-                              f"with tensor_parallel_size {tp_size} > {shape.num_kv_heads} KV heads each rank "
-                              f"holds one replicated KV head: expected group_size 1")
-    full = gs * shape.head_dim
-    n = shape.num_layers
-    if cfg.ranks is not None:
-        for kind, lst in (("k", cfg.ranks.k), ("v", cfg.ranks.v)):
-            if len(lst) != n:
-                raise ConfigError(f"compression.ranks.{kind}",
-                                  f"has {len(lst)} entries: expected one per layer ({n})")
-            for i, r in enumerate(lst):
-                if r > full:
-                    raise ConfigError(f"compression.ranks.{kind}[{i}]",
-                                      f"rank {r} is larger than the head-group dimension {full} "
-                                      f"(group_size {gs} x head_dim {shape.head_dim})")
-        rk, rv = list(cfg.ranks.k), list(cfg.ranks.v)
-    else:
-        rk = schedule_ranks(cfg.k_ratio, n, full, cfg.schedule, cfg.progressive_spread)
-        rv = schedule_ranks(cfg.v_ratio, n, full, cfg.schedule, cfg.progressive_spread)
-    if cfg.method == "quant":  # KIVI-style per-token-group quantization of K and V themselves: full rank
-        rk, rv = [full] * n, [full] * n
-        dk = dv = f"int{cfg.bits}"
-        qg = cfg.quant_group if cfg.quant_group is not None else 32
-    else:
-        dt = cfg.latent_dtype
-        if dt == "auto":
-            dt = shape.dtype if shape.dtype in FLOAT_LATENTS else "bfloat16"
-        dk, dv = cfg.latent_dtype_k or dt, cfg.latent_dtype_v or dt
-        qg = cfg.quant_group or 0
-    try:
-        spec = latent_spec(dk, dv, qg)
-    except ValueError as e:
-        raise ConfigError("compression.latent_dtype", str(e)) from None
-    return CompressionPlan(shape, gs, spec, tuple(rk), tuple(rv), identity=cfg.method == "quant")

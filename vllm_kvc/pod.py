@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvc.config import CalibrationConfig, CompressionConfig
+from vllm_kvc.settings import CalibrationConfig
 
 log = logging.getLogger("vllm_kvc")
 
@@ -144,12 +143,9 @@ def pod_attention(q_own, k_own, v_own, q_lead, k_lead, scale: float, window: int
 
 
 def _load_model(model_dir: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm_kvc.artifacts import load_hf_model
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return tok, model.to(dev).eval()
+    return load_hf_model(model_dir, dtype=torch.float32)
 
 
 def _rope_fn(model):
@@ -240,7 +236,9 @@ def layer_similarity(model_dir: str, calib: CalibrationConfig, window: int, sink
     count = 0
     log.info("pod similarity: %d layers, %d chunks of %d tokens, window %d, sinks %d, max_group %d",
              nl, len(chunks), seq_len, window, sinks, max_group)
-    for c, ids in enumerate(chunks):
+    from vllm_kvc.artifacts import progress
+
+    for c, ids in enumerate(progress(chunks, "pod: layer similarity", unit="chunk")):
         qkv = capture_qkv(model, torch.tensor(ids))
         t = len(ids)
         dev = qkv[0][0].device
@@ -407,12 +405,11 @@ def _similarity_tokens(calib: CalibrationConfig, max_tokens: int | None) -> int:
     return max(1, min(calib.tokens, cap))
 
 
-def similarity_path(model_dir: str, cfg: CompressionConfig, max_tokens: int | None = None) -> Path:
-    from vllm_kvc.calibrate import _key, checkpoint_fingerprint
-    from vllm_kvc.checkpoints import cache_root
+def similarity_path(model_dir: str, cfg, max_tokens: int | None = None) -> Path:
+    from vllm_kvc.artifacts import cache_key, cache_root, checkpoint_fingerprint
 
     pc = cfg.pod
-    key = _key("pod-similarity", POD_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(),
+    key = cache_key("pod-similarity", POD_FORMAT, checkpoint_fingerprint(model_dir), cfg.calibration.model_dump(),
                _similarity_tokens(cfg.calibration, max_tokens), pc.window, pc.sinks, pc.max_group)
     return cache_root() / "pod" / f"{key}.safetensors"
 
@@ -428,33 +425,31 @@ def _num_layers(model_dir: str) -> int:
     return int(cfg["num_hidden_layers"])
 
 
-def load_or_compute_similarity(model_dir: str, cfg: CompressionConfig, max_tokens: int | None = None) -> torch.Tensor:
+def load_or_compute_similarity(model_dir: str, cfg, max_tokens: int | None = None) -> torch.Tensor:
     """:func:`layer_similarity` of this checkpoint and settings, from the cache or computed once (file lock)."""
-    from safetensors.torch import load_file, save_file
-
-    from vllm_kvc.calibrate import _file_lock
+    from vllm_kvc.artifacts import cached_tensors, file_lock, save_tensors_atomic
 
     path = similarity_path(model_dir, cfg, max_tokens)
-    if path.exists():
-        return load_file(str(path))["score"].double()
-    with _file_lock(path):
-        if path.exists():
-            return load_file(str(path))["score"].double()
+    if (t := cached_tensors(path)) is not None:
+        return t["score"].double()
+    with file_lock(path):
+        if (t := cached_tensors(path)) is not None:
+            return t["score"].double()
         pc = cfg.pod
         score = layer_similarity(model_dir, cfg.calibration, pc.window, pc.sinks, pc.max_group, max_tokens)
-        tmp = path.with_suffix(".partial")
         meta = {"format": str(POD_FORMAT), "window": str(pc.window), "sinks": str(pc.sinks),
                 "max_group": str(pc.max_group), "calibration": json.dumps(cfg.calibration.model_dump())}
-        save_file({"score": score.float().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        save_tensors_atomic({"score": score.float().contiguous()}, path, metadata=meta)
         log.info("pod similarity written to %s", path)
         return score
 
 
-def build_pod_plan(model_dir: str, cfg: CompressionConfig) -> PodPlan:
+def build_pod_plan(model_dir: str, cfg) -> PodPlan:
     """The POD plan of this checkpoint: ``cfg.pod.groups`` if given, otherwise the groups of :func:`plan_groups`
     over the (cached) measured similarity, with ``cfg.pod.followers`` followers (default: half of the layers,
     clipped to what ``max_group`` allows). The plan is also written as JSON next to the similarity file."""
+    from vllm_kvc.artifacts import cached_json, write_text_atomic
+
     pc = cfg.pod
     nl = _num_layers(model_dir)
     if pc.groups is not None:
@@ -478,19 +473,17 @@ def build_pod_plan(model_dir: str, cfg: CompressionConfig) -> PodPlan:
     plan = PodPlan(groups, pc.window, pc.sinks)
     total = groups_score(score, groups)
     out = similarity_path(model_dir, cfg).with_suffix(f".f{followers}.json")
-    if out.exists():  # the record of these very groups (same key, same followers): written once, not per lookup
+    if cached_json(out) is not None:  # the record of these very groups (same key, same followers): written once
         return plan
     record = dict(plan.to_json(), followers=followers, max_group=pc.max_group, score_sum=total,
                   scores={str(m): float(score[g[0], m]) for g in groups for m in g[1:]})
-    tmp = out.with_suffix(".partial")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)
+    write_text_atomic(json.dumps(record, indent=1), out)
     log.info("pod plan: %d followers in groups %s (mean score %.4f), written to %s", followers,
              [list(g) for g in plan.groups if len(g) > 1], total / max(1, followers), out)
     return plan
 
 
-def cached_pod_plan(model_dir: str, cfg: CompressionConfig) -> PodPlan | None:
+def cached_pod_plan(model_dir: str, cfg) -> PodPlan | None:
     """:func:`build_pod_plan` if it needs no measurement (explicit groups, or a cached similarity), else None."""
     pc = cfg.pod
     if pc.groups is not None or pc.followers == 0 or similarity_path(model_dir, cfg).exists():

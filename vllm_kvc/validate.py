@@ -7,7 +7,8 @@ from pathlib import Path
 
 from vllm_kvc.checkpoints import resolve_model
 from vllm_kvc.config import ConfigError, DeploymentConfig, load_deployment
-from vllm_kvc.plan import CompressionPlan, ModelShape, build_plan
+from vllm_kvc.methods import build_plan
+from vllm_kvc.plan import ModelShape, Plan
 
 
 @dataclass
@@ -15,7 +16,7 @@ class Checked:
     deployment: DeploymentConfig
     model_dir: str
     shape: ModelShape
-    plan: CompressionPlan | None
+    plan: Plan | None
 
 
 def engine_arg_names() -> set[str]:

@@ -1,9 +1,9 @@
-"""vLLM v1 attention backend over latent KV rows: backend / metadata builder / impl.
+"""vLLM v1 attention backend over compressed KV rows (any method): backend / metadata builder / impl.
 
-The layer hands the impl its latents (in the ``key`` slot of vLLM's attention op); the impl writes them into
-the layer's paged cache at ``slot_mapping`` and computes attention by rebuilding keys (then RoPE) and folding
-B_v after the weighted sum. CUDA tensors go to the Triton kernels when they import; everything else to the
-plain-torch reference.
+The layer hands the impl this step's new K/V in whatever form its method caches (latents in the ``key`` slot
+of vLLM's attention op, or the projections themselves); the impl passes them, the layer's paged cache and the
+metadata to the layer's ``kvc_attend`` (glue/attention.py), which writes the rows at ``slot_mapping`` and
+computes attention.
 """
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
-
-from vllm_kvc.kernels import reference
 
 # Blocks of (a multiple of) the decode kernels' 64-token tiles: at ratio 0.25 on an H100 the decode kernel is 3-5%
 # faster on 64-token blocks than on vLLM's default 16 (benchmarks/RESULTS.md, GPU kernels). The cost: up to 63
@@ -110,14 +108,6 @@ class LatentMetadataBuilder(AttentionMetadataBuilder[LatentMetadata]):
         )
 
 
-def _triton_ops():
-    try:
-        from vllm_kvc.kernels import triton_latent  # noqa: F401
-        return triton_latent
-    except Exception:  # triton missing or no GPU backend
-        return None
-
-
 class LatentAttentionImpl(AttentionImpl[LatentMetadata]):
     def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
                  kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
@@ -132,7 +122,6 @@ class LatentAttentionImpl(AttentionImpl[LatentMetadata]):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
-        self._triton = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
                 output_block_scale=None):
@@ -141,35 +130,7 @@ class LatentAttentionImpl(AttentionImpl[LatentMetadata]):
             raise NotImplementedError("fused output quantization is not supported by latent KV attention")
         if attn_metadata is None:  # profiling / dummy run: no cache to touch
             return output.fill_(0)
-        n = attn_metadata.num_actual_tokens
         cache = kv_cache.select(1, 0) if kv_cache.dim() == 4 else kv_cache  # [B, 1, N, C] -> [B, N, C]
-        attend = getattr(layer, "kvc_attend", None)
-        if attend is not None:  # another method's codec (lexico, pod): the layer computes its own attention
-            attend(query, key, value, cache, attn_metadata, output)
-            return output
-        layout = layer.layout
-        lat = key[:n]
-        g, rk, rv = layout.groups, layout.rank_k, layout.rank_v
-        lat_k = lat[:, : g * rk].reshape(n, g, rk)
-        lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
-        q = query[:n]
-        reference.write_latents(cache, attn_metadata.slot_mapping[:n], layout, lat_k, lat_v)
-        if q.is_cuda:
-            if self._triton is None:
-                self._triton = _triton_ops() or False
-            if self._triton:
-                try:
-                    self._triton.latent_attention(
-                        q, cache, layout, attn_metadata.block_table, attn_metadata.seq_lens,
-                        attn_metadata.query_start_loc, layer.b_k, layer.b_v, layer.bias_k, layer.bias_v,
-                        layer.cos_sin_cache, self.scale, layer.is_neox, out=output[:n],
-                        inv_freq=layer.inv_freq, max_query_len=attn_metadata.max_query_len,
-                        query_start_loc_cpu=attn_metadata.query_start_loc_cpu)
-                    return output
-                except NotImplementedError:  # a layout the kernels do not read (e.g. int4): reference path
-                    pass
-        reference.latent_attention(
-            q, cache, layout, attn_metadata.block_table, attn_metadata.seq_lens_cpu,
-            attn_metadata.query_start_loc_cpu, layer.b_k, layer.b_v, layer.bias_k, layer.bias_v,
-            layer.cos_sin_cache, self.scale, layer.is_neox, out=output[:n])
+        # the layer's method writes its rows and computes attention (glue/attention.py: RowAttention)
+        layer.kvc_attend(query, key, value, cache, attn_metadata, output)
         return output

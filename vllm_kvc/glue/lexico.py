@@ -9,22 +9,37 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvc.glue.layer import RowAttention
+from vllm_kvc.glue.attention import RowAttention
 from vllm_kvc.glue.window import RecentPool, exact_mask, keep_positions, window_positions
 from vllm_kvc.kernels import reference
-from vllm_kvc.lexico import SparseLayout
+from vllm_kvc.lexico import SparseLayout, load_dictionaries
 
 
 class SparseAttention(RowAttention):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, layout: SparseLayout,
-                 recent_window: int = 0, cache_config=None, prefix: str = ""):
+                 dictionaries_path=None, recent_window: int = 0, cache_config=None, prefix: str = ""):
         super().__init__(num_heads, head_size, scale, num_kv_heads, layout.row_bytes, layout.cache_dtype,
                          cache_config=cache_config, prefix=prefix)
         self.layout = layout
+        self.dictionaries_path = dictionaries_path
         self.recent_window = recent_window
         self.d_k = self.d_v = self.cos_sin_cache = None  # set by finalize()
         self.is_neox = True
         self.pool: RecentPool | None = None
+
+    @torch.no_grad()
+    def kvc_finalize(self, layer) -> None:
+        dev = layer.qkv_proj.weight.device
+        d_k, d_v = load_dictionaries(self.dictionaries_path, layer.layer_idx)
+        self.d_k, self.d_v = d_k.float().to(dev), d_v.float().to(dev)
+        self.cos_sin_cache = layer.rotary_emb.cos_sin_cache.float().to(dev)
+        self.is_neox = bool(getattr(layer.rotary_emb, "is_neox_style", True))
+
+    def kvc_forward(self, layer, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Keys are coded before RoPE (and rotated when rebuilt): RoPE on the queries only."""
+        q, k, v = layer.project_qkv(hidden_states)
+        q, _ = layer.rotary_emb(positions, q.contiguous(), None)
+        return self(q, k, v.contiguous())
 
     def _rope(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return reference.apply_rope(k, positions, self.cos_sin_cache, self.is_neox)

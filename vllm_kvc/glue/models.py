@@ -46,8 +46,7 @@ class _LatentMixin:
 
 
 def _latent_attn(setup):
-    return partial(LatentSelfAttention, kvc_plan=setup.plan, kvc_factors=setup.factors_path,
-                   kvc_config=setup.config)
+    return partial(LatentSelfAttention, kvc_setup=setup)
 
 
 class KvcLlamaForCausalLM(_LatentMixin, LlamaForCausalLM):

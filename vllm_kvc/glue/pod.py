@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvc.glue.layer import RowAttention
+from vllm_kvc.glue.attention import RowAttention
 from vllm_kvc.glue.window import RecentPool, exact_mask, keep_positions, window_positions
 from vllm_kvc.kernels import reference
 

@@ -1,4 +1,4 @@
-"""Reads the compression settings a vLLM process was given and prepares the plan and factors."""
+"""Reads the compression settings a vLLM process was given and prepares the plan and calibration artifacts."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from vllm_kvc.config import ADDITIONAL_CONFIG_KEY, CompressionConfig, parse_compression
-from vllm_kvc.plan import CompressionPlan, ModelShape
+from vllm_kvc.methods import get_method, prepare
+from vllm_kvc.plan import ModelShape, Plan
 
 log = logging.getLogger("vllm_kvc")
 
@@ -16,8 +17,8 @@ log = logging.getLogger("vllm_kvc")
 @dataclass(frozen=True)
 class CompressionSetup:
     config: CompressionConfig
-    plan: CompressionPlan
-    factors_path: Path | None  # lowrank / quant: factor file; lexico: dictionary file; pod: none
+    plan: Plan
+    artifact: Path | None  # the method's calibration artifact (e.g. a factor or dictionary file), if any
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -29,8 +30,6 @@ def compression_setup(vllm_config) -> CompressionSetup | None:
     raw = extra.get(ADDITIONAL_CONFIG_KEY)
     if raw is None:
         return None
-    from vllm_kvc.prepare import prepare
-
     cfg = parse_compression(dict(raw))
     mc = vllm_config.model_config
     shape = ModelShape.from_hf_config(mc.hf_config.to_dict())
@@ -42,6 +41,11 @@ def compression_setup(vllm_config) -> CompressionSetup | None:
         plan, path = prepare(mc.model, cfg, shape, tp)
     finally:
         torch.set_default_dtype(prev)
-    log.info("vllm_kvc: %s ranks k=%s v=%s, latent %s, factors %s", cfg.schedule, plan.ranks_k, plan.ranks_v,
-             plan.latent_dtype, path)
+    log.info("vllm_kvc: method %s, %s, artifact %s", cfg.method, plan, path)
+    step = get_method(cfg.method).engine_defaults(cfg).get("max_num_batched_tokens")
+    sched = getattr(vllm_config, "scheduler_config", None)
+    if step and sched is not None and (sched.max_num_batched_tokens or 0) > step:
+        log.warning("vllm_kvc: method %s codes every new token in the step; %d tokens per step may run past vLLM's "
+                    "execute-model timeout on CPUs: pass --max-num-batched-tokens %d", cfg.method,
+                    sched.max_num_batched_tokens, step)
     return CompressionSetup(cfg, plan, path)

@@ -1,6 +1,7 @@
 """What the plugin adds to vLLM's own OpenAI-compatible server, as one HTTP middleware (vLLM's ``--middleware``).
 
-- ``GET /v1/kv_compression``: the deployment's compression, per-layer ranks, bytes per token and KV capacity.
+- ``GET /v1/kv_compression``: the deployment's compression, per-layer ranks, bytes per token and KV capacity
+  (registered as a route of vLLM's app on the first request, so vLLM's ``--api-key`` guards it like /v1/models).
 - ``vllm_kvc_*`` metrics on vLLM's /metrics (refreshed when /metrics is scraped; multiprocess-safe gauges).
 
 Everything is read from the running server's ``app.state.vllm_config``, so the same middleware works under
@@ -9,51 +10,50 @@ Everything is read from the running server's ``app.state.vllm_config``, so the s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 
-from vllm_kvc.config import ADDITIONAL_CONFIG_KEY, parse_compression
-from vllm_kvc.plan import CompressionPlan, ModelShape
+from vllm_kvc.config import ADDITIONAL_CONFIG_KEY, SUPPORTED_ARCHITECTURES, parse_compression
+from vllm_kvc.methods import get_method, prepare
+from vllm_kvc.plan import ModelShape, dense_bytes_per_token, dtype_bytes
 
+log = logging.getLogger("vllm_kvc")
 MIDDLEWARE = "vllm_kvc.server.app.kv_compression_middleware"
 ROUTE = "/v1/kv_compression"
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def _plan_of(vllm_config) -> tuple[dict | None, CompressionPlan | None, ModelShape]:
+def _plan_of(vllm_config):
+    """(compression config, plan, model shape) of the running server; config and plan None without compression."""
     mc = vllm_config.model_config
     shape = ModelShape.from_hf_config(mc.hf_config.to_dict()) if _supported(mc) else None
     raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
     if raw is None or shape is None:
-        return raw, None, shape
+        return None, None, shape
     shape = dataclasses.replace(shape, dtype=str(mc.dtype).replace("torch.", ""))
     cfg = parse_compression(dict(raw))
-    from vllm_kvc.prepare import prepare
-
     # the engine built (and cached) every artifact before the server started: read, never build, here
     plan, _ = prepare(mc.model, cfg, shape, vllm_config.parallel_config.tensor_parallel_size, build=False)
-    return cfg.model_dump(mode="json"), plan, shape
+    return cfg, plan, shape
 
 
 def _supported(mc) -> bool:
-    from vllm_kvc.config import SUPPORTED_ARCHITECTURES
-
     return any(a in SUPPORTED_ARCHITECTURES for a in (mc.hf_config.architectures or []))
 
 
 def describe(vllm_config) -> dict:
     """The JSON of GET /v1/kv_compression (bytes per token are per tensor-parallel rank)."""
-    settings, plan, shape = _plan_of(vllm_config)
+    cfg, plan, shape = _plan_of(vllm_config)
     cc = vllm_config.cache_config
     tp = vllm_config.parallel_config.tensor_parallel_size
     blocks = int(cc.num_gpu_blocks or 0)
     capacity = blocks * int(cc.block_size)
     mc = vllm_config.model_config
-    dtype = str(mc.dtype).replace("torch.", "")
+    db = dtype_bytes(str(mc.dtype).replace("torch.", ""))
     out = {
         "model": mc.served_model_name if isinstance(mc.served_model_name, str) else mc.model,
         "enabled": plan is not None,
-        "method": settings.get("method") if settings else None,
-        "settings": settings,
+        "method": cfg.method if cfg is not None else None,
+        "settings": cfg.model_dump(mode="json") if cfg is not None else None,
         "tensor_parallel_size": tp,
         "kv_capacity_tokens": capacity,
         "block_size": int(cc.block_size),
@@ -61,23 +61,22 @@ def describe(vllm_config) -> dict:
     }
     if plan is None:
         if shape is not None:
-            out["kv_bytes_per_token_baseline"] = (
-                shape.num_layers * 2 * max(1, shape.num_kv_heads // tp) * shape.head_dim * _DTYPE_BYTES.get(dtype, 2))
+            out["kv_bytes_per_token_baseline"] = dense_bytes_per_token(shape, tp, db)
             out["kv_bytes_per_token"] = out["kv_bytes_per_token_baseline"]
         out["kv_capacity_tokens_baseline"] = capacity
         out["compression_ratio"] = 1.0
         return out
+    method = get_method(cfg.method)
     bpt = plan.bytes_per_token(tp)
-    base = plan.baseline_bytes_per_token(tp, _DTYPE_BYTES.get(dtype, 2))
+    base = plan.baseline_bytes_per_token(tp, db)
+    out.update(method.describe(plan))
     out.update({
-        "latent_dtype": plan.latent_dtype,
-        "group_size": plan.group_size,
         "layers": [
-            {"layer": i, "rank_k": plan.ranks_k[i], "rank_v": plan.ranks_v[i],
+            {"layer": i, "rank_k": plan.layer_ranks(i)[0], "rank_v": plan.layer_ranks(i)[1],
              "bytes_per_token": plan.layer_bytes_per_token(i, tp)}
             for i in range(plan.shape.num_layers)
         ],
-        "rank_meaning": _RANK_MEANING.get(plan.method, _RANK_MEANING["lowrank"]),
+        "rank_meaning": method.rank_meaning,
         "kv_bytes_per_token": bpt,
         "kv_bytes_per_token_baseline": base,
         "compression_ratio": base / bpt,
@@ -85,19 +84,7 @@ def describe(vllm_config) -> dict:
         "kv_capacity_tokens_baseline": capacity * bpt // base,
         "latent_cache_bytes": capacity * bpt,
     })
-    if plan.method == "pod":
-        from vllm_kvc.plan import pod_groups_of
-
-        out["pod_groups"] = pod_groups_of(plan)
     return out
-
-
-_RANK_MEANING = {
-    "lowrank": "latent rank per head group",
-    "quant": "latent rank per head group (full: K/V themselves)",
-    "lexico": "non-zero dictionary coefficients per KV head",
-    "pod": "rank_k 0: a follower, its distant keys are its group lead's; head_dim: keys cached",
-}
 
 
 class _Metrics:
@@ -121,6 +108,7 @@ class _Metrics:
                           ["model_name", "method", "schedule", "ratio", "latent_dtype", "group_size"], **kw)
         self.total_bytes = 0
         self.model = ""
+        self.describe: dict = {}
 
     def set_static(self, d: dict) -> None:
         m = self.model = str(d["model"])
@@ -159,28 +147,45 @@ _lock = threading.Lock()
 
 
 def _ensure_metrics(vllm_config) -> _Metrics:
+    """The gauges, set once from ``describe`` (the plan and vLLM's capacity are fixed once the server runs)."""
     global _metrics
     with _lock:
         if _metrics is None:
             m = _Metrics()
-            m.set_static(describe(vllm_config))
+            m.describe = describe(vllm_config)
+            m.set_static(m.describe)
             _metrics = m
     return _metrics
 
 
-async def kv_compression_middleware(request, call_next):
-    path = request.url.path
-    if path == ROUTE or path == "/metrics":
-        cfg = getattr(request.app.state, "vllm_config", None)
-        if cfg is not None:
-            metrics = _ensure_metrics(cfg)
-            if path == ROUTE:
-                from fastapi.responses import JSONResponse
+def _install_route(app) -> None:
+    """GET /v1/kv_compression as a route of vLLM's own app, so that it sits behind vLLM's middleware stack
+    (``--api-key`` authentication included) and runs in the threadpool, off the event loop."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
-                if request.method != "GET":
-                    return JSONResponse({"error": {"message": f"{request.method} not allowed on {ROUTE}",
-                                                   "type": "invalid_request_error", "code": 405}},
-                                        status_code=405)
-                return JSONResponse(describe(cfg))
-            metrics.refresh()
+    def kv_compression(request: Request):
+        return JSONResponse(_ensure_metrics(request.app.state.vllm_config).describe)
+
+    with _lock:
+        if not getattr(app.state, "kvc_route", False):
+            app.add_api_route(ROUTE, kv_compression, methods=["GET"], include_in_schema=False)
+            app.state.kvc_route = True
+
+
+async def kv_compression_middleware(request, call_next):
+    """vLLM's ``--middleware`` hook: adds the route on the first request, refreshes the gauges on /metrics."""
+    from starlette.concurrency import run_in_threadpool
+
+    app = request.app
+    cfg = getattr(app.state, "vllm_config", None)
+    if cfg is not None:
+        if not getattr(app.state, "kvc_route", False):
+            _install_route(app)
+        if request.url.path == "/metrics":
+            try:
+                metrics = await run_in_threadpool(_ensure_metrics, cfg)
+                metrics.refresh()
+            except Exception:  # noqa: BLE001 (vLLM's own metrics must still be served)
+                log.exception("vllm_kvc: could not update the vllm_kvc_* metrics")
     return await call_next(request)

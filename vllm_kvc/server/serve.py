@@ -1,8 +1,9 @@
 """``vllm-kvc serve --config DEPLOYMENT.yaml``: vLLM's own OpenAI server with this deployment's settings.
 
-The deployment is validated and its factors calibrated before the engine starts; then vLLM's own argument
-parser and ``run_server`` take over, with the compression passed through ``--additional-config`` and the
-plugin's route and metrics through ``--middleware``. Extra arguments after the config go to vLLM unchanged.
+The deployment and every vLLM argument are validated, then the method's calibration artifacts are built
+(cached), before the engine starts; then vLLM's own ``run_server`` takes over, with the compression passed
+through ``--additional-config`` and the plugin's route and metrics through ``--middleware``. Extra arguments
+after the config go to vLLM unchanged.
 """
 from __future__ import annotations
 
@@ -38,21 +39,22 @@ def serve(checked: Checked, host: str | None = None, port: int | None = None, ex
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from vllm_kvc.calibrate import build_factors
+    from vllm_kvc.methods import get_method, prepare
 
     dep = checked.deployment
-    if dep.compression is not None:
-        build_factors(checked.model_dir, dep.compression, checked.plan)
     _default_cpu_kv_space()
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(description="vllm-kvc serve"))
     argv = vllm_cli_args(checked, host, port)
     args = parser.parse_args(argv)
-    for key, value in dep.engine.items():  # engine args by their EngineArgs field names
+    defaults = get_method(dep.compression.method).engine_defaults(dep.compression) if dep.compression else {}
+    for key, value in {**defaults, **dep.engine}.items():  # engine args by their EngineArgs field names
         setattr(args, key, value)
     if extra:
         args = parser.parse_args(argv + list(extra), namespace=args)
     validate_parsed_serve_args(args)
+    if dep.compression is not None:  # every argument is valid: now the method's calibration artifacts (cached)
+        prepare(checked.model_dir, dep.compression, checked.plan.shape, int(args.tensor_parallel_size or 1))
     log.info("vllm-kvc: equivalent command: vllm serve %s", " ".join(_quote(a) for a in argv))
     uvloop.run(run_server(args))
 

@@ -1,0 +1,110 @@
+"""Methods ``lowrank`` and ``quant`` in vLLM: each token's latent row (layout.py) in the paged cache; attention
+rebuilds keys (then RoPE) and folds ``B_v`` after the weighted sum.
+
+After weight loading, ``kvc_finalize`` swaps the decoder layer's K and V projections for this TP rank's latent
+projections ``A_k, A_v`` (its own head groups), fused with Q into one matmul. Per token the layer emits ``q``
+(RoPE applied) and the latent row; ``kvc_attend`` writes the rows and computes attention: the Triton kernels on
+CUDA tensors (kernels/triton_latent), the plain-torch reference (kernels/reference.py) elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vllm_kvc.calibrate import load_layer_factors
+from vllm_kvc.glue.attention import RowAttention
+from vllm_kvc.kernels import reference
+from vllm_kvc.layout import LatentLayout
+
+
+@functools.cache
+def _triton_ops():
+    try:
+        from vllm_kvc.kernels import triton_latent
+        return triton_latent
+    except Exception:  # triton missing or no GPU backend
+        return None
+
+
+def _rope_inv_freq(rotary_emb, dev: torch.device) -> torch.Tensor | None:
+    """The rotary embedding's fp32 inverse frequencies, for the GPU decode kernel's in-kernel cos / sin (None on
+    CPU or where the embedding does not expose them). The kernels use them only where they reproduce
+    ``cos_sin_cache`` (``triton_latent.angles_match``): scaled variants (YaRN, linear) keep reading the table."""
+    if dev.type != "cuda" or not hasattr(rotary_emb, "_compute_inv_freq"):
+        return None
+    try:
+        return rotary_emb._compute_inv_freq(rotary_emb.base).float().to(dev)
+    except Exception:  # noqa: BLE001 (a variant with another signature: the table path is always correct)
+        return None
+
+
+class LatentAttention(RowAttention):
+    """A vLLM attention layer whose KV cache holds one latent row per token (see layout.py)."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, layout: LatentLayout,
+                 factors_path=None, cache_config=None, prefix: str = ""):
+        super().__init__(num_heads, head_size, scale, num_kv_heads, layout.row_bytes, layout.cache_dtype,
+                         cache_config=cache_config, prefix=prefix)
+        self.layout = layout
+        self.factors_path = factors_path
+        # filled by kvc_finalize() once weights are loaded
+        self.b_k = self.b_v = self.bias_k = self.bias_v = self.cos_sin_cache = self.inv_freq = None
+        self.is_neox = True
+
+    @torch.no_grad()
+    def kvc_finalize(self, layer) -> None:
+        """Replace the K/V projections by this rank's latent projections, fused with Q."""
+        w = layer.qkv_proj.weight.data
+        dt, dev = w.dtype, w.device
+        a_k, b_k, a_v, b_v = load_layer_factors(self.factors_path, layer.layer_idx, layer.groups)
+        layer.fused_weight = nn.Parameter(
+            torch.cat([w[: layer.q_size].float().cpu(), a_k.t(), a_v.t()]).to(dt).to(dev), requires_grad=False)
+        bias = layer.qkv_proj.bias
+        if bias is not None:
+            b = bias.data
+            layer.fused_bias = nn.Parameter(
+                torch.cat([b[: layer.q_size], torch.zeros(self.layout.width, dtype=b.dtype, device=dev)]),
+                requires_grad=False)
+            self.bias_k = b[layer.q_size: layer.q_size + layer.kv_size].float().clone()
+            self.bias_v = b[layer.q_size + layer.kv_size:].float().clone()
+        # rebuild factors are kept in float32 on CPU (reference path) and in the model dtype on GPUs
+        fdt = torch.float32 if dev.type == "cpu" else dt
+        self.b_k = b_k.to(fdt).to(dev).contiguous()
+        self.b_v = b_v.to(fdt).to(dev).contiguous()
+        cs = layer.rotary_emb.cos_sin_cache
+        self.cos_sin_cache = cs.float().to(dev) if dev.type == "cpu" else cs.to(dev)
+        self.is_neox = bool(getattr(layer.rotary_emb, "is_neox_style", True))
+        self.inv_freq = _rope_inv_freq(layer.rotary_emb, dev)
+        del layer.qkv_proj
+
+    def kvc_forward(self, layer, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = F.linear(hidden_states, layer.fused_weight, layer.fused_bias)
+        q, lat = out.split([layer.q_size, self.layout.width], dim=-1)
+        q, _ = layer.rotary_emb(positions, q.contiguous(), None)
+        return self(q, lat.contiguous())
+
+    def kvc_attend(self, query, key, value, cache, md, output) -> None:
+        layout = self.layout
+        n = md.num_actual_tokens
+        lat = key[:n]
+        g, rk, rv = layout.groups, layout.rank_k, layout.rank_v
+        lat_k = lat[:, : g * rk].reshape(n, g, rk)
+        lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
+        q = query[:n]
+        reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
+        ops = _triton_ops() if q.is_cuda else None
+        if ops is not None:
+            try:
+                ops.latent_attention(
+                    q, cache, layout, md.block_table, md.seq_lens, md.query_start_loc, self.b_k, self.b_v,
+                    self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n],
+                    inv_freq=self.inv_freq, max_query_len=md.max_query_len, query_start_loc_cpu=md.query_start_loc_cpu)
+                return
+            except NotImplementedError:  # a layout the kernels do not read (e.g. int4): reference path
+                pass
+        reference.latent_attention(
+            q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
+            self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n])

@@ -1,0 +1,31 @@
+"""Triton kernels for attention over latent paged KV (the CUDA path of the latent backend).
+
+Same semantics as :func:`vllm_kvc.kernels.reference.latent_attention` (read its docstring for the conventions).
+Keys are rebuilt per KV tile from their latents with a tensor-core dot against ``B_k``, RoPE'd and scored;
+values stay latent until ``B_v`` is applied once to the softmax-weighted sum. Modules:
+
+- ``config``: :class:`LaunchConfig` (tile sizes, warps, stages, splits, the decode kernel's switches, the
+  rebuild thresholds) and :func:`decode_defaults` (the measured defaults of a layout);
+- ``dispatch``: factor preparation and caching, :func:`plan_launch` (which requests are rebuilt, which kernel
+  serves the rest, with which resolved config) and the entry points :func:`latent_attention`, :func:`latent_decode`;
+- ``decode``: the multi-head decode kernel (group size 1, float latents, one query per program);
+- ``prefill``: the generic kernel (any group size, int8, prefill) and the split-KV reduce;
+- ``tiles``: Triton helpers (tile addressing through the block table, loads, RoPE).
+
+int8 latents (layout.py's original int8 layout) are read by the generic kernel; other integer layouts and
+layouts whose factors do not fit on chip raise NotImplementedError (:func:`check_supported`): callers use the
+reference for them. Importable without vLLM; runs on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 is then
+computed in fp32, see :func:`compute_dtype`). Measurements: benchmarks/RESULTS.md, "GPU kernels".
+"""
+from __future__ import annotations
+
+from .config import (REBUILD_MAX_TOKENS, REBUILD_MIN_QUERIES, REBUILD_MIN_WORK, LaunchConfig, check_supported,
+                     compute_dtype, decode_defaults, default_splits, heads_supported)
+from .dispatch import (LatentFactors, LaunchPlan, angles_match, cached_factors, latent_attention, latent_decode,
+                       plan_launch, prepare_factors, rebuild_candidates)
+
+__all__ = [
+    "REBUILD_MAX_TOKENS", "REBUILD_MIN_QUERIES", "REBUILD_MIN_WORK", "LatentFactors", "LaunchConfig", "LaunchPlan",
+    "angles_match", "cached_factors", "check_supported", "compute_dtype", "decode_defaults", "default_splits",
+    "heads_supported", "latent_attention", "latent_decode", "plan_launch", "prepare_factors", "rebuild_candidates",
+]

@@ -1,0 +1,137 @@
+"""Launch configuration of the latent attention kernels, and the host-side facts it is resolved from.
+
+:class:`LaunchConfig` is the one object that tunes a launch: tile sizes, warps, pipeline stages, KV splits, and
+the two switches of the decode kernel that stay measurable (``tile_rotation``, ``lazy_max``), plus the thresholds
+of the rebuild-then-flash path for long prompts. A field left ``None`` takes the measured default of the path
+the dispatch picks (:func:`decode_defaults` for decode; see ``dispatch.plan_launch`` for the others). Sweeps
+build variants with ``dataclasses.replace``. Measurements: benchmarks/RESULTS.md, "GPU kernels".
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvc.layout import LatentLayout
+
+# requests with at least this many query tokens and query x key pairs take the rebuild-then-flash path (measured
+# on an H100: benchmarks/RESULTS.md, GPU kernels, "Long prompts") ...
+REBUILD_MIN_QUERIES = 256
+REBUILD_MIN_WORK = 1 << 24
+# ... and at most this many cached tokens: the dense keys and values exist only while the request's attention
+# runs, and vLLM's memory profiling does not see them (~12 KB per token for a Llama-3-8B layer: 400 MB here)
+REBUILD_MAX_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How to launch the kernels; ``None``: the measured default of the path taken.
+
+    heads: KV heads per program of the multi-head decode kernel (gs == 1 float latents; a power of two dividing
+        the group count, rounded down); 0 sends decode to the generic kernel.
+    block_t: KV tokens per tile. block_q: query tokens per program of the generic kernel (varlen / prefill).
+    num_warps, num_stages: as in Triton. pieces: the generic kernel rebuilds the keys in 1 or 2 column pieces.
+    num_splits: KV splits per program (flash decoding; combined by the reduce kernel).
+    tile_rotation: decode kernel: RoPE as R(t0 + i) = R(t0) R(i) with cos / sin computed in the kernel (needs
+        the factors' inv_freq, see ``angles_match``); False: the cos / sin table.
+    lazy_max: decode kernel: the first tile's max is the softmax reference, with an exact second pass for the
+        programs where that could overflow.
+    rebuild_*: long prompts (see ``dispatch.plan_launch``)."""
+    heads: int | None = None
+    block_t: int | None = None
+    block_q: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    pieces: int | None = None
+    num_splits: int | None = None
+    tile_rotation: bool | None = None
+    lazy_max: bool | None = None
+    rebuild_min_queries: int = REBUILD_MIN_QUERIES
+    rebuild_min_work: int = REBUILD_MIN_WORK
+    rebuild_max_tokens: int = REBUILD_MAX_TOKENS
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def heads_supported(layout: LatentLayout, hq: int) -> bool:
+    """Layouts that the multi-head decode kernel serves: group size 1, float latents, ranks <= 256."""
+    return (layout.group_size == 1 and not layout.quantized and hq % layout.num_kv_heads == 0
+            and next_pow2(layout.rank_v) <= 256 and max(16, next_pow2(layout.rank_k)) <= 256)
+
+
+def decode_defaults(layout: LatentLayout, hq: int | None = None) -> LaunchConfig:
+    """Decode launch options measured best on an H100 (benchmarks/RESULTS.md, GPU kernels), every field set.
+
+    Where ``hq`` is given and the multi-head decode kernel serves the layout: 1 KV head per program at rank 64,
+    2 at rank <= 32; 64-token tiles, 4 warps, 3 stages. ``tile_rotation`` at one KV head per program (2% faster
+    than computing cos / sin per position; with two heads the shared table tile is 4% faster). ``lazy_max``:
+    1-6% faster. Otherwise the generic kernel: 64-token tiles, 4 warps; small ranks rebuild the keys in two column
+    pieces (fewer live registers, more programs per SM). ``num_splits`` stays ``None``: it depends on the batch."""
+    if hq is not None and heads_supported(layout, hq):
+        two = layout.rank_k <= 32
+        return LaunchConfig(heads=2 if two else 1, block_t=64, num_warps=4, num_stages=3, pieces=1,
+                            tile_rotation=not two, lazy_max=True)
+    small = layout.rank_k <= 32 and layout.head_dim >= 64
+    return LaunchConfig(heads=0, block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1,
+                        tile_rotation=False, lazy_max=False)
+
+
+def pick_heads(layout: LatentLayout, heads: int) -> int:
+    """KV heads per program: the largest power of two <= heads that divides the group count."""
+    n = 1
+    while n * 2 <= heads and layout.groups % (n * 2) == 0:
+        n *= 2
+    return n
+
+
+def check_supported(layout: LatentLayout) -> None:
+    """Raise NotImplementedError for layouts the kernels do not handle (the caller then uses the reference)."""
+    if layout.quantized and not layout.is_int8:
+        raise NotImplementedError(f"latent dtype {layout.dtype!r}: the Triton kernels read float and int8 latents only")
+    hd = layout.head_dim
+    if hd & (hd - 1) or hd < 32:
+        raise NotImplementedError(f"head_dim={hd}: the kernels need a power of two >= 32")
+    if max(16, next_pow2(layout.rank_k)) * layout.group_size > 512 or next_pow2(layout.rank_v) > 256:
+        # the per-tile key factors and the latent accumulator would not fit on chip (measured on an H100 with
+        # triton 3.6: gs=4 at rank 256 needs 413 KB of shared memory; gs=8 at rank 512 spills 62 KB)
+        raise NotImplementedError(f"group_size={layout.group_size}, rank_k={layout.rank_k}, rank_v={layout.rank_v}: "
+                                  "the kernels need next_pow2(rank_k) * group_size <= 512 and rank_v <= 256")
+
+
+def default_splits(n_programs: int, max_ctx: int, block_t: int, num_sms: int) -> int:
+    """Split-KV factor: enough programs for ~2 waves, at least 4 KV tiles per split, a power of two <= 16."""
+    want = max(1, -(-2 * num_sms // max(1, n_programs)))
+    cap = max(1, max_ctx // (4 * block_t))
+    s = min(want, cap, 16)
+    return 1 << (s.bit_length() - 1) if s > 1 else 1
+
+
+# ------------------------------------------------------------------------------------------------ device facts
+_PROPS: dict = {}
+
+
+def device_props(device: torch.device):
+    """The CUDA device's properties, looked up once per device (they are read on every launch)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PROPS:
+        _PROPS[idx] = torch.cuda.get_device_properties(idx)
+    return _PROPS[idx]
+
+
+def num_sms(device: torch.device) -> int:
+    return device_props(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """Tensor-core operand dtype: q's half type; fp32 otherwise. Under TRITON_INTERPRET the interpreter's tl.dot
+    multiplies bf16 operands as their raw uint16 bits (triton 3.9), so bf16 is computed in fp32 there."""
+    if q.dtype == torch.bfloat16 and interpreting():
+        return torch.float32
+    return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32

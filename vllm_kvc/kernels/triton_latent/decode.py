@@ -1,0 +1,292 @@
+"""The multi-head decode kernel (one query per program, group size 1, float latents) and its launcher.
+
+Several KV heads per program fill the 16 rows of the score dots (instead of padding each head's query heads to
+16). ``B_k`` comes in blocks of 8 RoPE pairs (:func:`~.tiles.split_pairs`), so the rebuilt keys split into their
+RoPE halves without shuffles, and the rotated halves join back into the query's order for one score dot.
+What this kernel does, each measured best on an H100 (benchmarks/RESULTS.md, GPU kernels, rounds 2-5):
+the softmax denominators are summed per token and reduced once after the loop; RoPE either reads the cos / sin
+table once per tile for all heads of the program, or (``tile_rotation``) turns the keys by their offset in the
+tile and the queries back by the tile's start, with cos / sin computed in the kernel; packed bf16x2 RoPE math on
+GPUs; ``lazy_max``: the first tile's max as the softmax reference, plus an exact pass for flagged programs
+launched as a programmatic dependent launch (sm_90+).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from .config import device_props, interpreting, next_pow2, pick_heads
+from .prefill import LOG2E, launch_reduce, needs_off64, prepare_io, split_partials
+from .tiles import (cos_sin_of, find_request, join_pairs, load_cos_sin, load_tile, phase_tiles, rope_bf16x2,
+                    split_pairs, tile_blocks, tile_rows)
+
+try:  # programmatic dependent launch (triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_GDC = True
+except ImportError:  # pragma: no cover
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+@triton.jit(do_not_specialize=["num_reqs", "num_splits"])
+def _latent_decode_heads(
+    q_ptr, stride_qt, stride_qh,
+    cache_ptr, stride_cb, stride_cs,
+    bt_ptr, stride_bt,
+    seq_lens_ptr, qsl_ptr, num_reqs,
+    bk_ptr, bias1_ptr, bias2_ptr,
+    cos_ptr, sin_ptr, stride_cos, invf_ptr,
+    bv_ptr, biasv_ptr,
+    out_ptr, stride_ot, stride_oh,
+    pm_ptr, pl_ptr, pacc_ptr,
+    qk_scale, num_splits, flag_ptr,
+    G: tl.constexpr, QPK: tl.constexpr, HD: tl.constexpr,
+    RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
+    NKV: tl.constexpr, M_P: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
+    SPLIT: tl.constexpr, DCH: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
+    DIRECT: tl.constexpr, OFF64: tl.constexpr, PACKED: tl.constexpr, TILE_ROT: tl.constexpr,
+    LAZY: tl.constexpr, PDL: tl.constexpr,
+):
+    """Single-query attention (decode) at group size 1 for NKV KV heads per program.
+
+    The NKV * QPK query heads of the program fill the rows of the score tile ``s [BLOCK_T, M_P]``: each KV head's
+    rebuilt, RoPE'd keys are scored against all M_P query rows with one dot, and ``tl.where`` keeps the columns
+    of that head's own query heads. The cos/sin rows and the block ids of a tile are read once for the NKV
+    heads; the value latents of the NKV heads (contiguous in the row) are one ``[BLOCK_T, NKV * RV_P]`` load, and
+    ``acc [NKV * RV_P, M_P] += c_v^T p`` accumulates all (head, row) pairs, of which the epilogue keeps the
+    diagonal blocks (a masked ``u @ B_v`` over the stacked B_v of the NKV heads). DIRECT: program pid serves
+    request pid, whose single query is token pid; otherwise program pid serves query token pid (one query per
+    program: varlen batches of decode-like requests), causal over keys <= its position.
+
+    PACKED: cos / sin in bf16 and packed bf16x2 rotation (GPU, bf16). TILE_ROT: RoPE as R(t0 + i) = R(t0) R(i).
+    LAZY: 0 running max; 1 the first tile's max as the reference, flagging programs that could overflow; 2 the
+    exact pass (running max) of the flagged programs only.
+    """
+    HALF: tl.constexpr = HD // 2
+    NV: tl.constexpr = NKV * RV_P
+    DT = bk_ptr.dtype.element_ty
+
+    pid = tl.program_id(0)
+    g0 = tl.program_id(1) * NKV
+    sp = tl.program_id(2)
+    fid = (pid * tl.num_programs(1) + tl.program_id(1)) * num_splits + sp
+    if LAZY == 2:  # the exact pass runs only the programs whose lazy pass flagged an overflow risk
+        if PDL:  # launched while the lazy pass still runs (programmatic dependent launch): wait for its flags
+            gdc_wait()
+        if tl.load(flag_ptr + fid) == 0:
+            return
+    if (LAZY == 1) and PDL:  # the exact pass may be launched now (it waits for this grid before reading)
+        gdc_launch_dependents()
+    if DIRECT:
+        r = pid
+        seq_len = tl.load(seq_lens_ptr + r)
+        kv_end = seq_len
+    else:  # the request of token pid: largest r with qsl[r] <= pid
+        r = find_request(qsl_ptr, num_reqs, pid)
+        seq_len = tl.load(seq_lens_ptr + r)
+        kv_end = seq_len - tl.load(qsl_ptr + r + 1) + pid + 1  # causal: keys up to the query's position
+    tok = pid
+    n_tiles = tl.cdiv(kv_end, BLOCK_T)
+    per_split = tl.cdiv(n_tiles, num_splits)
+    t_begin = sp * per_split * BLOCK_T
+    t_stop = tl.minimum(kv_end, t_begin + per_split * BLOCK_T)
+    t_mid = t_begin + (tl.maximum(t_stop - t_begin, 0) // BLOCK_T) * BLOCK_T  # full tiles: no masks
+
+    rows = tl.arange(0, M_P)
+    hrow = rows // QPK  # KV head (within the program) of each query row
+    row_ok = rows < NKV * QPK
+    head = g0 * QPK + rows
+    q_row = q_ptr + tok.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+    dp = tl.arange(0, HALF)
+    dc = tl.arange(0, HD)
+    cr = tl.arange(0, RK_P)
+    cvv = tl.arange(0, NV)
+    tt = tl.arange(0, BLOCK_T)
+    bt_row = bt_ptr + r.to(tl.int64) * stride_bt
+    v_col = G * RK + (g0 + cvv // RV_P) * RV + cvv % RV_P  # value latents of the NKV heads
+    v_ok = (cvv % RV_P) < RV
+
+    # q in B_k's block order (x1 of 8 pairs, x2 of the same 8 pairs, ...): one score dot per head
+    qd = (dc // 16) * 8 + dc % 8 + (dc % 16 >= 8).to(tl.int32) * HALF
+    if TILE_ROT:  # keys turn by their offset i in the tile (cos / sin computed once), the queries by -t0 once per
+        # tile (q . R(t0) R(i) k = (R(-t0) q) . (R(i) k)); each query element's pair partner, signed: the rotated
+        # query is q * cos + q_partner * sin elementwise
+        cos_k, sin_k = cos_sin_of(tt.to(tl.float32)[:, None] * tl.load(invf_ptr + dp)[None, :], PACKED)
+        qdp = tl.where(qd >= HALF, qd - HALF, qd + HALF)
+        q_own = tl.load(q_row[:, None] + qd[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q_par = tl.load(q_row[:, None] + qdp[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q_par = tl.where((qd >= HALF)[None, :], -q_par, q_par)
+        invf_q = tl.load(invf_ptr + (qd % HALF)[None, :] + 0 * rows[:, None])  # (2-D: no layout conversions)
+    else:
+        q_t = tl.trans(tl.load(q_row[:, None] + qd[None, :], mask=row_ok[:, None], other=0.0).to(DT))
+
+    m_i = tl.full([M_P], -1.0e30, tl.float32)
+    l_t = tl.zeros([BLOCK_T, M_P], tl.float32)  # per-token partial sums, reduced once after the loop
+    acc = tl.zeros([NV, M_P], tl.float32)
+
+    for phase in tl.static_range(2):
+        lo_t, hi_t, blk_nxt = phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, BLOCK_T)
+        for t0 in range(lo_t, hi_t, BLOCK_T):
+            t = t0 + tt
+            blk = blk_nxt
+            blk_nxt = tile_blocks(bt_row, t0 + BLOCK_T, tt, hi_t, BS, BLOCK_T)
+            t_ok, row_off = tile_rows(blk, t0, tt, t_stop, stride_cb, stride_cs, phase == 1, OFF64, BS, BLOCK_T)
+            if not TILE_ROT:  # cos / sin of the tile's positions, shared by the NKV heads
+                cos_k, sin_k = load_cos_sin(cos_ptr, sin_ptr, t[:, None] * stride_cos + dp[None, :], t_ok,
+                                            phase == 1, not PACKED)
+            s = tl.zeros([BLOCK_T, M_P], tl.float32)
+            for h in tl.static_range(NKV):
+                ck = load_tile(cache_ptr + row_off[:, None] + (g0 + h) * RK + cr[None, :], t_ok, cr < RK,
+                               (phase == 1) or (RK != RK_P), False).to(DT)
+                bi = tl.load(bk_ptr + ((g0 + h) * RK + cr[:, None]) * HD + dc[None, :], mask=(cr < RK)[:, None],
+                             other=0.0)
+                k1, k2 = split_pairs(tl.dot(ck, bi), BLOCK_T, HALF)
+                if HAS_BK:
+                    k1 += tl.load(bias1_ptr + (g0 + h) * HALF + dp)[None, :]
+                    k2 += tl.load(bias2_ptr + (g0 + h) * HALF + dp)[None, :]
+                if TILE_ROT:
+                    if h == 0:  # this tile's queries, turned back by the tile's first position. Computed after the
+                        # first rebuild: Triton 3.6 fences the shared-memory copy right before the dot, and the
+                        # barrier that must follow that fence is only inserted when no earlier barrier (the
+                        # rebuild's) sits between the copy and the dot. (t0 * 1.0: fp32, and a plain int in the
+                        # interpreter)
+                        c0, s0 = cos_sin_of((t0 * 1.0) * invf_q, PACKED, True)
+                        q_t = tl.trans((q_own * c0 + q_par * s0).to(DT))
+                if PACKED:  # packed bf16x2 math (cos / sin stay bf16)
+                    r1, r2 = rope_bf16x2(k1.to(DT), k2.to(DT), cos_k, sin_k)
+                else:
+                    r1 = (k1 * cos_k - k2 * sin_k).to(DT)
+                    r2 = (k2 * cos_k + k1 * sin_k).to(DT)
+                s = tl.where((hrow == h)[None, :], tl.dot(join_pairs(r1, r2, BLOCK_T, HALF), q_t), s)
+
+            vv = load_tile(cache_ptr + row_off[:, None] + v_col[None, :], t_ok, v_ok, (phase == 1) or (RV_P != RV),
+                           False).to(DT)
+            if phase == 1:
+                s = tl.where(t_ok[:, None], s, float("-inf"))
+            if LAZY == 1:
+                # The softmax reference is the first tile's max: no cross-warp max on later tiles, and no
+                # rescaling at all (the sums are still zero when the reference is set), so the P.c_v products
+                # accumulate straight into acc.
+                if t0 == t_begin:
+                    m_i = tl.max(s, 0) * qk_scale
+                p = tl.exp2(s * qk_scale - m_i[None, :])
+                l_t += p
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 0) * qk_scale)
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s * qk_scale - m_new[None, :])
+                l_t = l_t * alpha[None, :] + p
+                acc = acc * alpha[None, :]
+                m_i = m_new
+            acc = tl.dot(tl.trans(vv), p.to(DT), acc)
+
+    l_i = tl.sum(l_t, 0)
+    if LAZY == 1:  # a weight above 2^64 could have overflowed (each weight <= its row's sum): flag the program
+        tl.store(flag_ptr + fid, (tl.max(l_i, 0) > 1.8446744e19).to(tl.int32))  # for the exact pass
+    acc_t = tl.trans(acc)  # [M_P, NV]; row i's own values sit in columns hrow[i] * RV_P ...
+    diag = ((cvv // RV_P)[None, :] == hrow[:, None]) & row_ok[:, None]
+    if SPLIT:
+        base = (tok.to(tl.int64) * (G * QPK) + head) * num_splits + sp
+        tl.store(pm_ptr + base, m_i, mask=row_ok)
+        tl.store(pl_ptr + base, l_i, mask=row_ok)
+        tl.store(pacc_ptr + base[:, None] * RV_P + (cvv[None, :] - (hrow * RV_P)[:, None]), acc_t, mask=diag)
+    else:
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        u = tl.where(diag, acc_t / l_safe[:, None], 0.0).to(DT)
+        dd = tl.arange(0, DCH)
+        out_row = out_ptr + tok.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+        bv_row = bv_ptr + ((g0 + cvv // RV_P) * RV + cvv % RV_P) * HD
+        for dch in tl.static_range(HD // DCH):
+            bvt = tl.load(bv_row[:, None] + dch * DCH + dd[None, :], mask=v_ok[:, None], other=0.0)
+            o = tl.dot(u, bvt)
+            if HAS_BV:
+                o += tl.load(biasv_ptr + (g0 + hrow)[:, None] * HD + dch * DCH + dd[None, :],
+                             mask=row_ok[:, None], other=0.0)
+            tl.store(out_row[:, None] + dch * DCH + dd[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------ host side
+def packed_rope_ok(f, tile_rotation: bool) -> bool:
+    """The packed bf16 RoPE (inline PTX) needs bf16 operands, a GPU (the interpreter cannot run inline assembly)
+    and bf16 cos / sin (the table's, or computed: tile rotation)."""
+    return (not interpreting() and f.dtype == torch.bfloat16
+            and (tile_rotation or f.cos.dtype == torch.bfloat16))
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch (the lazy_max exact pass starts while the lazy pass finishes): sm_90+."""
+    return _HAS_GDC and device.type == "cuda" and not interpreting() and device_props(device).major >= 9
+
+
+def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scale: float, out, cfg,
+                  tile_rotation: bool):
+    """Launch :func:`_latent_decode_heads` (one query per program, ``cfg.heads`` KV heads; gs == 1, float
+    latents) with the resolved config ``cfg``, and the reduce for split-KV.
+
+    ``cfg.lazy_max``: two launches. The first takes each program's first-tile max as its softmax reference (no
+    per-tile max reduction, and no rescaling: the P.c_v products accumulate straight into acc) and flags the
+    programs where a weight could exceed 2^64 (a softmax row sum above it); the second runs only the flagged
+    programs again with the running max (the others return at once). On sm_90+ the second is a programmatic
+    dependent launch: it starts while the first finishes and waits for it in the kernel (``gdc_wait``).
+    Compiling for too few resources retries with fewer stages, then fewer heads per program."""
+    layout = f.layout
+    n_tok, hq, hd = q.shape
+    G = layout.groups
+    qpk = hq // layout.num_kv_heads
+    nkv = pick_heads(layout, cfg.heads)
+    q, out = prepare_io(q, kv_cache, f, out)
+    if n_tok == 0:
+        return out
+    rk_p = max(16, next_pow2(layout.rank_k))
+    rv_p = max(16, next_pow2(layout.rank_v))
+    num_splits, num_stages = cfg.num_splits, cfg.num_stages
+    dummy = f.bk
+    pm, pl, pacc = split_partials(q, num_splits, rv_p, dummy)
+    packed = packed_rope_ok(f, tile_rotation)
+    pdl = cfg.lazy_max and _pdl_ok(q.device)
+    while True:
+        try:
+            flags = torch.empty(n_tok * (G // nkv) * num_splits, dtype=torch.int32, device=q.device) \
+                if cfg.lazy_max else dummy
+            dch = hd
+            while nkv * rv_p * dch > 128 * 128 and dch > 16:
+                dch //= 2
+            for lazy in (1, 2) if cfg.lazy_max else (0,):
+                _latent_decode_heads[(n_tok, G // nkv, num_splits)](
+                    q, q.stride(0), q.stride(1),
+                    kv_cache, kv_cache.stride(0), kv_cache.stride(1),
+                    block_table, block_table.stride(0),
+                    seq_lens, qsl, seq_lens.shape[0],
+                    f.bk_blk, f.bias1 if f.bias1 is not None else dummy, f.bias2 if f.bias2 is not None else dummy,
+                    f.cos, f.sin, f.cos.stride(0), f.inv_freq if tile_rotation else dummy,
+                    f.bv, f.bias_v if f.bias_v is not None else dummy,
+                    out, out.stride(0), out.stride(1),
+                    pm, pl, pacc,
+                    float(scale) * LOG2E, num_splits, flags,
+                    G=G, QPK=qpk, HD=hd, RK=layout.rank_k, RK_P=rk_p, RV=layout.rank_v, RV_P=rv_p, NKV=nkv,
+                    M_P=max(16, next_pow2(nkv * qpk)), BS=kv_cache.shape[1], BLOCK_T=cfg.block_t,
+                    SPLIT=num_splits > 1, DCH=dch, HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None,
+                    DIRECT=direct, OFF64=needs_off64(kv_cache), PACKED=packed, TILE_ROT=tile_rotation, LAZY=lazy,
+                    PDL=pdl, launch_pdl=pdl and lazy == 2, num_warps=cfg.num_warps, num_stages=num_stages,
+                )
+            break
+        except OutOfResources:  # raised when compiling, before anything runs
+            if num_stages > 2:
+                num_stages -= 1
+            elif nkv > 1:
+                nkv //= 2
+            else:
+                raise
+    if num_splits > 1:
+        launch_reduce(pm, pl, pacc, f, out, num_splits, 1, qpk, dummy)
+    return out
