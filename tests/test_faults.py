@@ -32,8 +32,8 @@ def _config(tmp_path: Path, model_dir: str, kind: str) -> Path:
     return p
 
 
-def _compress(cfg: Path, cache: Path, failpoint: str | None = None, wait: bool = True):
-    env = dict(os.environ, VLLM_KVC_CACHE=str(cache))
+def _compress(cfg: Path, cache: Path, failpoint: str | None = None, wait: bool = True, **extra_env):
+    env = dict(os.environ, VLLM_KVC_CACHE=str(cache), **extra_env)
     env.pop("VLLM_KVC_FAILPOINT", None)
     if failpoint:
         env["VLLM_KVC_FAILPOINT"] = failpoint
@@ -105,6 +105,27 @@ def test_killed_mid_write_then_restart_gives_the_undisturbed_result(reference, m
     _record(ok, lost=rc == 0 and not ok)
     assert rc == 0, err[-3000:]
     assert _artifacts(cache, DEPLOYMENTS[kind][1]) == reference[kind]
+
+
+@pytest.mark.parametrize("kind, failpoint, resumed", [
+    ("factors", "kill-after-write:cov/:1", "calibration: resuming after chunk 1"),
+    ("lexico", "kill-after-write:lexico/:2", "dictionaries from an interrupted build"),
+])
+def test_killed_calibration_resumes_where_it_stopped(reference, model_dir, tmp_path, kind, failpoint, resumed):
+    """A long calibration saves its finished steps (covariance chunks, lexico layers); killed after them, the
+    restart continues from there and ends with the undisturbed result."""
+    cfg = _config(tmp_path, model_dir, kind)
+    cache = tmp_path / "cache"
+    rc, _, err = _compress(cfg, cache, failpoint=failpoint, VLLM_KVC_CHECKPOINT_S="0")
+    assert rc == -9, f"the failpoint did not fire (rc {rc}): {err[-2000:]}"
+    assert list(cache.rglob("*.parts/*.safetensors")), "no finished step was kept"
+    rc, _, err = _compress(cfg, cache, VLLM_KVC_CHECKPOINT_S="0")
+    ok = rc == 0 and resumed in err and _artifacts(cache, DEPLOYMENTS[kind][1]) == reference[kind]
+    _record(ok, lost=rc == 0 and not ok)
+    assert rc == 0, err[-3000:]
+    assert resumed in err, err[-3000:]
+    assert _artifacts(cache, DEPLOYMENTS[kind][1]) == reference[kind]
+    assert not list(cache.rglob("*.parts/*"))  # the parts are gone once the whole file is written
 
 
 def _damage(path: Path, how: str) -> None:

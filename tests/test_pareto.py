@@ -1,4 +1,5 @@
 """bench pareto helpers (fast) and the bytes of a mixed allocation in vLLM's real cache (slow)."""
+import json
 import pytest
 from conftest import run_engine
 
@@ -70,3 +71,24 @@ def test_quant_int4_method_capacity_and_greedy(model_dir):
     assert all(v["row_bytes"] == 216 for v in res["layers"].values())
     assert res["num_blocks"] == (1 << 30) // (res["block_size"] * 216 * 30)
     assert "Paris" in res["texts"][0]
+
+
+@pytest.mark.slow
+def test_pareto_survives_a_failed_point_and_reports_it(model_dir, tmp_path):
+    """One point that cannot be prepared (its calibration text is missing) is reported under `failures`; the
+    run goes on and returns JSON (it used to die with the whole benchmark)."""
+    import yaml
+
+    from vllm_kvc.bench import pareto
+
+    cfg = tmp_path / "dep.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": "smollm2", "engine": {"max_model_len": 1024, "enforce_eager": True, "dtype": "bfloat16"},
+        "compression": {"group_size": 3, "calibration": {"corpus": str(tmp_path / "missing.txt")}}}))
+    res = pareto(str(cfg), tokens=512, seq_len=256, include=["svd-whitened", "svd-plain"], points=(0.5,),
+                 quality_pct=None, log_dir=tmp_path / "logs")
+    # whitened factors need the (missing) calibration text; plain ones (the weights alone) do not
+    assert [f["method"] for f in res["failures"]] == ["svd-whitened"]
+    assert [p["method"] for p in res["points"]] == ["svd-plain"] and res["baseline"]["ppl"] > 1
+    assert all("missing.txt" in f["error"] for f in res["failures"]), res["failures"]
+    json.dumps(res)

@@ -218,3 +218,52 @@ def test_prometheus_scrapes_the_live_server_and_answers_queries(server, client, 
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_thousand_requests_with_malformed_ones(server):
+    """1,000 requests, 5% of them malformed in every way a client gets wrong: each bad one gets a 4xx OpenAI
+    error JSON, no good one fails, and the server keeps serving (fault-injection figures in RESULTS.md)."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = server + "/v1/completions"
+    bad_kinds = [
+        ("not json", {"data": b"{\"model\": \"smollm2\", \"prompt\": ", "headers": {"content-type": "application/json"}}),
+        ("no prompt", {"json": {"model": "smollm2", "max_tokens": 2}}),
+        ("unknown model", {"json": {"model": "nope", "prompt": "hi", "max_tokens": 2}}),
+        ("negative max_tokens", {"json": {"model": "smollm2", "prompt": "hi", "max_tokens": -1}}),
+        ("wrong type", {"json": {"model": "smollm2", "prompt": "hi", "max_tokens": "two"}}),
+        ("temperature out of range", {"json": {"model": "smollm2", "prompt": "hi", "temperature": -3}}),
+        ("prompt too long", {"json": {"model": "smollm2", "prompt": "word " * 9000, "max_tokens": 2}}),
+        ("unknown field type", {"json": {"model": "smollm2", "prompt": "hi", "logprobs": "many"}}),
+    ]
+    rng = random.Random(0)
+    plan = ["good"] * 950 + [bad_kinds[i % len(bad_kinds)][0] for i in range(50)]
+    rng.shuffle(plan)
+    kinds = dict(bad_kinds)
+
+    def one(kind):
+        if kind == "good":
+            r = requests.post(url, json={"model": "smollm2", "prompt": f"Count: {rng.randint(1, 99)},",
+                                         "max_tokens": 2, "temperature": 0}, timeout=300)
+            return kind, r.status_code, r.text
+        r = requests.post(url, timeout=300, **kinds[kind])
+        return kind, r.status_code, r.text
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, plan))
+    good = [r for r in results if r[0] == "good"]
+    bad = [r for r in results if r[0] != "good"]
+    assert all(code == 200 for _, code, _ in good), [r for r in good if r[1] != 200][:3]
+    for kind, code, text in bad:
+        assert 400 <= code < 500, (kind, code, text[:300])
+        body = json.loads(text)
+        err = body.get("error", body)
+        assert isinstance(err, dict) and (err.get("message") or err.get("detail") or body.get("detail")), \
+            (kind, text[:300])
+    assert requests.get(server + "/health", timeout=10).status_code == 200
+    ok = requests.post(url, json={"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4,
+                                  "temperature": 0}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
+    print(f"\n1,000 requests: {len(bad)} malformed -> {sum(400 <= c < 500 for _, c, _ in bad)} 4xx; "
+          f"{len(good)} good -> {sum(c == 200 for _, c, _ in good)} 200")

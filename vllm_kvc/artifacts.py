@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["cache_root", "cache_key", "checkpoint_fingerprint", "file_lock", "save_tensors_atomic",
-           "write_text_atomic", "cached_tensors", "cached_json", "discard", "progress", "load_hf_model", "attn_modules", "LOCK_TIMEOUT_S"]
+           "write_text_atomic", "cached_tensors", "cached_json", "discard", "progress", "Parts", "load_hf_model", "attn_modules", "LOCK_TIMEOUT_S"]
 
 log = logging.getLogger("vllm_kvc")
 
@@ -96,16 +96,34 @@ def file_lock(path: str | Path, timeout: float | None = None, poll: float = 0.2)
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _failpoint(path: Path, tmp: Path) -> None:
-    """Fault injection for the test suite (tests/test_faults.py): with ``VLLM_KVC_FAILPOINT=kill-mid-write:<text>``
-    a process writing a cache file whose path contains <text> leaves half of it in its temporary file and is
-    killed (SIGKILL), as a node failure or an OOM kill would."""
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+_WRITES: dict[str, int] = {}
+
+
+def _failpoint(path: Path, tmp: Path | None) -> None:
+    """Fault injection for the test suite (tests/test_faults.py), as a node failure or an OOM kill would strike:
+    ``VLLM_KVC_FAILPOINT=kill-mid-write:<text>``: a process writing a cache file whose path contains <text> leaves
+    half of it in its temporary file and is killed (SIGKILL); ``kill-after-write:<text>:<n>``: killed right after
+    its n-th whole write of such a file."""
     fp = os.environ.get("VLLM_KVC_FAILPOINT", "")
-    kind, _, where = fp.partition(":")
-    if kind == "kill-mid-write" and where and where in str(path):
+    kind, _, rest = fp.partition(":")
+    if kind == "kill-mid-write" and tmp is not None and rest and rest in str(path):
         with open(tmp, "r+b") as fh:
             fh.truncate(tmp.stat().st_size // 2)
         os.kill(os.getpid(), signal.SIGKILL)
+    where, _, n = rest.rpartition(":")
+    if kind == "kill-after-write" and tmp is None and where and where in str(path):
+        _WRITES[where] = _WRITES.get(where, 0) + 1
+        if _WRITES[where] >= int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextmanager
@@ -120,11 +138,8 @@ def _atomic_target(path: Path):
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
+        _failpoint(path, None)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -157,6 +172,31 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
     with _atomic_target(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+class Parts:
+    """The finished steps of a long build (per layer, or a running state), kept next to its final file until that
+    is written: a build killed half way resumes after its last whole step instead of starting over. Each part is
+    written atomically and verified when read; the caller holds the final file's lock."""
+
+    def __init__(self, out: str | Path):
+        out = Path(out)
+        self.dir = out.with_name(out.name + ".parts")
+
+    def get(self, step: str) -> dict | None:
+        return cached_tensors(self.dir / f"{step}.safetensors")
+
+    def put(self, step: str, tensors: dict) -> None:
+        save_tensors_atomic(tensors, self.dir / f"{step}.safetensors")
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# seconds of work between two saved states of a build that saves a running state (covariances, similarity)
+CHECKPOINT_S = float(os.environ.get("VLLM_KVC_CHECKPOINT_S", 120))
 
 
 def discard(path: Path, why: str) -> None:
@@ -222,15 +262,27 @@ def progress(iterable, desc: str, total: int | None = None, unit: str = "it"):
 
 
 def load_hf_model(model_dir: str, dtype: torch.dtype | None = None, device: str | None = None):
-    """(tokenizer, causal LM in eval mode). Defaults: float32 on the CPU; bfloat16 on a GPU when there is one."""
+    """(tokenizer, causal LM in eval mode). Defaults: float32 on the CPU; bfloat16 on a GPU when there is one,
+    loaded straight onto the GPU(s) (``device_map``), never whole in host memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float32 if dev == "cpu" else torch.bfloat16
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return tok, model.to(dev).eval()
+    if dev == "cpu":
+        return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map="auto" if dev == "cuda" else dev)
+    return tok, model.eval()
+
+
+def free_accelerator_memory() -> None:
+    """After a calibration in this process: give its GPU memory back before vLLM measures what is free."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def attn_modules(model):

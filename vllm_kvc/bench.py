@@ -10,10 +10,10 @@ the uncompressed baseline runs once. Each method contributes its points (``Metho
 - baselines: ``quant-int8/int4/int2`` (KIVI-style: K and V themselves, one fp16 scale per 32 values, full
   rank, through the same latent cache path), ``svd-whitened`` (uniform rank, int8 latents, rotated),
   ``svd-plain`` (uniform rank, plain SVD of the weights, int8 latents);
-- ``lexico`` at each memory point and ``pod`` with a third, half and two thirds of the layers as followers.
-
-vLLM's own ``kv_cache_dtype=fp8`` does not run on this CPU build ("FP8 KV cache on CPU requires x86 with
-AVX-512 or AMX"), so it is not a measured peer here.
+- ``lexico`` at each memory point and ``pod`` with a third, half and two thirds of the layers as followers;
+- ``vllm-<dtype>``: vLLM 0.32's own KV cache formats (int8/int4_per_token_head, fp8, nvfp4, turboquant_*),
+  emulated byte for byte through this plugin's cache path (method ``vllmfmt``; the CPU build runs none of them
+  itself), with keys stored after RoPE as vLLM caches them.
 """
 from __future__ import annotations
 
@@ -190,8 +190,6 @@ def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_le
             "baseline": {"ppl": base["ppl"], "kv_capacity_tokens": base["kv_capacity_tokens"],
                          "kv_bytes_per_token": base_plan_bytes},
             "points": pts, "failures": failed, "dominance": check_dominance(pts),
-            "not_measured": {"vllm kv_cache_dtype=fp8": "fails on this CPU build: FP8 KV cache on CPU requires "
-                                                        "x86 with AVX-512 or AMX"},
             "seconds": time.time() - t0}
 
 

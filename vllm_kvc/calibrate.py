@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvc.artifacts import (attn_modules, cache_key, cache_root, cached_tensors, checkpoint_fingerprint,
-                                file_lock, load_hf_model, progress, save_tensors_atomic)
+from vllm_kvc.artifacts import (CHECKPOINT_S, Parts, attn_modules, cache_key, cache_root, cached_tensors,
+                                checkpoint_fingerprint, file_lock, load_hf_model, progress, save_tensors_atomic)
 from vllm_kvc.factorize import group_factors, identity_factors
 from vllm_kvc.settings import CalibrationConfig
 
@@ -28,28 +28,38 @@ log = logging.getLogger("vllm_kvc")
 FACTOR_FORMAT = 2
 
 
-def compute_covariances(model, tok, calib: CalibrationConfig) -> torch.Tensor:
+def compute_covariances(model, tok, calib: CalibrationConfig, parts: Parts | None = None) -> torch.Tensor:
+    """E[x x^T] of every layer's K/V projection input over the calibration chunks. ``parts``: the running sums
+    are saved every ``CHECKPOINT_S`` seconds there, and a restarted run continues after the last saved chunk
+    (same order of additions: the same result bit for bit)."""
     from vllm_kvc.corpus import load_text, token_chunks
 
     chunks = token_chunks(tok, load_text(calib.corpus, "calibration"), calib.tokens, calib.seq_len)
     attn = attn_modules(model)
     hidden = model.config.hidden_size
     covs = torch.zeros(len(attn), hidden, hidden, dtype=torch.float64)
-    count = 0
+    count, start = 0, 0
+    state = parts.get("state") if parts is not None else None
+    if state is not None and state["sum"].shape == covs.shape:
+        covs, count, start = state["sum"], int(state["count"]), int(state["chunks"])
+        log.info("calibration: resuming after chunk %d/%d", start, len(chunks))
     hooks = []
     for i, a in enumerate(attn):
         def hook(mod, args, i=i):
             x = args[0].reshape(-1, hidden).double().cpu()
             covs[i] += x.t() @ x
         hooks.append(a.k_proj.register_forward_pre_hook(hook))
-    t0 = time.time()
+    t0 = saved = time.time()
     dev = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for n, ids in enumerate(progress(chunks, "calibration: covariances", unit="chunk")):
+            for n, ids in enumerate(progress(chunks[start:], "calibration: covariances", unit="chunk"), start):
                 model(torch.tensor([ids], device=dev))
                 count += len(ids)
                 log.info("calibration %d/%d chunks (%.0f s)", n + 1, len(chunks), time.time() - t0)
+                if parts is not None and n + 1 < len(chunks) and time.time() - saved >= CHECKPOINT_S:
+                    parts.put("state", {"sum": covs, "count": torch.tensor(count), "chunks": torch.tensor(n + 1)})
+                    saved = time.time()
     finally:
         for h in hooks:
             h.remove()
@@ -69,10 +79,14 @@ def covariances(model_dir: str, calib: CalibrationConfig, model=None, tok=None) 
             return t["cov"].double()
         if model is None:
             tok, model = load_hf_model(model_dir)
-        covs = compute_covariances(model, tok, calib)
-        save_tensors_atomic({"cov": covs.float()}, cpath, metadata={"calibration": json.dumps(calib.model_dump())})
+        parts = Parts(cpath)
+        covs = compute_covariances(model, tok, calib, parts)
+        stored = covs.float()
+        save_tensors_atomic({"cov": stored}, cpath, metadata={"calibration": json.dumps(calib.model_dump())})
+        parts.clear()
         log.info("covariances of %d layers written to %s", covs.shape[0], cpath)
-        return covs
+        # what a later run reads back: factors do not depend on whether the covariances were cached
+        return stored.double()
 
 
 def factors_path(model_dir: str, cfg, plan) -> Path:

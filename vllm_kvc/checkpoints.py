@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vllm_kvc.artifacts import cache_root, file_lock, write_text_atomic
+from vllm_kvc.artifacts import cache_root, file_lock, fsync_dir, write_text_atomic
 
 log = logging.getLogger("vllm_kvc")
 
@@ -194,11 +194,7 @@ def _rename_into_place(tmp: Path, out_dir: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
         os.rename(out_dir, old / out_dir.name)
     os.rename(tmp, out_dir)
-    dfd = os.open(out_dir.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

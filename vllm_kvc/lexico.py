@@ -387,7 +387,7 @@ def build_dictionaries(model_dir: str, cfg) -> Path:
     """Learn (or find in the cache) every layer's ``D_k`` / ``D_v`` for this checkpoint, calibration and lexico
     settings; returns the safetensors file (tensors ``k.{layer}``, ``v.{layer}``). Built once under a file lock,
     so concurrent processes (tensor-parallel workers) wait for the first one."""
-    from vllm_kvc.artifacts import cached_tensors, file_lock, progress, save_tensors_atomic
+    from vllm_kvc.artifacts import Parts, cached_tensors, file_lock, progress, save_tensors_atomic
 
     out = dictionaries_path(model_dir, cfg)
     if cached_tensors(out) is not None:
@@ -400,7 +400,13 @@ def build_dictionaries(model_dir: str, cfg) -> Path:
         kv = collect_kv(model_dir, cfg.calibration, max_rows=LEARN_MAX_ROWS)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         tensors = {}
+        parts = Parts(out)  # each layer's dictionaries as it finishes: a killed build resumes at the next layer
         for i, (k, v) in enumerate(progress(kv, "lexico: dictionaries", unit="layer")):
+            done = parts.get(f"layer{i}")
+            if done is not None:
+                tensors.update(done)
+                log.info("lexico: layer %d/%d dictionaries from an interrupted build", i + 1, len(kv))
+                continue
             t1 = time.time()
             errs = {}
             for side, x, s in (("k", k, lc.train_sparsity), ("v", v, lc.train_sparsity)):
@@ -409,11 +415,13 @@ def build_dictionaries(model_dir: str, cfg) -> Path:
                                      progress=lambda it, e, last=last: last.append(e))
                 tensors[f"{side}.{i}"] = d.float().cpu().contiguous()
                 errs[side] = last[-1] if last else float("nan")
+            parts.put(f"layer{i}", {f"k.{i}": tensors[f"k.{i}"], f"v.{i}": tensors[f"v.{i}"]})
             log.info("lexico: layer %d/%d dictionaries (%d atoms; rel. error while learning K %.3f, V %.3f; %.1f s)",
                      i + 1, len(kv), lc.atoms, errs["k"], errs["v"], time.time() - t1)
         meta = {"format": str(LEXICO_FORMAT), "atoms": str(lc.atoms), "train_sparsity": str(lc.train_sparsity),
                 "iters": str(lc.iters), "layers": str(len(kv))}
         save_tensors_atomic(tensors, out, metadata=meta)
+        parts.clear()
         log.info("lexico: dictionaries of %d layers written to %s (%.1f s)", len(kv), out, time.time() - t0)
         return out
 

@@ -208,7 +208,8 @@ class LowRank(Method):
                 out.append({"method": f"kvc-alloc-q{quality_pct:g}", "is_baseline": False, "target": None,
                             "compression": a.compression(fresh), "allocation": dataclasses.asdict(a)})
         groups = shape.num_kv_heads // base.group_size
-        for name, fact, pts in (("svd-whitened", "whitened", points), ("svd-plain", "plain", plain_points)):
+        plain = [f for f in plain_points if f in points] or list(points)[:1]  # plain SVD: a few points suffice
+        for name, fact, pts in (("svd-whitened", "whitened", points), ("svd-plain", "plain", plain)):
             if not _wanted(name, include):
                 continue
             for f in pts:

@@ -161,11 +161,10 @@ def _ensure_metrics(vllm_config) -> _Metrics:
 def _install_route(app) -> None:
     """GET /v1/kv_compression as a route of vLLM's own app, so that it sits behind vLLM's middleware stack
     (``--api-key`` authentication included) and runs in the threadpool, off the event loop."""
-    from fastapi import Request
     from fastapi.responses import JSONResponse
 
-    def kv_compression(request: Request):
-        return JSONResponse(_ensure_metrics(request.app.state.vllm_config).describe)
+    def kv_compression():
+        return JSONResponse(_ensure_metrics(app.state.vllm_config).describe)
 
     with _lock:
         if not getattr(app.state, "kvc_route", False):

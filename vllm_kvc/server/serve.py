@@ -39,6 +39,7 @@ def serve(checked: Checked, host: str | None = None, port: int | None = None, ex
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from vllm_kvc.artifacts import free_accelerator_memory
     from vllm_kvc.methods import get_method, prepare
 
     dep = checked.deployment
@@ -55,6 +56,7 @@ def serve(checked: Checked, host: str | None = None, port: int | None = None, ex
     validate_parsed_serve_args(args)
     if dep.compression is not None:  # every argument is valid: now the method's calibration artifacts (cached)
         prepare(checked.model_dir, dep.compression, checked.plan.shape, int(args.tensor_parallel_size or 1))
+        free_accelerator_memory()
     log.info("vllm-kvc: equivalent command: vllm serve %s", " ".join(_quote(a) for a in argv))
     uvloop.run(run_server(args))
 
