@@ -20,7 +20,7 @@ import torch
 from vllm_kvc.config import CompressionConfig
 from vllm_kvc.kv_formats import FORMATS, TURBOQUANT, KVFormat, head_bytes, install_format, tq_centroids
 from vllm_kvc.methods import build_plan, get_method
-from vllm_kvc.methods.vllm_format import format_head_bytes
+from vllm_kvc.plan import vllm_format_head_bytes as format_head_bytes
 from vllm_kvc.plan import ModelShape
 
 N, H, D, NB, BS = 6, 3, 64, 2, 16

@@ -40,14 +40,9 @@ from functools import lru_cache
 
 import torch
 
+from vllm_kvc.plan import FORMATS, TURBOQUANT, tq_key_bytes, tq_value_bytes, vllm_format_head_bytes  # noqa: F401
+
 PER_TOKEN_HEAD = ("int8_per_token_head", "int4_per_token_head")
-TURBOQUANT = {  # preset: (key bits: 8 = fp8 keys, value bits, norm correction)
-    "turboquant_k8v4": (8, 4, False),
-    "turboquant_4bit_nc": (4, 4, True),
-    "turboquant_k3v4_nc": (3, 4, True),
-    "turboquant_3bit_nc": (3, 3, True),
-}
-FORMATS = ("int8_per_token_head", "int4_per_token_head", "fp8", "nvfp4", *TURBOQUANT)
 TQ_BOUNDARY_LAYERS = 2  # TurboQuant keeps the first and last 2 attention layers in the model dtype
 TQ_CONTINUATION_DECODE_THRESHOLD = 128  # vLLM's TurboQuant reads chunks of <= this many tokens from its cache
 FP8_MAX = 448.0
@@ -62,31 +57,11 @@ def _dtype_size(dtype: torch.dtype) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # bytes
 # ----------------------------------------------------------------------------------------------------------------
-def tq_key_bytes(kv_dtype: str, d: int) -> int:
-    kb = TURBOQUANT[kv_dtype][0]
-    return d if kb == 8 else math.ceil(d * kb / 8) + 2
-
-
-def tq_value_bytes(kv_dtype: str, d: int) -> int:
-    return math.ceil(d * TURBOQUANT[kv_dtype][1] / 8) + 4
-
-
 def head_bytes(kv_dtype: str, d: int, native_dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes one token's K and V of one KV head take in vLLM's page for ``kv_dtype`` (scales included)."""
     if kv_dtype == "native":
         return 2 * d * _dtype_size(native_dtype)
-    if kv_dtype == "int8_per_token_head":
-        return 2 * (d + 4)
-    if kv_dtype == "int4_per_token_head":
-        return 2 * (d // 2 + 4)
-    if kv_dtype == "fp8":
-        return 2 * d
-    if kv_dtype == "nvfp4":
-        return 2 * (d // 2 + d // 16)
-    if kv_dtype in TURBOQUANT:
-        s = tq_key_bytes(kv_dtype, d) + tq_value_bytes(kv_dtype, d)
-        return s + s % 2
-    raise ValueError(f"kv cache dtype {kv_dtype!r}: expected one of {', '.join(FORMATS)}")
+    return vllm_format_head_bytes(kv_dtype, d)
 
 
 def check_head_dim(kv_dtype: str, d: int) -> str | None:

@@ -8,6 +8,7 @@ Plain Python (reads a HF config.json); importable without vLLM or torch.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -217,3 +218,37 @@ def schedule_ranks(ratio: float, num_layers: int, full: int, schedule: str, spre
             ranks[j % num_layers] -= 1
         j -= 1
     return ranks
+
+
+# ----- vLLM 0.32's own KV cache formats (method vllmfmt emulates them): bytes per KV head and token -----
+TURBOQUANT = {  # preset: (key bits: 8 = fp8 keys, value bits, norm correction)
+    "turboquant_k8v4": (8, 4, False),
+    "turboquant_4bit_nc": (4, 4, True),
+    "turboquant_k3v4_nc": (3, 4, True),
+    "turboquant_3bit_nc": (3, 3, True),
+}
+FORMATS = ("int8_per_token_head", "int4_per_token_head", "fp8", "nvfp4", *TURBOQUANT)
+
+def tq_key_bytes(kv_dtype: str, d: int) -> int:
+    kb = TURBOQUANT[kv_dtype][0]
+    return d if kb == 8 else math.ceil(d * kb / 8) + 2
+
+
+def tq_value_bytes(kv_dtype: str, d: int) -> int:
+    return math.ceil(d * TURBOQUANT[kv_dtype][1] / 8) + 4
+
+
+def vllm_format_head_bytes(kv_dtype: str, d: int) -> int:
+    """Bytes one token's K and V of one KV head take in vLLM's page for ``kv_dtype`` (scales included)."""
+    if kv_dtype == "int8_per_token_head":
+        return 2 * (d + 4)
+    if kv_dtype == "int4_per_token_head":
+        return 2 * (d // 2 + 4)
+    if kv_dtype == "fp8":
+        return 2 * d
+    if kv_dtype == "nvfp4":
+        return 2 * (d // 2 + d // 16)
+    if kv_dtype in TURBOQUANT:
+        s = tq_key_bytes(kv_dtype, d) + tq_value_bytes(kv_dtype, d)
+        return s + s % 2
+    raise ValueError(f"kv cache dtype {kv_dtype!r}: expected one of {', '.join(FORMATS)}")

@@ -22,14 +22,10 @@ from typing import Literal
 from pydantic import Field
 
 from vllm_kvc.methods.base import Method, register
-from vllm_kvc.plan import ModelShape, Plan, dtype_bytes, kv_heads_per_rank
+from vllm_kvc.plan import FORMATS, ModelShape, Plan, dtype_bytes, kv_heads_per_rank, vllm_format_head_bytes
 from vllm_kvc.settings import ConfigError, Strict
 
-# duplicated from kv_formats.FORMATS so the settings import no torch
-_FORMATS = ("int8_per_token_head", "int4_per_token_head", "fp8", "nvfp4", "turboquant_k8v4", "turboquant_4bit_nc",
-            "turboquant_k3v4_nc", "turboquant_3bit_nc")
-KVDtype = Literal["int8_per_token_head", "int4_per_token_head", "fp8", "nvfp4", "turboquant_k8v4",
-                  "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_3bit_nc"]
+KVDtype = Literal[FORMATS]  # type: ignore[valid-type]
 
 
 class VllmFormatConfig(Strict):
@@ -53,28 +49,10 @@ class FormatPlan(Plan):
         h, d = kv_heads_per_rank(self.shape, tp_size), self.shape.head_dim
         if layer in self.native_layers:
             return h * 2 * d * dtype_bytes(self.shape.dtype)
-        return h * format_head_bytes(self.latent_dtype, d)
+        return h * vllm_format_head_bytes(self.latent_dtype, d)
 
     def layer_ranks(self, layer: int) -> tuple[int, int]:
         return self.shape.head_dim, self.shape.head_dim
-
-
-def format_head_bytes(kv_dtype: str, d: int) -> int:
-    """vllm_kvc.kv_formats.head_bytes without importing torch (the plan stays importable without it)."""
-    import math
-
-    if kv_dtype == "int8_per_token_head":
-        return 2 * (d + 4)
-    if kv_dtype == "int4_per_token_head":
-        return 2 * (d // 2 + 4)
-    if kv_dtype == "fp8":
-        return 2 * d
-    if kv_dtype == "nvfp4":
-        return 2 * (d // 2 + d // 16)
-    kb, vb = {"turboquant_k8v4": (8, 4), "turboquant_4bit_nc": (4, 4), "turboquant_k3v4_nc": (3, 4),
-              "turboquant_3bit_nc": (3, 3)}[kv_dtype]
-    s = (d if kb == 8 else math.ceil(d * kb / 8) + 2) + math.ceil(d * vb / 8) + 4
-    return s + s % 2
 
 
 @register
@@ -122,7 +100,7 @@ class VllmFormat(Method):
     def bench_points(self, base, shape, model_dir, points, include, **_) -> list[dict]:
         """One baseline per format, ``vllm-<dtype>``; TurboQuant with ``prefill: cache`` (see the module doc)."""
         out = []
-        for f in _FORMATS:
+        for f in FORMATS:
             name = f"vllm-{f}"
             if include is not None and not any(name.startswith(i) for i in include):
                 continue
