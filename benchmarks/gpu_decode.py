@@ -1,6 +1,7 @@
 """Decode (and prefill) attention on latent paged KV vs dense bf16 attention, one Llama-3-8B layer, on one GPU.
 
     PYTHONPATH=. python benchmarks/gpu_decode.py [--json out.json] [--sweep quick|full] [--no-prefill]
+    PYTHONPATH=. python benchmarks/gpu_decode.py --formats default [--cases 64x4096,64x16384]
 
 Per case (batch x context, latent ratio) it prints median times (triton.testing.do_bench, L2 flushed between
 runs) of: dense bf16 SDPA (contiguous K/V, best of two GQA formulations), the naive path (rebuild K and V from
@@ -261,6 +262,101 @@ def variant_shapes(ratio, gs):
     return r, r, "bfloat16"
 
 
+# ------------------------------------------------------------------------------------------------ latent formats
+DEFAULT_FORMATS = ("bfloat16:0.5,int8:0.5,int4@g32:0.5,int8/int4:0.5,int8/int4@g32:0.5,int4:0.5,int2@g32:0.5,"
+                   "bfloat16:0.25,int4@g32:0.25")
+
+
+def parse_formats(text: str):
+    """'int4@g32:0.5,int8/int4:0.5' -> [(latent spec, ratio)] (gs = 1, rank = ratio * head_dim for K and V)."""
+    out = []
+    for item in text.split(","):
+        spec, _, ratio = item.partition(":")
+        out.append((spec, float(ratio or 0.5)))
+    return out
+
+
+def format_configs(spec: str) -> list[LaunchConfig]:
+    """Launch options tried per format besides the defaults (LaunchConfig()): KV heads per program 1 / 2,
+    2 / 3 pipeline stages, 1 / 2 KV splits (the original int8 layout runs on the generic kernel: splits only)."""
+    if spec == "int8":
+        return [LaunchConfig(num_splits=s) for s in (1, 2)]
+    return [LaunchConfig(heads=h, num_stages=st, num_splits=s) for h in (1, 2) for st in (2, 3) for s in (1, 2)]
+
+
+def run_formats(args, bw, mm, results):
+    """Every latent format of the plan (gs = 1, Llama-3-8B layer) against dense bf16 SDPA in the same call: the
+    defaults and the best of :func:`format_configs`, each with its bytes floor (its own row bytes)."""
+    cases = [tuple(int(x) for x in c.split("x")) for c in (args.cases or "64x4096,64x16384").split(",")]
+    fmts = parse_formats(args.formats)
+    rows = []
+    for (B, S) in cases:
+        paths, keep = dense_paths(B, S)
+        dense_t = {name: bench(fn) for name, fn in paths.items()}
+        dense_best = min(dense_t.values())
+        dense_floor = (B * S * HKV * HD * 4 + 2 * B * HQ * HD * 2) / bw * 1e3
+        del keep, paths
+        torch.cuda.empty_cache()
+        print(f"B={B} S={S}: dense SDPA {dense_best:.4f} ms {dense_t} (bytes floor {dense_floor:.4f})", flush=True)
+        for spec, ratio in fmts:
+            r = int(round(ratio * HD))
+            c = DecodeCase(B, S, 1, r, r, spec)
+            ref_out = c.run_naive()
+            t0 = time.time()
+            tried = []
+            for cfg in [LaunchConfig()] + format_configs(spec):
+                try:
+                    out = c.run_kernel(cfg)
+                    torch.cuda.synchronize()
+                    err = rel(out, ref_out)
+                    t = bench(lambda: c.run_kernel(cfg))
+                except Exception as e:  # noqa: BLE001  (out of resources etc.)
+                    tried.append(dict(cfg=dataclasses.asdict(cfg), error=str(e).splitlines()[0][:160]))
+                    print(f"    {spec} {cfg}: {tried[-1]['error']}", flush=True)
+                    continue
+                tried.append(dict(cfg=dataclasses.asdict(cfg), ms=t, err=err))
+            ok = [x for x in tried if "ms" in x]
+            best = min(ok, key=lambda x: x["ms"]) if ok else None
+            dflt = tried[0] if "ms" in tried[0] else None
+            kb = c.kernel_bytes()
+            row = dict(B=B, S=S, spec=spec, ratio=ratio, rank=r, row_bytes=c.layout.row_bytes,
+                       dense_row_bytes=c.layout.dense_row_bytes(), dense_ms=dense_best, dense_paths=dense_t,
+                       dense_floor_ms=dense_floor, bytes=kb, bytes_floor_ms=kb / bw * 1e3,
+                       flop_floor_ms=c.kernel_flops() / mm * 1e3, default=dflt, best=best, tried=tried,
+                       plan=str(tk.plan_launch(c.layout, HQ, B, B, max_query_len=1, angles_ok=True,
+                                               max_ctx=S, sms=results["sms"])),
+                       sweep_s=time.time() - t0)
+            rows.append(row)
+            results["formats"] = rows
+            save_json(args, results)
+            if best:
+                frac = row['row_bytes'] / row['dense_row_bytes']
+                dms = dflt["ms"] if dflt else float("nan")
+                print(f"  {spec:>15} r={r:3d} {row['row_bytes']:4d} B/token ({frac:.1%} of bf16): dflt {dms:.4f} ms, "
+                      f"best {best['ms']:.4f} ms "
+                      f"[{cfg_text(best['cfg'])}] err {best['err']:.1e}; floor {row['bytes_floor_ms']:.4f} ms "
+                      f"({row['sweep_s']:.0f}s)", flush=True)
+            del c
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_formats_table(rows):
+    print("| batch x ctx | latent dtype | rank K/V | bytes/token (% of bf16 K/V) | default ms | best ms (cfg) | "
+          "bytes floor ms | best / floor | dense SDPA ms | dense / best |")
+    print("|" + "---|" * 10)
+    for r in rows:
+        b, d = r["best"], r["default"]
+        if not b:
+            print(f"| {r['B']}x{r['S']} | {r['spec']} | {r['rank']} | - | failed | | | | | |")
+            continue
+        frac = r['row_bytes'] / r['dense_row_bytes']
+        print(f"| {r['B']}x{r['S']} | {r['spec']} | {r['rank']} | {r['row_bytes']} ({frac:.1%})"
+              f" | {d['ms'] if d else float('nan'):.4f} | {b['ms']:.4f} ({cfg_text(b['cfg'])}) | "
+              f"{r['bytes_floor_ms']:.4f} | {b['ms'] / r['bytes_floor_ms']:.2f} | {r['dense_ms']:.4f} | "
+              f"{r['dense_ms'] / b['ms']:.2f}x |")
+
+
 def run_decode(args, bw, mm, results):
     cases = [(16, 4096), (64, 4096), (64, 16384)]
     if args.cases:
@@ -466,8 +562,12 @@ def main():
     ap.add_argument("--block-size", type=int, default=BS, help="vLLM block size of the paged caches")
     ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1,<LaunchConfig fields>: run that "
                     "kernel 5 times and exit (for ncu)")
+    ap.add_argument("--formats", default="", help=f"latent formats vs dense, e.g. '{DEFAULT_FORMATS}' ('default': "
+                    "that list); runs only this sweep")
     args = ap.parse_args()
     BS = args.block_size
+    if args.formats == "default":
+        args.formats = DEFAULT_FORMATS
     TIMER["mode"] = args.timer
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.profile:
@@ -490,6 +590,22 @@ def main():
     results.update(copy_bw=bw, matmul_flops=mm)
     print(f"{results['date']} {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
           f"triton {triton.__version__}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True)
+    if args.formats:
+        if args.precompile:
+            jobs = [("decode", 1, int(round(ratio * HD)), int(round(ratio * HD)), spec,
+                     dataclasses.replace(cfg, num_splits=ns))
+                    for spec, ratio in parse_formats(args.formats)
+                    for cfg in [LaunchConfig()] + format_configs(spec)
+                    for ns in ((cfg.num_splits,) if cfg.num_splits else (1, 2))]
+            precompile(jobs, args.precompile)
+        rows = run_formats(args, bw, mm, results)
+        save_json(args, results)
+        print()
+        print(f"decode, one Llama-3-8B layer (32 q / 8 kv heads, d=128), gs=1, block size {BS}; "
+              f"median ms ({args.timer})")
+        print_formats_table(rows)
+        print(f"\nJSON: {args.json}")
+        return
     if args.precompile:
         cases_r = [0.5, 0.25] + (["int8"] if args.int8 else [])
         jobs = []

@@ -451,18 +451,120 @@ def test_triton_decode_entry_and_factor_cache():
     assert rel_err(out2, ref_out(args)) < TOL
 
 
-def test_triton_refuses_other_integer_layouts():
-    """int4 / int2 / mixed latents are not read by the kernels (callers fall back to the reference)."""
+# every integer latent layout the plan can produce, read by the kernels (dequantized in registers): int4 / int2
+# codes with per-token or per-32-value scales, mixed K/V widths, odd ranks (a part ends, or a head group starts, on
+# a half byte: the unaligned path), different rank_k / rank_v; the multi-head decode kernel (gs 1, one query per
+# program), the generic kernel (gs 2, or varlen / prefill batches) and rank chunking (rank_k > 128, GPU only)
+QUANT_CASES = [
+    ("int4_decode_heads", "int4", [3, 37, 70], [1, 1, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=16, rv=32, bs=16),
+     dict(max_query_len=1, block_t=16)),
+    ("int4_g32_decode_split_odd_rank", "int4@g32", [3, 61, 90], [1, 1, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=31,
+                                                                               rv=24, bs=5, bias=True),
+     dict(max_query_len=1, num_splits=2, block_t=16)),
+    ("int8_int4_decode_heads2", "int8/int4", [2, 77, 40], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=24, rv=30,
+                                                                         bs=16), dict(max_query_len=1, heads=2,
+                                                                                      block_t=16)),
+    ("int8_int4_g32_varlen_half_bytes", "int8/int4@g32", [5, 40, 50, 21], [2, 1, 3, 0],
+     dict(G=2, gs=1, qpk=3, hd=32, rk=29, rv=7, bs=16, is_neox=False, rot=16), dict(block_t=16)),
+    ("int2_decode_lazy_rot", "int2", [3, 61, 90], [1, 1, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=16, rv=24, bs=8),
+     dict(max_query_len=1, block_t=16, tile_rotation=True, lazy_max=True)),
+    ("int2_g32_odd_ranks_prefill", "int2@g32", [29, 18], [29, 7], dict(G=2, gs=1, qpk=2, hd=32, rk=13, rv=22, bs=8),
+     dict(block_t=16)),
+    ("int4_g32_gs2_prefill_bias", "int4@g32", [33, 12], [9, 12], dict(G=1, gs=2, qpk=1, hd=32, rk=40, rv=24, bs=4,
+                                                                      bias=True), dict(block_t=16)),
+    ("int8_g32_gs2_decode", "int8@g32", [45, 8, 33], [1, 1, 1], dict(G=2, gs=2, qpk=1, hd=32, rk=40, rv=33, bs=8),
+     dict(max_query_len=1, num_splits=2, block_t=16)),
+    ("int4_fp16_generic_decode", "int4", [26, 19], [1, 1], dict(G=2, gs=1, qpk=1, hd=64, rk=15, rv=17, bs=16,
+                                                                 dtype=torch.float16), dict(heads=0)),
+]
+if CUDA:
+    QUANT_CASES += [
+        ("gpu_llama_int4_g32_r05", "int4@g32", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64), dict(max_query_len=1)),
+        ("gpu_llama_int8_int4_r05", "int8/int4", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64), dict(max_query_len=1)),
+        ("gpu_llama_int8_int4_g32_r05_split", "int8/int4@g32", [16384, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64), dict(max_query_len=1, num_splits=3)),
+        ("gpu_llama_int4_g32_r025_heads2", "int4@g32", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32, bs=16), dict(max_query_len=1)),
+        ("gpu_llama_int2_g32_odd", "int2@g32", [2049, 513, 100], [1] * 3,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=45, rv=37, bs=16), dict(max_query_len=1)),
+        ("gpu_llama_int4_per_layer_ranks_prefill", "int4@g32", [1000, 300, 517], [1000, 1, 77],
+         dict(G=8, gs=1, qpk=4, hd=128, rk=48, rv=80, bs=64), dict()),
+        ("gpu_gs2_rank_chunked_int4_g32", "int4@g32", [700, 129], [1, 129],
+         dict(G=2, gs=2, qpk=4, hd=128, rk=162, rv=96, bs=16), dict()),
+        ("gpu_gs2_int8_int4_decode", "int8/int4", [2049, 513, 100], [1] * 3,
+         dict(G=4, gs=2, qpk=4, hd=128, rk=64, rv=64, bs=16), dict(max_query_len=1)),
+    ]
+
+
+@pytest.mark.parametrize("name,lat,seq_lens,q_lens,case_kw,call_kw", QUANT_CASES, ids=[c[0] for c in QUANT_CASES])
+def test_triton_reads_integer_layouts(name, lat, seq_lens, q_lens, case_kw, call_kw):
+    """Packed integer latents against the fp64 oracle (the same bytes, unpacked by layout.py); the plan must
+    keep them on the kernels (gs 1 decode on the multi-head decode kernel unless heads=0 asks otherwise)."""
     tk = kernels()
-    try:
-        lay = LatentLayout(1, 1, 32, 16, 16, "int4")
-    except ValueError:
-        pytest.skip("this layout.py has no int4 latents")
-    args, _ = make_case([5], [1], G=1, gs=1, qpk=1, hd=32, rk=16, rv=16, bs=4)
-    args["layout"] = lay
-    args["kv_cache"] = torch.zeros(2, 4, lay.row_elems, dtype=lay.cache_dtype, device=DEV)
-    with pytest.raises(NotImplementedError):
-        tk.latent_attention(**args, max_query_len=1)
+    args, _ = make_case(seq_lens, q_lens, lat_dtype=lat, **case_kw)
+    tk.check_supported(args["layout"])
+    expect = ref_out(args)
+    out = torch.full_like(args["q"], float("nan"))
+    kw, cfg = split_kw(call_kw)
+    if cfg.tile_rotation:
+        kw["inv_freq"] = rope_inv_freq(args["cos_sin_cache"].shape[-1]).to(DEV)
+    tk.latent_attention(**args, out=out, config=cfg, **kw)
+    plan = plan_of(args, cfg, kw.get("max_query_len"), kw.get("inv_freq"))
+    if case_kw["gs"] == 1 and cfg.heads != 0 and kw.get("max_query_len") == 1:
+        assert plan.kernel == "decode"
+    err = rel_err(out, expect)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
+def test_triton_row_format_matches_layout():
+    """The part descriptors the kernels read (offsets, bits, scale positions) agree with layout.py's bytes."""
+    tk = kernels()
+    from vllm_kvc.kernels.triton_latent.config import level_tables, row_format
+    from vllm_kvc.layout import GAUSS_LEVELS, UNIFORM_LEVELS
+    lut = level_tables(torch.device("cpu"))
+    assert torch.equal(lut[:16], GAUSS_LEVELS[4]) and torch.equal(lut[16:32], UNIFORM_LEVELS[4])
+    assert torch.equal(lut[32:36], GAUSS_LEVELS[2]) and torch.equal(lut[36:40], UNIFORM_LEVELS[2])
+    for spec, rk, rv in [("int4", 15, 17), ("int8/int4@g32", 29, 7), ("int2@g32", 13, 22), ("int4@g32", 32, 32)]:
+        lay = LatentLayout(2, 1, 32, rk, rv, spec)
+        tk.check_supported(lay)
+        k, v = row_format(lay)
+        assert (k.off, k.bits, v.off, v.bits) == (0, lay.bits_k, lay.k_bytes, lay.bits_v)
+        assert k.soff == lay.scale_offset and v.soff == lay.scale_offset + 2 * lay.groups * lay.scales_per_group_k
+        assert v.soff + 2 * lay.groups * lay.scales_per_group_v == lay.row_bytes
+        assert k.aligned == (rk * lay.bits_k % 8 == 0) and v.aligned == (rv * lay.bits_v % 8 == 0)
+
+
+@pytest.mark.skipif(not CUDA, reason="the GPU path only")
+def test_gpu_never_reaches_the_reference(monkeypatch):
+    """On CUDA tensors no layout goes to reference.latent_attention (the dense fp32 rebuild of every cached K/V):
+    decode, varlen and prefill batches of every integer layout run on the kernels."""
+    tk = kernels()
+    cases = []
+    for lat in ("bfloat16", "int8", "int4", "int4@g32", "int8/int4", "int8/int4@g32", "int2", "int2@g32"):
+        for seq_lens, q_lens, gs in (([300, 17, 64], [1, 1, 1], 1), ([300, 40], [3, 40], 1), ([129, 20], [1, 1], 2)):
+            args, _ = make_case(seq_lens, q_lens, G=8 // gs, gs=gs, qpk=4, hd=128, rk=48, rv=40, bs=64, lat_dtype=lat)
+            cases.append((lat, args, ref_out(args), max(q_lens)))
+
+    def boom(*a, **k):
+        raise AssertionError("reference.latent_attention reached on the GPU")
+    monkeypatch.setattr(ref, "latent_attention", boom)
+    for lat, args, expect, mq in cases:
+        out = tk.latent_attention(**args, max_query_len=mq)
+        assert rel_err(out, expect) < TOL, lat
+
+
+def test_glue_checks_layout_at_startup():
+    """The vLLM glue refuses, at start-up, a layout the kernels cannot read (a ValueError naming the latent dtype)
+    and accepts every integer layout of the plan."""
+    pytest.importorskip("vllm")
+    kernels()
+    from vllm_kvc.glue.latent import check_kernel_layout
+    for spec in ("bfloat16", "int8", "int4", "int4@g32", "int8/int4", "int8/int4@g32", "int2@g32"):
+        check_kernel_layout(LatentLayout(8, 1, 128, 64, 48, spec), "layers.0")
+    with pytest.raises(ValueError, match="int4@g32"):
+        check_kernel_layout(LatentLayout(1, 8, 32, 128, 16, "int4@g32"), "layers.3")  # 128 * 8 > 512
 
 
 def test_triton_refuses_layouts_too_large_for_chip():

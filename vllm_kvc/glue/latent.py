@@ -4,7 +4,8 @@ rebuilds keys (then RoPE) and folds ``B_v`` after the weighted sum.
 After weight loading, ``kvc_finalize`` swaps the decoder layer's K and V projections for this TP rank's latent
 projections ``A_k, A_v`` (its own head groups), fused with Q into one matmul. Per token the layer emits ``q``
 (RoPE applied) and the latent row; ``kvc_attend`` writes the rows and computes attention: the Triton kernels on
-CUDA tensors (kernels/triton_latent), the plain-torch reference (kernels/reference.py) elsewhere.
+CUDA tensors (kernels/triton_latent; every latent dtype, checked once in ``kvc_finalize``), the plain-torch
+reference (kernels/reference.py) elsewhere.
 """
 from __future__ import annotations
 
@@ -39,6 +40,23 @@ def _rope_inv_freq(rotary_emb, dev: torch.device) -> torch.Tensor | None:
         return rotary_emb._compute_inv_freq(rotary_emb.base).float().to(dev)
     except Exception:  # noqa: BLE001 (a variant with another signature: the table path is always correct)
         return None
+
+
+def check_kernel_layout(layout: LatentLayout, where: str = "") -> None:
+    """On CUDA devices attention runs on the Triton kernels only: a layout they cannot read (or a missing
+    Triton) is a configuration error at start-up, never a silent fallback to the plain-torch reference (which
+    rebuilds every cached K/V densely each step). Raises ValueError naming the latent dtype."""
+    ops = _triton_ops()
+    at = f" ({where})" if where else ""
+    if ops is None:
+        raise ValueError(f"latent dtype {layout.dtype!r}{at}: attention on CUDA needs the Triton kernels "
+                         "(vllm_kvc.kernels.triton_latent), which could not be imported")
+    try:
+        ops.check_supported(layout)
+    except NotImplementedError as e:
+        raise ValueError(f"latent dtype {layout.dtype!r}{at}: the Triton kernels cannot read this layout "
+                         f"(groups={layout.groups}, group_size={layout.group_size}, head_dim={layout.head_dim}, "
+                         f"rank_k={layout.rank_k}, rank_v={layout.rank_v}): {e}") from e
 
 
 class LatentAttention(RowAttention):
@@ -78,6 +96,8 @@ class LatentAttention(RowAttention):
         self.cos_sin_cache = cs.float().to(dev) if dev.type == "cpu" else cs.to(dev)
         self.is_neox = bool(getattr(layer.rotary_emb, "is_neox_style", True))
         self.inv_freq = _rope_inv_freq(layer.rotary_emb, dev)
+        if dev.type == "cuda":
+            check_kernel_layout(self.layout, getattr(self, "layer_name", ""))
         del layer.qkv_proj
 
     def kvc_forward(self, layer, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -95,16 +115,12 @@ class LatentAttention(RowAttention):
         lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
         q = query[:n]
         reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
-        ops = _triton_ops() if q.is_cuda else None
-        if ops is not None:
-            try:
-                ops.latent_attention(
-                    q, cache, layout, md.block_table, md.seq_lens, md.query_start_loc, self.b_k, self.b_v,
-                    self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n],
-                    inv_freq=self.inv_freq, max_query_len=md.max_query_len, query_start_loc_cpu=md.query_start_loc_cpu)
-                return
-            except NotImplementedError:  # a layout the kernels do not read (e.g. int4): reference path
-                pass
+        if q.is_cuda:  # every layout was checked at start-up (kvc_finalize): no fallback here
+            _triton_ops().latent_attention(
+                q, cache, layout, md.block_table, md.seq_lens, md.query_start_loc, self.b_k, self.b_v,
+                self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n],
+                inv_freq=self.inv_freq, max_query_len=md.max_query_len, query_start_loc_cpu=md.query_start_loc_cpu)
+            return
         reference.latent_attention(
             q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
             self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n])

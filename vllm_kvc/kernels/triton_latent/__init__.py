@@ -12,9 +12,11 @@ values stay latent until ``B_v`` is applied once to the softmax-weighted sum. Mo
 - ``prefill``: the generic kernel (any group size, int8, prefill) and the split-KV reduce;
 - ``tiles``: Triton helpers (tile addressing through the block table, loads, RoPE).
 
-int8 latents (layout.py's original int8 layout) are read by the generic kernel; other integer layouts and
-layouts whose factors do not fit on chip raise NotImplementedError (:func:`check_supported`): callers use the
-reference for them. Importable without vLLM; runs on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 is then
+Every latent dtype of layout.py is read: float latents, the original int8 layout (generic kernel, per-token
+scales applied to the rebuilt keys and the weights), and packed integer layouts (int4, int2, mixed K/V widths,
+per-token or per-32-value scales), described per K/V part by ``config.row_format`` and dequantized in registers
+per tile (``tiles.load_dequant``). Layouts whose tiles do not fit on chip raise NotImplementedError
+(:func:`check_supported`); the vLLM glue turns that into a start-up error on GPUs. Importable without vLLM; runs on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 is then
 computed in fp32, see :func:`compute_dtype`). Measurements: benchmarks/RESULTS.md, "GPU kernels".
 """
 from __future__ import annotations

@@ -57,9 +57,75 @@ def next_pow2(n: int) -> int:
 
 
 def heads_supported(layout: LatentLayout, hq: int) -> bool:
-    """Layouts that the multi-head decode kernel serves: group size 1, float latents, ranks <= 256."""
-    return (layout.group_size == 1 and not layout.quantized and hq % layout.num_kv_heads == 0
+    """Layouts that the multi-head decode kernel serves: group size 1, ranks <= 256, float latents or packed
+    integer latents (any layout but the original int8 one, which keeps its measured path: the generic kernel)."""
+    return (layout.group_size == 1 and not layout.is_int8 and hq % layout.num_kv_heads == 0
             and next_pow2(layout.rank_v) <= 256 and max(16, next_pow2(layout.rank_k)) <= 256)
+
+
+# ------------------------------------------------------------------------------------------------ row formats
+@dataclass(frozen=True)
+class PartFormat:
+    """Where and how one K or V part of an integer latent row is stored (what the kernels read, as constexprs).
+
+    off: byte offset of the part's first value; bits: 8 (int8 codes, value = code * scale), 4 or 2 (packed
+    unsigned codes, little end first, value = table[code] * |scale|, table by the scale's sign); qg: values per
+    fp16 scale (0: one per token and head group); soff: byte offset of the part's first scale; spg: scales per
+    head group; lut: offset of the part's two level tables (Gauss, then uniform) in :func:`level_tables`;
+    aligned: every head group's values start on a whole byte (rank * bits % 8 == 0; informative: the kernels
+    read one byte per value either way, see ``tiles.load_dequant``)."""
+    off: int
+    bits: int
+    qg: int
+    soff: int
+    spg: int
+    lut: int
+    aligned: bool
+
+
+LUT_OFFSET = {8: 0, 4: 0, 2: 32}  # level_tables(): int4 Gauss 0..15, uniform 16..31; int2 Gauss 32..35, uniform 36..39
+
+
+def row_format(layout: LatentLayout) -> tuple[PartFormat, PartFormat]:
+    """The K and V part formats of an integer layout (layout.py is the source of the bytes)."""
+    qg, G = layout.quant_group, layout.groups
+    spg_k, spg_v = layout.scales_per_group_k, layout.scales_per_group_v
+    so = layout.scale_offset
+    k = PartFormat(0, layout.bits_k, qg, so, spg_k, LUT_OFFSET[layout.bits_k], layout.rank_k * layout.bits_k % 8 == 0)
+    v = PartFormat(layout.k_bytes, layout.bits_v, qg, so + 2 * G * spg_k, spg_v, LUT_OFFSET[layout.bits_v],
+                   layout.rank_v * layout.bits_v % 8 == 0)
+    return k, v
+
+
+_LUTS: dict = {}
+
+
+def level_tables(device: torch.device) -> torch.Tensor:
+    """The level tables of layout.py as one small fp32 tensor (40 values), one copy per device."""
+    key = str(device)
+    if key not in _LUTS:
+        from vllm_kvc.layout import GAUSS_LEVELS, UNIFORM_LEVELS
+        t = torch.cat([GAUSS_LEVELS[4], UNIFORM_LEVELS[4], GAUSS_LEVELS[2], UNIFORM_LEVELS[2]]).float()
+        assert t.numel() == 40
+        _LUTS[key] = t.to(device)
+    return _LUTS[key]
+
+
+def quant_kwargs(layout: LatentLayout, kv_cache: torch.Tensor) -> dict:
+    """The constexprs of the packed-integer path (QUANT) for a launch; QUANT=False for float and original int8."""
+    if not layout.quantized or layout.is_int8:
+        z = dict(OFF=0, BITS=16, QG=0, SOFF=0, SPG=1, LUT=0)
+        return dict(QUANT=False, SCALE16=False, **{f"K_{a}": b for a, b in z.items()},
+                    **{f"V_{a}": b for a, b in z.items()})
+    k, v = row_format(layout)
+    # fp16 scales read as fp16 where every scale sits on an even byte address; else as two bytes
+    even = (kv_cache.data_ptr() % 2 == 0 and kv_cache.stride(0) % 2 == 0 and kv_cache.stride(1) % 2 == 0
+            and layout.scale_offset % 2 == 0)
+    out = dict(QUANT=True, SCALE16=even)
+    for name, p in (("K", k), ("V", v)):
+        out.update({f"{name}_OFF": p.off, f"{name}_BITS": p.bits, f"{name}_QG": p.qg, f"{name}_SOFF": p.soff,
+                    f"{name}_SPG": p.spg, f"{name}_LUT": p.lut})
+    return out
 
 
 def decode_defaults(layout: LatentLayout, hq: int | None = None) -> LaunchConfig:
@@ -88,9 +154,15 @@ def pick_heads(layout: LatentLayout, heads: int) -> int:
 
 
 def check_supported(layout: LatentLayout) -> None:
-    """Raise NotImplementedError for layouts the kernels do not handle (the caller then uses the reference)."""
-    if layout.quantized and not layout.is_int8:
-        raise NotImplementedError(f"latent dtype {layout.dtype!r}: the Triton kernels read float and int8 latents only")
+    """Raise NotImplementedError for layouts the kernels do not handle. Every latent dtype the plan produces
+    (float, int8, int4, int2, mixed K/V widths, per-token or power-of-two group scales) is read; what remains are
+    head dims and ranks whose tiles do not fit on chip. The vLLM glue checks this once at start-up (a layout the
+    kernels cannot read is a configuration error on GPUs, not a silent fallback)."""
+    qg = layout.quantized and layout.quant_group
+    if qg and qg & (qg - 1):
+        raise NotImplementedError(f"latent dtype {layout.dtype!r}: the kernels need a power-of-two quant group")
+    if layout.quantized and (layout.bits_k not in (8, 4, 2) or layout.bits_v not in (8, 4, 2)):
+        raise NotImplementedError(f"latent dtype {layout.dtype!r}: the kernels read 8, 4 and 2-bit latents only")
     hd = layout.head_dim
     if hd & (hd - 1) or hd < 32:
         raise NotImplementedError(f"head_dim={hd}: the kernels need a power of two >= 32")

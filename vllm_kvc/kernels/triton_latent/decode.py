@@ -1,4 +1,5 @@
-"""The multi-head decode kernel (one query per program, group size 1, float latents) and its launcher.
+"""The multi-head decode kernel (one query per program, group size 1, float or packed integer latents) and its
+launcher.
 
 Several KV heads per program fill the 16 rows of the score dots (instead of padding each head's query heads to
 16). ``B_k`` comes in blocks of 8 RoPE pairs (:func:`~.tiles.split_pairs`), so the rebuilt keys split into their
@@ -17,10 +18,10 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .config import device_props, interpreting, next_pow2, pick_heads
+from .config import device_props, interpreting, level_tables, next_pow2, pick_heads, quant_kwargs
 from .prefill import LOG2E, launch_reduce, needs_off64, prepare_io, split_partials
-from .tiles import (cos_sin_of, find_request, join_pairs, load_cos_sin, load_tile, phase_tiles, rope_bf16x2,
-                    split_pairs, tile_blocks, tile_rows)
+from .tiles import (cos_sin_of, find_request, join_pairs, load_cos_sin, load_dequant, load_tile, phase_tiles,
+                    rope_bf16x2, split_pairs, tile_blocks, tile_rows)
 
 try:  # programmatic dependent launch (triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -48,13 +49,18 @@ def _latent_decode_heads(
     bv_ptr, biasv_ptr,
     out_ptr, stride_ot, stride_oh,
     pm_ptr, pl_ptr, pacc_ptr,
-    qk_scale, num_splits, flag_ptr,
+    qk_scale, num_splits, flag_ptr, lut_ptr,
     G: tl.constexpr, QPK: tl.constexpr, HD: tl.constexpr,
     RK: tl.constexpr, RK_P: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
     NKV: tl.constexpr, M_P: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
     SPLIT: tl.constexpr, DCH: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
     DIRECT: tl.constexpr, OFF64: tl.constexpr, PACKED: tl.constexpr, TILE_ROT: tl.constexpr,
     LAZY: tl.constexpr, PDL: tl.constexpr,
+    QUANT: tl.constexpr, SCALE16: tl.constexpr,
+    K_OFF: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_SOFF: tl.constexpr, K_SPG: tl.constexpr,
+    K_LUT: tl.constexpr,
+    V_OFF: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_SOFF: tl.constexpr, V_SPG: tl.constexpr,
+    V_LUT: tl.constexpr,
 ):
     """Single-query attention (decode) at group size 1 for NKV KV heads per program.
 
@@ -70,6 +76,8 @@ def _latent_decode_heads(
     PACKED: cos / sin in bf16 and packed bf16x2 rotation (GPU, bf16). TILE_ROT: RoPE as R(t0 + i) = R(t0) R(i).
     LAZY: 0 running max; 1 the first tile's max as the reference, flagging programs that could overflow; 2 the
     exact pass (running max) of the flagged programs only.
+    QUANT: packed integer latents (config.row_format: K_* / V_* describe each part), dequantized in registers
+    per tile (:func:`~.tiles.load_dequant`) before the same dots as float latents.
     """
     HALF: tl.constexpr = HD // 2
     NV: tl.constexpr = NKV * RV_P
@@ -145,8 +153,13 @@ def _latent_decode_heads(
                                             phase == 1, not PACKED)
             s = tl.zeros([BLOCK_T, M_P], tl.float32)
             for h in tl.static_range(NKV):
-                ck = load_tile(cache_ptr + row_off[:, None] + (g0 + h) * RK + cr[None, :], t_ok, cr < RK,
-                               (phase == 1) or (RK != RK_P), False).to(DT)
+                if QUANT:
+                    ck = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, (g0 + h) * RK, RK, (g0 + h) * K_SPG, K_SPG,
+                                      1, RK_P, RK, K_OFF, K_BITS, K_QG, K_SOFF, K_LUT, SCALE16, phase == 1,
+                                      BLOCK_T).to(DT)
+                else:
+                    ck = load_tile(cache_ptr + row_off[:, None] + (g0 + h) * RK + cr[None, :], t_ok, cr < RK,
+                                   (phase == 1) or (RK != RK_P), False).to(DT)
                 bi = tl.load(bk_ptr + ((g0 + h) * RK + cr[:, None]) * HD + dc[None, :], mask=(cr < RK)[:, None],
                              other=0.0)
                 k1, k2 = split_pairs(tl.dot(ck, bi), BLOCK_T, HALF)
@@ -168,8 +181,12 @@ def _latent_decode_heads(
                     r2 = (k2 * cos_k + k1 * sin_k).to(DT)
                 s = tl.where((hrow == h)[None, :], tl.dot(join_pairs(r1, r2, BLOCK_T, HALF), q_t), s)
 
-            vv = load_tile(cache_ptr + row_off[:, None] + v_col[None, :], t_ok, v_ok, (phase == 1) or (RV_P != RV),
-                           False).to(DT)
+            if QUANT:
+                vv = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g0 * RV, RV, g0 * V_SPG, V_SPG, NKV, RV_P, RV,
+                                  V_OFF, V_BITS, V_QG, V_SOFF, V_LUT, SCALE16, phase == 1, BLOCK_T).to(DT)
+            else:
+                vv = load_tile(cache_ptr + row_off[:, None] + v_col[None, :], t_ok, v_ok,
+                               (phase == 1) or (RV_P != RV), False).to(DT)
             if phase == 1:
                 s = tl.where(t_ok[:, None], s, float("-inf"))
             if LAZY == 1:
@@ -254,6 +271,8 @@ def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scal
     pm, pl, pacc = split_partials(q, num_splits, rv_p, dummy)
     packed = packed_rope_ok(f, tile_rotation)
     pdl = cfg.lazy_max and _pdl_ok(q.device)
+    qkw = quant_kwargs(layout, kv_cache)
+    lut = level_tables(q.device) if qkw["QUANT"] else dummy
     while True:
         try:
             flags = torch.empty(n_tok * (G // nkv) * num_splits, dtype=torch.int32, device=q.device) \
@@ -272,12 +291,12 @@ def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scal
                     f.bv, f.bias_v if f.bias_v is not None else dummy,
                     out, out.stride(0), out.stride(1),
                     pm, pl, pacc,
-                    float(scale) * LOG2E, num_splits, flags,
+                    float(scale) * LOG2E, num_splits, flags, lut,
                     G=G, QPK=qpk, HD=hd, RK=layout.rank_k, RK_P=rk_p, RV=layout.rank_v, RV_P=rv_p, NKV=nkv,
                     M_P=max(16, next_pow2(nkv * qpk)), BS=kv_cache.shape[1], BLOCK_T=cfg.block_t,
                     SPLIT=num_splits > 1, DCH=dch, HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None,
                     DIRECT=direct, OFF64=needs_off64(kv_cache), PACKED=packed, TILE_ROT=tile_rotation, LAZY=lazy,
-                    PDL=pdl, launch_pdl=pdl and lazy == 2, num_warps=cfg.num_warps, num_stages=num_stages,
+                    PDL=pdl, launch_pdl=pdl and lazy == 2, num_warps=cfg.num_warps, num_stages=num_stages, **qkw,
                 )
             break
         except OutOfResources:  # raised when compiling, before anything runs

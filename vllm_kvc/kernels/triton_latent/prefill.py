@@ -1,4 +1,4 @@
-"""The generic kernel (any group size, float or int8 latents, prefill, chunked prefill and decode) and the
+"""The generic kernel (any group size, float or integer latents, prefill, chunked prefill and decode) and the
 split-KV reduce, with their launchers.
 
 One program serves (a tile of BLOCK_Q queries, one head group, one KV split). For each tile of BLOCK_T cached
@@ -11,16 +11,20 @@ in :func:`_latent_reduce`. Scores are ``[BLOCK_T, rows]`` (the rebuilt keys are 
 
 int8 latents (layout.py's original int8 layout): values are read as int8, cast exactly to the compute dtype for
 the tensor cores, and the per-token fp16 scales multiply the rebuilt keys (rows) and the softmax weights before
-``c_v^T p``; the scales of the next tile are loaded one tile ahead, like the block ids.
+``c_v^T p``; the scales of the next tile are loaded one tile ahead, like the block ids. Every other integer
+layout (int4, int2, mixed K/V widths, per-32-value scales; ``QUANT``) is dequantized in registers per tile
+(:func:`~.tiles.load_dequant`) and then takes the float path.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
-from .config import next_pow2
-from .tiles import find_request, load_scale, load_tile, phase_tiles, row_offsets, tile_blocks, tile_rows
+from .config import level_tables, next_pow2, quant_kwargs
+from .tiles import (find_request, load_dequant, load_scale, load_tile, phase_tiles, row_offsets, tile_blocks,
+                    tile_rows)
 
 LOG2E = 1.4426950408889634
 RANK_CHUNK = 128  # key latents per rebuild dot (larger ranks take several)
@@ -56,13 +60,18 @@ def _latent_attn_fwd(
     bv_ptr, biasv_ptr,
     out_ptr, stride_ot, stride_oh,
     pm_ptr, pl_ptr, pacc_ptr,
-    qk_scale, num_splits,
+    qk_scale, num_splits, lut_ptr,
     G: tl.constexpr, GS: tl.constexpr, QPK: tl.constexpr, HD: tl.constexpr,
     RK: tl.constexpr, RV: tl.constexpr, RCH: tl.constexpr, RV_P: tl.constexpr, WIDTH: tl.constexpr,
     BS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, M_P: tl.constexpr,
     SPLIT: tl.constexpr, DCH: tl.constexpr,
     INT8: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, DIRECT: tl.constexpr,
     OFF64: tl.constexpr, NH: tl.constexpr,
+    QUANT: tl.constexpr, SCALE16: tl.constexpr,
+    K_OFF: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_SOFF: tl.constexpr, K_SPG: tl.constexpr,
+    K_LUT: tl.constexpr,
+    V_OFF: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_SOFF: tl.constexpr, V_SPG: tl.constexpr,
+    V_LUT: tl.constexpr,
 ):
     """One program: (query tile, head group, KV split). Keys are rebuilt per KV tile by a dot in interleaved
     column order (x1_0, x2_0, x1_1, ...): ``bk_ptr`` holds B_k as [G, gs, rank_k, hd] in that order, so RoPE's
@@ -161,8 +170,13 @@ def _latent_attn_fwd(
                 sv_nxt = load_scale(cache_ptr, ro_nxt, G + g, t + BLOCK_T < hi_t, WIDTH)
             t_ok, row_off = tile_rows(blk, t0, tt, t_stop, stride_cb, stride_cs, phase == 1, OFF64, BS, BLOCK_T)
             if NRC == 1:  # the key latents of this tile, shared by all pieces and heads of the group
-                ck1 = load_tile(cache_ptr + row_off[:, None] + g * RK + cr[None, :], t_ok, cr < RK,
-                                (phase == 1) or (RK != RCH), INT8).to(DT)
+                if QUANT:
+                    ck1 = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RK, RK, g * K_SPG, K_SPG, 1, RCH, RK,
+                                       K_OFF, K_BITS, K_QG, K_SOFF, K_LUT, SCALE16, phase == 1,
+                                       BLOCK_T).to(DT)
+                else:
+                    ck1 = load_tile(cache_ptr + row_off[:, None] + g * RK + cr[None, :], t_ok, cr < RK,
+                                    (phase == 1) or (RK != RCH), INT8).to(DT)
 
             s = tl.zeros([BLOCK_T, M_P], tl.float32)
             for j in tl.static_range(GS):
@@ -172,6 +186,11 @@ def _latent_attn_fwd(
                     for c in tl.static_range(NRC):
                         if NRC == 1:
                             ck = ck1
+                        elif QUANT:  # chunk c: values c*RCH .. of the group (scales from that value on)
+                            ck = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RK + c * RCH, RK,
+                                              g * K_SPG + (0 if K_QG == 0 else (c * RCH) // K_QG), K_SPG, 1, RCH,
+                                              (RK - c * RCH) if (RK - c * RCH) < RCH else RCH, K_OFF, K_BITS,
+                                              K_QG, K_SOFF, K_LUT, SCALE16, True, BLOCK_T).to(DT)
                         else:
                             ck = load_tile(cache_ptr + row_off[:, None] + (g * RK + c * RCH) + cr[None, :], t_ok,
                                            (c * RCH + cr) < RK, True, INT8).to(DT)
@@ -216,8 +235,12 @@ def _latent_attn_fwd(
                     s = tl.dot(r2, q2t, s)
 
             s = s * qk_scale
-            vv = load_tile(cache_ptr + row_off[:, None] + (G * RK + g * RV) + cv[None, :], t_ok, cv < RV,
-                           (phase == 1) or (RV_P != RV), INT8).to(DT)
+            if QUANT:
+                vv = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RV, RV, g * V_SPG, V_SPG, 1, RV_P, RV,
+                                  V_OFF, V_BITS, V_QG, V_SOFF, V_LUT, SCALE16, phase == 1, BLOCK_T).to(DT)
+            else:
+                vv = load_tile(cache_ptr + row_off[:, None] + (G * RK + g * RV) + cv[None, :], t_ok, cv < RV,
+                               (phase == 1) or (RV_P != RV), INT8).to(DT)
             if phase == 1:
                 valid = row_ok[None, :] & (t[:, None] <= row_pos[None, :]) & t_ok[:, None]
                 s = tl.where(valid, s, float("-inf"))
@@ -342,23 +365,36 @@ def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_gri
         return out
     dummy = f.bk
     pm, pl, pacc = split_partials(q, cfg.num_splits, rv_p, dummy)
-    _latent_attn_fwd[(n_grid0, G, cfg.num_splits)](
-        q, q.stride(0), q.stride(1),
-        kv_cache, kv_cache.stride(0), kv_cache.stride(1),
-        block_table, block_table.stride(0),
-        seq_lens, qsl, tile_start, seq_lens.shape[0],
-        f.bk, f.bias1 if f.bias1 is not None else dummy, f.bias2 if f.bias2 is not None else dummy,
-        f.cos, f.sin, f.cos.stride(0),
-        f.bv, f.bias_v if f.bias_v is not None else dummy,
-        out, out.stride(0), out.stride(1),
-        pm, pl, pacc,
-        float(scale) * LOG2E, cfg.num_splits,
-        G=G, GS=gs, QPK=qpk, HD=hd, RK=layout.rank_k, RV=layout.rank_v, RCH=min(rk_p, RANK_CHUNK), RV_P=rv_p,
-        WIDTH=layout.width, BS=kv_cache.shape[1], BLOCK_T=cfg.block_t, BLOCK_Q=block_q,
-        M_P=max(16, next_pow2(block_q * gs * qpk)), SPLIT=cfg.num_splits > 1, DCH=dch, INT8=layout.is_int8,
-        HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct, OFF64=needs_off64(kv_cache),
-        NH=pieces, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    qkw = quant_kwargs(layout, kv_cache)
+    lut = level_tables(q.device) if qkw["QUANT"] else dummy
+    num_stages = cfg.num_stages
+    while True:  # packed integer tiles need more shared memory: fewer stages where they do not fit
+        try:
+            _latent_attn_fwd[(n_grid0, G, cfg.num_splits)](
+                q, q.stride(0), q.stride(1),
+                kv_cache, kv_cache.stride(0), kv_cache.stride(1),
+                block_table, block_table.stride(0),
+                seq_lens, qsl, tile_start, seq_lens.shape[0],
+                f.bk, f.bias1 if f.bias1 is not None else dummy, f.bias2 if f.bias2 is not None else dummy,
+                f.cos, f.sin, f.cos.stride(0),
+                f.bv, f.bias_v if f.bias_v is not None else dummy,
+                out, out.stride(0), out.stride(1),
+                pm, pl, pacc,
+                float(scale) * LOG2E, cfg.num_splits, lut,
+                G=G, GS=gs, QPK=qpk, HD=hd, RK=layout.rank_k, RV=layout.rank_v, RCH=min(rk_p, RANK_CHUNK),
+                RV_P=rv_p,
+                WIDTH=layout.width, BS=kv_cache.shape[1], BLOCK_T=cfg.block_t, BLOCK_Q=block_q,
+                M_P=max(16, next_pow2(block_q * gs * qpk)), SPLIT=cfg.num_splits > 1, DCH=dch,
+                INT8=layout.is_int8,
+                HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct,
+                OFF64=needs_off64(kv_cache),
+                NH=pieces, num_warps=cfg.num_warps, num_stages=num_stages, **qkw,
+            )
+            break
+        except OutOfResources:  # raised when compiling, before anything runs
+            if not qkw["QUANT"] or num_stages <= 1:
+                raise
+            num_stages -= 1
     if cfg.num_splits > 1:
         launch_reduce(pm, pl, pacc, f, out, cfg.num_splits, gs, qpk, dummy)
     return out

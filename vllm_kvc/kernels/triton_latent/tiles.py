@@ -167,3 +167,76 @@ def load_cos_sin(cos_ptr, sin_ptr, cp, t_ok, MASKED: tl.constexpr, F32: tl.const
         c = c.to(tl.float32)
         s = s.to(tl.float32)
     return c, s
+
+
+# ------------------------------------------------------------------------------------------------ packed integers
+@triton.jit
+def load_scales(cache_ptr, row_off, sidx, s_ok, SOFF: tl.constexpr, SCALE16: tl.constexpr):
+    """fp16 scales ``[BLOCK_T, n]`` (fp32, sign kept) of the rows at byte offsets ``row_off``, scale numbers
+    ``sidx [n]`` counted from byte ``SOFF``; ``s_ok`` masks them (0 where masked). SCALE16: every scale sits on
+    an even address, so it is one fp16 load; else two byte loads."""
+    if SCALE16:
+        p = (cache_ptr + row_off + SOFF).to(tl.pointer_type(tl.float16))
+        s = tl.load(p[:, None] + sidx[None, :], mask=s_ok, other=0.0).to(tl.float32)
+    else:
+        p = cache_ptr + row_off[:, None] + SOFF + 2 * sidx[None, :]
+        lo = tl.load(p, mask=s_ok, other=0).to(tl.uint16)
+        hi = tl.load(p + 1, mask=s_ok, other=0).to(tl.uint16)
+        s = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    return s
+
+
+@triton.jit
+def load_dequant(cache_ptr, row_off, t_ok, lut_ptr, v0, vstride, s0, sstride,
+                 NH: tl.constexpr, RP: tl.constexpr, NVAL: tl.constexpr,
+                 OFF: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, SOFF: tl.constexpr, LUT: tl.constexpr,
+                 SCALE16: tl.constexpr, MASKED: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A tile of integer latents of one K or V part (config.PartFormat), dequantized in registers to fp32.
+
+    Returns ``[BLOCK_T, NH * RP]``: column ``h * RP + i`` holds value ``v0 + h * vstride + i`` of the part
+    (i < NVAL; 0 beyond), i.e. NH head groups of ``vstride`` values each, padded to RP columns. Its scale is
+    number ``s0 + h * sstride + i // QG`` (QG 0: ``s0 + h * sstride``). 8 bits: code * scale; 4 / 2 bits:
+    ``table[code] * |scale|`` with the part's Gauss table (``lut_ptr + LUT``) where the scale is positive and the
+    uniform table right after it where it is negative (layout.py). Each value reads its own byte and shifts (any
+    rank, also head groups that start on a half byte). A variant that loaded a tile of bytes and split it into
+    codes with ``tl.join`` / ``tl.reshape`` gave wrong results on the H200 with triton 3.6 for small tiles
+    (16 tokens x <= 16 bytes; right in the interpreter and at 64-token tiles): removed."""
+    NC: tl.constexpr = NH * RP
+    SG: tl.constexpr = RP if QG == 0 else (RP if QG >= RP else QG)  # columns per scale within the tile
+    NSC: tl.constexpr = RP // SG
+    NS: tl.constexpr = NH * NSC
+    FULL: tl.constexpr = NVAL >= RP  # every column holds a value
+    # scales [BLOCK_T, NS]
+    sc = tl.arange(0, NS)
+    sj = sc % NSC
+    sidx = s0 + (sc // NSC) * sstride + sj
+    s_ok = t_ok[:, None] & (sj * SG < NVAL)[None, :]
+    s = load_scales(cache_ptr, row_off, sidx, s_ok, SOFF, SCALE16)
+    # codes [BLOCK_T, NC]
+    c = tl.arange(0, NC)
+    ci = c % RP
+    e = v0 + (c // RP) * vstride + ci
+    if BITS == 8:
+        ptr = cache_ptr + row_off[:, None] + (OFF + e)[None, :]
+    else:
+        bit = OFF * 8 + e * BITS
+        ptr = cache_ptr + row_off[:, None] + (bit >> 3)[None, :]
+    if MASKED:
+        x = tl.load(ptr, mask=t_ok[:, None] & (ci < NVAL)[None, :], other=0)
+    elif FULL:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=(ci < NVAL)[None, :], other=0)
+    if BITS == 8:
+        u = x.to(tl.int8, bitcast=True).to(tl.float32)
+    else:
+        u = (x.to(tl.int32) >> (bit & 7)[None, :]) & ((1 << BITS) - 1)
+    if BITS == 8:
+        v3 = tl.reshape(u, [BLOCK_T, NS, SG]) * s[:, :, None]
+    else:
+        tab = (s < 0).to(tl.int32) * (1 << BITS) + LUT
+        v3 = tl.load(lut_ptr + tl.reshape(u, [BLOCK_T, NS, SG]) + tab[:, :, None]) * tl.abs(s)[:, :, None]
+    v = tl.reshape(v3, [BLOCK_T, NC])
+    if not FULL:
+        v = tl.where((ci < NVAL)[None, :], v, 0.0)
+    return v
