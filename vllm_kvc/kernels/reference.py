@@ -46,16 +46,26 @@ def gather_rows(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int) -
     return rows[:seq_len]  # advanced indexing copies, so any block strides work
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, cos_sin_cache: torch.Tensor,
                is_neox: bool = True) -> torch.Tensor:
-    """x [T, H, hd] float; rotates the first rot_dim dims of each head at ``positions [T]``."""
+    """x [..., T, H, hd] float; rotates the first rot_dim dims of each head at ``positions [T]`` (None: 0..T-1,
+    the same for every leading index, so a padded batch of sequences reads the table once)."""
     rot = cos_sin_cache.shape[-1]
-    cs = cos_sin_cache.index_select(0, positions.long()).to(x.dtype)
+    if positions is None:
+        cs = cos_sin_cache[: x.shape[-3]].to(x.dtype)
+    else:
+        cs = cos_sin_cache.index_select(0, positions.long()).to(x.dtype)
     cos, sin = cs[:, None, : rot // 2], cs[:, None, rot // 2 :]
     xr, rest = x[..., :rot], x[..., rot:]
-    if is_neox:
-        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    if is_neox:  # written into halves of one output: no concatenation, no temporaries of x's size
+        h = rot // 2
+        x1, x2 = xr[..., :h], xr[..., h:]
+        out = torch.empty_like(x)
+        torch.mul(x1, cos, out=out[..., :h]).addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=out[..., h:rot]).addcmul_(x1, sin)
+        if rest.numel():
+            out[..., rot:] = rest
+        return out
     else:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
         out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
@@ -64,13 +74,11 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Te
 
 def rebuild_keys(ck: torch.Tensor, b_k: torch.Tensor, bias_k, layout: LatentLayout,
                  cos_sin_cache: torch.Tensor, is_neox: bool, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """ck [T, G, rank_k] -> roped keys [T, G*gs, hd] at ``positions`` (default 0..T-1)."""
-    t = ck.shape[0]
-    k = torch.einsum("tgr,grd->tgd", ck, b_k.to(ck.dtype)).reshape(t, layout.num_kv_heads, layout.head_dim)
+    """ck [..., T, G, rank_k] -> roped keys [..., T, G*gs, hd] at ``positions`` (default 0..T-1 in every row)."""
+    lead = ck.shape[:-2]
+    k = torch.einsum("...gr,grd->...gd", ck, b_k.to(ck.dtype)).reshape(*lead, layout.num_kv_heads, layout.head_dim)
     if bias_k is not None:
         k = k + bias_k.to(k.dtype).view(layout.num_kv_heads, layout.head_dim)
-    if positions is None:
-        positions = torch.arange(t, device=ck.device)
     return apply_rope(k, positions, cos_sin_cache, is_neox)
 
 
@@ -126,7 +134,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     n_tok, hq, hd = q.shape
     if out is None:
         out = torch.empty(n_tok, hq, hd, dtype=q.dtype, device=q.device)
-    grp, bv_heads = head_factor_views(b_v.to(compute_dtype), layout, hq)
+    _, bv_heads = head_factor_views(b_v.to(compute_dtype), layout, hq)
     bias_v_heads = None
     if bias_v is not None:
         q_per_kv = hq // layout.num_kv_heads
@@ -135,7 +143,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     sls = seq_lens.tolist()
     decodes = [r for r in range(len(sls)) if qsl[r + 1] - qsl[r] == 1]
     if len(decodes) > 1:
-        _decode_batch(q, kv_cache, layout, block_table, sls, qsl, decodes, b_k, grp, bv_heads, bias_k, bias_v_heads,
+        _decode_batch(q, kv_cache, layout, block_table, sls, qsl, decodes, b_k, bv_heads, bias_k, bias_v_heads,
                       cos_sin_cache, scale, is_neox, out, compute_dtype)
         done = set(decodes)
     else:
@@ -147,35 +155,30 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
         rows = gather_rows(kv_cache, block_table[r], s)
         ck, cv = layout.unpack(rows, compute_dtype)
         k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox)  # [s, Hkv, hd]
-        o = _attend(q[qs:qe].to(compute_dtype)[None], k[None], cv[None], torch.tensor([s]), grp, bv_heads,
+        o = _attend(q[qs:qe].to(compute_dtype)[None], k[None], cv[None], torch.tensor([s]), bv_heads,
                     bias_v_heads, scale, causal=True)
         out[qs:qe] = o[0].to(out.dtype)
     return out
 
 
-def _attend(q, k, cv, seq_lens, grp, bv_heads, bias_v_heads, scale, causal):
+def _attend(q, k, cv, seq_lens, bv_heads, bias_v_heads, scale, causal):
     """q [B, nq, Hq, hd], k [B, S, Hkv, hd], cv [B, S, G, rv] -> [B, nq, Hq, hd].
 
     Key j of batch row b is visible to query i if j < seq_lens[b] and (causal) j <= seq_lens[b] - nq + i."""
     b, nq, hq, hd = q.shape
-    s = k.shape[1]
-    rep = hq // k.shape[2]
-    kk = k.permute(0, 2, 1, 3).repeat_interleave(rep, 1)  # [B, Hq, S, hd]
-    scores = torch.matmul(q.permute(0, 2, 1, 3), kk.transpose(2, 3)) * scale  # [B, Hq, nq, S]
-    j = torch.arange(s, device=q.device)
-    sl = seq_lens.to(q.device)[:, None, None]
-    limit = sl - nq + torch.arange(nq, device=q.device)[None, :, None] if causal else sl.expand(b, nq, 1)
-    mask = (j[None, None, :] > limit) | (j[None, None, :] >= sl)  # [B, nq, S]
-    scores = scores.masked_fill(mask[:, None], float("-inf"))
+    s, groups = k.shape[1], cv.shape[2]
+    scores = _gqa_scores(q, k, scale)  # [B, Hq, nq, S]
+    scores = scores.masked_fill(visibility_mask(seq_lens, nq, s, causal, q.device)[:, None], float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    u = torch.matmul(p, cv.permute(0, 2, 1, 3)[:, grp])  # [B, Hq, nq, rv]
+    # the query heads of one head group are consecutive and share its value latent: no per-head copy of it
+    u = torch.matmul(p.view(b, groups, -1, s), cv.permute(0, 2, 1, 3)).view(b, hq, nq, -1)  # [B, Hq, nq, rv]
     o = torch.matmul(u, bv_heads)  # [B, Hq, nq, hd]
     if bias_v_heads is not None:
         o = o + bias_v_heads[None, :, None, :]
     return o.permute(0, 2, 1, 3)
 
 
-def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, grp, bv_heads, bias_k, bias_v_heads,
+def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, bv_heads, bias_k, bias_v_heads,
                   cos_sin_cache, scale, is_neox, out, compute_dtype):
     bs = kv_cache.shape[1]
     lens = torch.tensor([sls[r] for r in reqs])
@@ -184,17 +187,14 @@ def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, grp, bv
     idx = torch.tensor(reqs, device=block_table.device)
     blocks = block_table.index_select(0, idx)[:, :nblk].long()
     rows = kv_cache[blocks].reshape(len(reqs), nblk * bs, kv_cache.shape[-1])[:, :smax]
+    # rows past a request's length are whatever its padding blocks hold: zero their bytes (a row of zero bytes
+    # decodes to zeros in every layout; 0 * NaN would leak through the weighted sum)
+    valid = torch.arange(smax, device=rows.device)[None, :] < lens.to(rows.device)[:, None]
+    rows = rows.masked_fill(~valid[..., None], 0)
     ck, cv = layout.unpack(rows, compute_dtype)  # [B, S, G, r]
-    # rows past a request's length are whatever its padding blocks hold: zero them (0 * NaN would leak)
-    valid = (torch.arange(smax, device=ck.device)[None, :] < lens.to(ck.device)[:, None])[..., None, None]
-    ck = torch.where(valid, ck, torch.zeros((), dtype=ck.dtype))
-    cv = torch.where(valid, cv, torch.zeros((), dtype=cv.dtype))
-    b = len(reqs)
-    pos = torch.arange(smax, device=ck.device).repeat(b)
-    k = rebuild_keys(ck.reshape(b * smax, layout.groups, layout.rank_k), b_k, bias_k, layout, cos_sin_cache,
-                     is_neox, positions=pos).view(b, smax, layout.num_kv_heads, layout.head_dim)
+    k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox)  # [B, S, Hkv, hd], positions 0..S-1
     qi = torch.tensor([qsl[r] for r in reqs], device=q.device)
-    o = _attend(q.index_select(0, qi).to(compute_dtype)[:, None], k, cv, lens, grp, bv_heads, bias_v_heads,
+    o = _attend(q.index_select(0, qi).to(compute_dtype)[:, None], k, cv, lens, bv_heads, bias_v_heads,
                 scale, causal=False)
     out.index_copy_(0, qi, o[:, 0].to(out.dtype))
 
@@ -211,15 +211,23 @@ def gather_padded_rows(kv_cache: torch.Tensor, block_table: torch.Tensor, lens: 
     return rows, valid
 
 
+def _gqa_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, nq, Hq, hd], k [B, S, Hkv, hd] -> scaled scores [B, Hq, nq, S]; query heads h*rep..h*rep+rep-1 of
+    KV head h are one matmul against it (no repeated copy of the keys)."""
+    b, nq, hq, hd = q.shape
+    hkv = k.shape[2]
+    qh = q.permute(0, 2, 1, 3).reshape(b, hkv, (hq // hkv) * nq, hd)
+    return (torch.matmul(qh, k.permute(0, 2, 3, 1)) * scale).view(b, hq, nq, k.shape[1])
+
+
 def attend_dense(q, k, v, seq_lens, scale, causal=True):
     """q [B, nq, Hq, hd], k/v [B, S, Hkv, hd] (k roped) -> [B, nq, Hq, hd]; visibility as in ``_attend``."""
     b, nq, hq, hd = q.shape
-    rep = hq // k.shape[2]
-    kk = k.permute(0, 2, 1, 3).repeat_interleave(rep, 1)
-    vv = v.permute(0, 2, 1, 3).repeat_interleave(rep, 1)
-    scores = torch.matmul(q.permute(0, 2, 1, 3), kk.transpose(2, 3)) * scale  # [B, Hq, nq, S]
-    scores = scores.masked_fill(visibility_mask(seq_lens, nq, k.shape[1], causal, q.device)[:, None], float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), vv).permute(0, 2, 1, 3)
+    s, hkv = k.shape[1], k.shape[2]
+    scores = _gqa_scores(q, k, scale)
+    scores = scores.masked_fill(visibility_mask(seq_lens, nq, s, causal, q.device)[:, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1).view(b, hkv, -1, s)
+    return torch.matmul(p, v.permute(0, 2, 1, 3)).view(b, hq, nq, hd).permute(0, 2, 1, 3)
 
 
 def visibility_mask(seq_lens, nq: int, s: int, causal: bool, device) -> torch.Tensor:

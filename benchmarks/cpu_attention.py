@@ -1,0 +1,77 @@
+"""CPU attention per layer, one decode step: the latent path (kernels/reference.py, what vLLM's CPU build runs
+for lowrank / quant deployments) against dense bf16 SDPA over the same context, side by side in one process.
+
+    .venv/bin/python benchmarks/cpu_attention.py [--batch 32] [--ctx 1024] [--repeats 5] [--ref-file PATH]
+
+SmolLM2-135M's layer shape (9 query heads, 3 KV heads of 64 dims) with configs/default.yaml's latent layout
+(one head group of 3 KV heads, K rank 120, V rank 192, int8). ``--ref-file`` times another copy of
+reference.py in the same run too (e.g. ``git show REV:vllm_kvc/kernels/reference.py > /tmp/ref_old.py``).
+Prints one JSON line per case: median ms of the latent step and of dense SDPA, and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+
+import torch
+
+from vllm_kvc.kernels import reference
+from vllm_kvc.layout import LatentLayout
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--ref-file", help="another reference.py to time in the same run")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    b, s, bs = a.batch, a.ctx, a.block_size
+    lay = LatentLayout(groups=1, group_size=3, head_dim=64, rank_k=120, rank_v=192, dtype="int8")
+    nblk = b * s // bs
+    cache = torch.zeros(nblk, bs, lay.row_elems, dtype=lay.cache_dtype)
+    cache.view(-1, lay.row_elems)[:] = lay.pack(torch.randn(nblk * bs, 1, 120), torch.randn(nblk * bs, 1, 192))
+    bt = torch.arange(nblk).view(b, s // bs).int()
+    seq = torch.full((b,), s, dtype=torch.int32)
+    qsl = torch.arange(b + 1, dtype=torch.int32)
+    q = torch.randn(b, 9, 64, dtype=torch.bfloat16)
+    b_k, b_v = torch.randn(1, 120, 192) / 12, torch.randn(1, 192, 192) / 14
+    ang = torch.arange(8192)[:, None].float() * (1e5 ** (-torch.arange(32) / 32))[None]
+    cs = torch.cat([ang.cos(), ang.sin()], -1)
+    out = torch.empty_like(q)
+    impls = {"latent": reference}
+    if a.ref_file:
+        spec = importlib.util.spec_from_file_location("ref_other", a.ref_file)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        impls["latent_other"] = mod
+    k = torch.randn(b, 3, s, 64, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    res = {"batch": b, "ctx": s, "threads": torch.get_num_threads()}
+    for name, mod in impls.items():
+        res[f"{name}_ms"] = _median_ms(lambda mod=mod: mod.latent_attention(
+            q, cache, lay, bt, seq, qsl, b_k, b_v, None, None, cs, 0.125, True, out=out), a.repeats)
+    res["dense_sdpa_ms"] = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q.view(b, 9, 1, 64), k, v, enable_gqa=True), a.repeats)
+    for name in impls:
+        res[f"{name}_vs_dense"] = res[f"{name}_ms"] / res["dense_sdpa_ms"]
+    print(json.dumps({k: round(x, 3) if isinstance(x, float) else x for k, x in res.items()}))
+
+
+if __name__ == "__main__":
+    main()
