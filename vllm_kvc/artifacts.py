@@ -151,6 +151,7 @@ def tensors_digest(tensors: dict) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        t = t.reshape(-1)  # a 0-dim tensor (a count) has no byte view
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

@@ -13,7 +13,12 @@ the uncompressed baseline runs once. Each method contributes its points (``Metho
 - ``lexico`` at each memory point and ``pod`` with a third, half and two thirds of the layers as followers;
 - ``vllm-<dtype>``: vLLM 0.32's own KV cache formats (int8/int4_per_token_head, fp8, nvfp4, turboquant_*),
   emulated byte for byte through this plugin's cache path (method ``vllmfmt``; the CPU build runs none of them
-  itself), with keys stored after RoPE as vLLM caches them.
+  itself), with keys stored after RoPE as vLLM caches them;
+- ``deployment`` (only when named in ``--methods``): the config's own ``compression:`` setting.
+
+With ``--retrieval N`` (default 9) every engine also answers N passkey-retrieval prompts (``retrieval.py``:
+a 5-7 digit number hidden in eval-corpus prose at 10/50/90 % depth of 1k/4k/7k-token prompts, greedy); the
+baseline and every point report ``retrieval_acc``. ``--retrieval 0`` skips it.
 """
 from __future__ import annotations
 
@@ -44,18 +49,42 @@ def build_methods(base, shape, model_dir: str, points=POINTS, quality_pct: float
     return out
 
 
+def _acc(p: dict) -> str:
+    a = p.get("retrieval_acc")
+    return "-" if a is None else f"{100 * a:.0f} ({round(a * p['retrieval_cases'])}/{p['retrieval_cases']})"
+
+
 def _table(points: list[dict], base: dict) -> str:
-    lines = [f"baseline (bf16 KV, {base['kv_bytes_per_token']} B/token): ppl {base['ppl']:.3f}, "
-             f"capacity {base['kv_capacity_tokens']} tokens", "",
+    ret = base.get("retrieval_acc") is not None
+    head = (f"baseline (bf16 KV, {base['kv_bytes_per_token']} B/token): ppl {base['ppl']:.3f}, "
+            f"capacity {base['kv_capacity_tokens']} tokens" + (f", retrieval {_acc(base)} %" if ret else ""))
+    lines = [head, "",
              "| method | baseline? | latent | K ranks (mean) | V ranks (mean) | B/token | memory % of bf16 | "
-             "capacity tokens | ppl | rise % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "capacity tokens | ppl | rise % |" + (" retrieval % |" if ret else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ret else "")]
     for p in sorted(points, key=lambda p: (p["is_baseline"], p["method"], -p["memory_fraction"])):
         lines.append(f"| {p['method']} | {'yes' if p['is_baseline'] else 'no (ours)'} | {p['latent_dtype']} | "
                      f"{p['rank_k_mean']:.1f} | {p['rank_v_mean']:.1f} | {p['kv_bytes_per_token']} | "
                      f"{100 * p['memory_fraction']:.1f} | {p['kv_capacity_tokens']} | {p['ppl']:.3f} | "
-                     f"{p['ppl_rise_pct']:+.2f} |")
+                     f"{p['ppl_rise_pct']:+.2f} |" + (f" {_acc(p)} |" if ret else ""))
     return "\n".join(lines)
+
+
+def retrieval_lengths(max_model_len: int | None, lengths=None) -> tuple[int, ...]:
+    """The retrieval prompt lengths that fit the engine's context (prompt plus the answer's tokens)."""
+    from vllm_kvc.retrieval import LENGTHS, MAX_NEW_TOKENS
+
+    lengths = tuple(lengths or LENGTHS)
+    return tuple(n for n in lengths if max_model_len is None or n + MAX_NEW_TOKENS <= int(max_model_len))
+
+
+def _retrieval_fields(res: dict) -> dict:
+    if "retrieval_acc" not in res:
+        return {}
+    return {"retrieval_acc": res["retrieval_acc"], "retrieval_cases": len(res["retrieval"]),
+            "retrieval_cells": res["retrieval_cells"], "retrieval_seconds": res["retrieval_seconds"],
+            "retrieval": [{k: r[k] for k in ("length", "depth", "answer", "output", "correct")}
+                          for r in res["retrieval"]]}
 
 
 def _grid_point(frac: float, grid, tol: float = 0.005):
@@ -138,7 +167,10 @@ def plot(points: list[dict], path: str, title: str) -> None:
 
 def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_len: int = 1024,
            kv_space_gib: str = "1", include=None, points=POINTS, quality_pct: float | None = QUALITY_BUDGET_PCT,
-           log_dir: Path | None = None, partial: Path | None = None) -> dict:
+           log_dir: Path | None = None, partial: Path | None = None, retrieval: int = 0,
+           retrieval_lengths_: tuple[int, ...] | None = None) -> dict:
+    """``retrieval``: number of passkey prompts each engine also answers (0: none); ``retrieval_lengths_``:
+    their lengths in tokens (default ``retrieval.LENGTHS``, those that fit ``max_model_len``)."""
     from vllm_kvc.evaluate import engine_kwargs, eval_chunks, run_engine
     from vllm_kvc.validate import check_file, engine_dtype
 
@@ -149,21 +181,37 @@ def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_le
     dtype_bytes = 4 if shape.dtype == "float32" else 2
     t0 = time.time()
     methods = build_methods(base_cfg, shape, model_dir, points=points, quality_pct=quality_pct, include=include)
+    if include is not None and "deployment" in include and dep.compression is not None:
+        methods.insert(0, {"method": "deployment", "is_baseline": False, "target": None,
+                           "compression": dep.compression})
     log.info("pareto: %d settings planned (%.0f s of allocation)", len(methods), time.time() - t0)
     chunks = eval_chunks(model_dir, corpus, tokens, seq_len)
+    cases = []
+    if retrieval:
+        from vllm_kvc.retrieval import load_cases
+
+        lens = retrieval_lengths(dep.engine.get("max_model_len"), retrieval_lengths_)
+        if lens:
+            cases = [c.to_json() for c in load_cases(model_dir, corpus, retrieval, lengths=lens)]
+            log.info("pareto: %d retrieval prompts, %s tokens", len(cases), "/".join(map(str, lens)))
+        else:
+            log.warning("pareto: no retrieval prompt length fits max_model_len %s: retrieval skipped",
+                        dep.engine.get("max_model_len"))
     logs = log_dir or Path(tempfile.mkdtemp(prefix="vllm_kvc_pareto_"))
     logs.mkdir(parents=True, exist_ok=True)
     base_plan_bytes = build_plan(base_cfg, shape).baseline_bytes_per_token(dtype_bytes=dtype_bytes)
-    base = run_engine(engine_kwargs(dep, model_dir, None), chunks, kv_space_gib, logs / "baseline.log")
+    base = run_engine(engine_kwargs(dep, model_dir, None), chunks, kv_space_gib, logs / "baseline.log",
+                      retrieval=cases)
     base["kv_bytes_per_token"] = base_plan_bytes
-    log.info("pareto: baseline ppl %.3f, capacity %d tokens", base["ppl"], base["kv_capacity_tokens"])
+    log.info("pareto: baseline ppl %.3f, capacity %d tokens%s", base["ppl"], base["kv_capacity_tokens"],
+             f", retrieval {100 * base['retrieval_acc']:.0f} %" if cases else "")
     pts, failed = [], []
     for i, m in enumerate(progress(methods, "pareto", unit="point")):
         comp = m["compression"]
         log_file = logs / f"{i:02d}_{m['method']}.log"
         try:
             plan, _ = prepare(model_dir, comp, shape)
-            res = run_engine(engine_kwargs(dep, model_dir, comp), chunks, kv_space_gib, log_file)
+            res = run_engine(engine_kwargs(dep, model_dir, comp), chunks, kv_space_gib, log_file, retrieval=cases)
         except Exception as e:  # noqa: BLE001 (one failed point is reported, the others still run)
             failed.append({"method": m["method"], "target_fraction": m["target"], "log": str(log_file),
                            "error": f"{type(e).__name__}: {e}"[:2000], "compression": comp.model_dump(mode="json")})
@@ -178,17 +226,18 @@ def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_le
              "rank_k_mean": sum(ranks_k) / len(ranks_k), "rank_v_mean": sum(ranks_v) / len(ranks_v),
              "ranks_k": ranks_k, "ranks_v": ranks_v,
              "factorization": "identity" if getattr(plan, "identity", False) else comp.factorization,
-             "seconds": res["seconds"]}
+             "seconds": res["seconds"], **_retrieval_fields(res)}
         if "allocation" in m and m["allocation"].get("measured_rise_pct") is not None:
             p["calibration_rise_pct"] = m["allocation"]["measured_rise_pct"]
         pts.append(p)
         if partial is not None:
             partial.write_text(json.dumps({"baseline": base, "points": pts}, indent=1))
-        log.info("pareto: %-16s %5.1f%% of bf16  ppl %.3f (%+.2f%%)  capacity %d  [%d/%d]", p["method"],
-                 100 * frac, p["ppl"], p["ppl_rise_pct"], p["kv_capacity_tokens"], i + 1, len(methods))
+        log.info("pareto: %-16s %5.1f%% of bf16  ppl %.3f (%+.2f%%)  capacity %d%s  [%d/%d]", p["method"],
+                 100 * frac, p["ppl"], p["ppl_rise_pct"], p["kv_capacity_tokens"],
+                 f"  retrieval {100 * p['retrieval_acc']:.0f} %" if cases else "", i + 1, len(methods))
     return {"model": dep.model, "config": config_path, "corpus": corpus, "tokens_evaluated": base["tokens_evaluated"],
             "baseline": {"ppl": base["ppl"], "kv_capacity_tokens": base["kv_capacity_tokens"],
-                         "kv_bytes_per_token": base_plan_bytes},
+                         "kv_bytes_per_token": base_plan_bytes, **_retrieval_fields(base)},
             "points": pts, "failures": failed, "dominance": check_dominance(pts),
             "seconds": time.time() - t0}
 
@@ -202,7 +251,8 @@ def run_bench(args) -> int:
                  quality_pct=None if getattr(args, "no_quality", False) else QUALITY_BUDGET_PCT,
                  points=tuple(getattr(args, "points", None) or POINTS),
                  log_dir=Path(args.log_dir) if getattr(args, "log_dir", None) else None,
-                 partial=Path(args.plot + ".partial.json") if args.plot else None)
+                 partial=Path(args.plot + ".partial.json") if args.plot else None,
+                 retrieval=getattr(args, "retrieval", 0) or 0)
     if args.plot:
         title = f"{res['model']} KV memory vs perplexity rise through vLLM ({Path(res['corpus']).name})"
         plot(res["points"], args.plot, title)

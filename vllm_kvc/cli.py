@@ -155,6 +155,12 @@ def cmd_bench(a) -> int:
     return run_bench(a)
 
 
+def retrieval_default() -> int:
+    from vllm_kvc.retrieval import DEFAULT_CASES
+
+    return DEFAULT_CASES
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-kvc", description="Low-rank latent KV cache for vLLM")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -205,11 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot")
     b.add_argument("--methods", nargs="+", help="only these methods (prefixes: kvc-alloc, lexico, pod, quant-int4, "
-                                                "svd-whitened, ...); the uncompressed baseline always runs")
+                                                "svd-whitened, vllm- (vLLM's own formats), ...; 'deployment': the "
+                                                "config's own compression); the uncompressed baseline always runs")
     b.add_argument("--points", nargs="+", type=float, help="memory points (fractions of bf16), default "
                                                            "0.5 0.35 0.25 0.2 0.15")
     b.add_argument("--log-dir", help="keep each engine's log here")
     b.add_argument("--no-quality", action="store_true", help="skip the quality-budget allocation (kvc-alloc-q3)")
+    b.add_argument("--retrieval", type=int, default=retrieval_default(), metavar="N",
+                   help="passkey-retrieval prompts each engine also answers (1k-7k tokens at 10/50/90%% depth: 9 "
+                        "cover each cell once; 0: skip)")
     b.set_defaults(fn=cmd_bench)
     return p
 

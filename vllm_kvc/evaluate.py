@@ -59,15 +59,19 @@ def _child(spec_path: str) -> None:
     t0 = time.time()
     llm = LLM(**spec["engine"])
     chunks = spec["chunks"]
-    sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=c) for c in chunks], sp, use_tqdm=False)
     nll, n = 0.0, 0
-    for c, o in zip(chunks, outs):
-        for tok, lp in zip(c[1:], o.prompt_logprobs[1:]):
-            nll -= lp[tok].logprob
-            n += 1
-    res = {"ppl": math.exp(nll / n), "tokens_evaluated": n, "kv_capacity_tokens": kv_capacity_tokens(llm),
-           "seconds": time.time() - t0}
+    if chunks:
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=c) for c in chunks], sp, use_tqdm=False)
+        for c, o in zip(chunks, outs):
+            for tok, lp in zip(c[1:], o.prompt_logprobs[1:]):
+                nll -= lp[tok].logprob
+                n += 1
+    res = {"ppl": math.exp(nll / n) if n else None, "tokens_evaluated": n,
+           "kv_capacity_tokens": kv_capacity_tokens(llm)}
+    if spec.get("retrieval"):
+        res.update(_retrieval(llm, spec["retrieval"], spec.get("retrieval_max_tokens", 12)))
+    res["seconds"] = time.time() - t0
     Path(spec["out"]).write_text(json.dumps(res))
     # shut the engine down explicitly, then leave without interpreter teardown (which can abort in C++
     # thread-pool destructors after vLLM's shutdown, turning a finished run into a failed exit code)
@@ -79,11 +83,35 @@ def _child(spec_path: str) -> None:
         os._exit(0)
 
 
-def run_engine(engine: dict, chunks: list[list[int]], kv_space_gib: str, log_path: Path | None = None) -> dict:
+def _retrieval(llm, cases: list[dict], max_tokens: int) -> dict:
+    """Greedy answers to the retrieval prompts (``retrieval.Case.to_json`` rows): accuracy and one row per case."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_kvc.retrieval import is_correct, summarize
+
+    t0 = time.time()
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=c["prompt_ids"]) for c in cases], sp, use_tqdm=False)
+    rows = []
+    for c, o in zip(cases, outs):
+        text = o.outputs[0].text
+        rows.append({"length": c["length"], "depth": c["depth"], "prompt_tokens": len(c["prompt_ids"]),
+                     "answer": c["answer"], "output": text, "correct": is_correct(text, c["answer"])})
+    s = summarize(rows)
+    return {"retrieval_acc": s["acc"], "retrieval_cells": s["cells"], "retrieval": rows,
+            "retrieval_seconds": time.time() - t0}
+
+
+def run_engine(engine: dict, chunks: list[list[int]], kv_space_gib: str, log_path: Path | None = None,
+               retrieval: list[dict] | None = None, retrieval_max_tokens: int = 12) -> dict:
+    """One engine in a child process: perplexity over ``chunks`` and, if given, the retrieval prompts
+    (``retrieval.Case.to_json`` rows; the result then has ``retrieval_acc`` and one row per case)."""
     with tempfile.TemporaryDirectory() as d:
         spec = Path(d) / "spec.json"
         out = Path(d) / "out.json"
-        spec.write_text(json.dumps({"engine": engine, "chunks": chunks, "out": str(out)}))
+        spec.write_text(json.dumps({"engine": engine, "chunks": chunks, "out": str(out),
+                                    "retrieval": retrieval or [], "retrieval_max_tokens": retrieval_max_tokens}))
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", kv_space_gib)
         log = open(log_path, "w") if log_path else subprocess.DEVNULL
