@@ -57,15 +57,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, cos_sin_cache: t
         cs = cos_sin_cache.index_select(0, positions.long()).to(x.dtype)
     cos, sin = cs[:, None, : rot // 2], cs[:, None, rot // 2 :]
     xr, rest = x[..., :rot], x[..., rot:]
-    if is_neox:  # written into halves of one output: no concatenation, no temporaries of x's size
-        h = rot // 2
-        x1, x2 = xr[..., :h], xr[..., h:]
-        out = torch.empty_like(x)
-        torch.mul(x1, cos, out=out[..., :h]).addcmul_(x2, sin, value=-1)
-        torch.mul(x2, cos, out=out[..., h:rot]).addcmul_(x1, sin)
-        if rest.numel():
-            out[..., rot:] = rest
-        return out
+    if is_neox:
+        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     else:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
         out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
