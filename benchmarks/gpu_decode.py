@@ -304,7 +304,7 @@ def run_formats(args, bw, mm, results):
             ref_out = c.run_naive()
             t0 = time.time()
             tried = []
-            for cfg in [LaunchConfig()] + format_configs(spec):
+            for cfg in [LaunchConfig()] + ([] if args.no_sweep else format_configs(spec)):
                 try:
                     out = c.run_kernel(cfg)
                     torch.cuda.synchronize()
@@ -556,11 +556,12 @@ def main():
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--no-int8", dest="int8", action="store_false")
+    ap.add_argument("--no-sweep", action="store_true", help="--formats: the measured defaults only")
     ap.add_argument("--precompile", type=int, default=min(12, os.cpu_count() or 1),
                     help="worker processes compiling the kernel variants first (0: off)")
     ap.add_argument("--prefill-cases", default="1x4096,1x16384,8x2048")
     ap.add_argument("--block-size", type=int, default=BS, help="vLLM block size of the paged caches")
-    ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1,<LaunchConfig fields>: run that "
+    ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1[,lat=int4@g32],<LaunchConfig fields>: run that "
                     "kernel 5 times and exit (for ncu)")
     ap.add_argument("--formats", default="", help=f"latent formats vs dense, e.g. '{DEFAULT_FORMATS}' ('default': "
                     "that list); runs only this sweep")
@@ -575,7 +576,7 @@ def main():
         B, S, gs = int(kv.pop("B")), int(kv.pop("S")), int(kv.pop("gs"))
         ratio = kv.pop("ratio")
         rk, rv, lat = variant_shapes(ratio if ratio == "int8" else float(ratio), gs)
-        c = DecodeCase(B, S, gs, rk, rv, lat)
+        c = DecodeCase(B, S, gs, rk, rv, kv.pop("lat", lat))
         cfg = LaunchConfig(**{k: (v == "1") if k in ("tile_rotation", "lazy_max") else int(v) for k, v in kv.items()})
         for _ in range(5):
             c.run_kernel(cfg)
@@ -595,7 +596,7 @@ def main():
             jobs = [("decode", 1, int(round(ratio * HD)), int(round(ratio * HD)), spec,
                      dataclasses.replace(cfg, num_splits=ns))
                     for spec, ratio in parse_formats(args.formats)
-                    for cfg in [LaunchConfig()] + format_configs(spec)
+                    for cfg in [LaunchConfig()] + ([] if args.no_sweep else format_configs(spec))
                     for ns in ((cfg.num_splits,) if cfg.num_splits else (1, 2))]
             precompile(jobs, args.precompile)
         rows = run_formats(args, bw, mm, results)

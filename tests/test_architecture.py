@@ -104,7 +104,8 @@ def test_no_method_named_outside_methods():
 
 @pytest.mark.parametrize("module", ["vllm_kvc.config", "vllm_kvc.methods", "vllm_kvc.plan", "vllm_kvc.layout",
                                     "vllm_kvc.factorize", "vllm_kvc.lexico", "vllm_kvc.pod", "vllm_kvc.allocate",
-                                    "vllm_kvc.calibrate", "vllm_kvc.artifacts", "vllm_kvc.kernels.reference"])
+                                    "vllm_kvc.calibrate", "vllm_kvc.artifacts", "vllm_kvc.kernels.reference",
+                                    "vllm_kvc.kivi"])
 def test_math_and_settings_import_without_vllm(module):
     code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
             "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]; "
@@ -132,3 +133,30 @@ def test_every_method_implements_the_interface():
         d = m.describe(plan)
         assert "latent_dtype" in d and "group_size" in d, m.name
         assert m.rank_meaning and m.summary.startswith(m.name)
+
+
+def test_cuda_graph_support_follows_the_method():
+    """The latent backend lets vLLM capture single-token decode batches in CUDA graphs exactly for the methods
+    whose CUDA path is capturable (Method.cuda_graphs: lowrank, quant; kernels.triton_latent.latent_step, checked
+    under a real capture and replay by the GPU test in test_kernels.py); other methods, and engines without a
+    compression config, stay eager. The flag is set where the model reads its compression config."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_kvc.glue import setup
+    from vllm_kvc.glue.backend import LatentMetadataBuilder
+    from vllm_kvc.methods import all_methods
+
+    def support(method):
+        setup.CUDA_GRAPHS["enabled"] = False
+        if method is not None:  # what compression_setup does once the config is parsed
+            setup.CUDA_GRAPHS["enabled"] = setup.get_method(method).cuda_graphs
+        return LatentMetadataBuilder.get_cudagraph_support(None, None)
+
+    try:
+        assert support(None) == AttentionCGSupport.NEVER
+        assert support("lowrank") == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        assert support("quant") == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        assert support("pod") == AttentionCGSupport.NEVER
+        assert {m.name for m in all_methods() if m.cuda_graphs} == {"lowrank", "quant"}
+    finally:
+        setup.CUDA_GRAPHS["enabled"] = False

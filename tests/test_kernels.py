@@ -476,6 +476,14 @@ QUANT_CASES = [
      dict(max_query_len=1, num_splits=2, block_t=16)),
     ("int4_fp16_generic_decode", "int4", [26, 19], [1, 1], dict(G=2, gs=1, qpk=1, hd=64, rk=15, rv=17, bs=16,
                                                                  dtype=torch.float16), dict(heads=0)),
+    # even / odd nibble tiles (decode kernel, 4-bit parts on whole bytes, >= 32 columns): K and V, two heads per
+    # program, split-KV partials, a padded V rank (48 of 64 columns), bias; per-token scales with lazy max and
+    # tile rotation
+    ("int4_g32_decode_nibbles", "int4@g32", [3, 70, 130], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=64, rk=64, rv=48,
+                                                                          bs=16, bias=True),
+     dict(max_query_len=1, heads=2, block_t=16, num_splits=2)),
+    ("int4_decode_nibbles_lazy_rot", "int4", [5, 66], [1, 1], dict(G=2, gs=1, qpk=3, hd=64, rk=32, rv=32, bs=16),
+     dict(max_query_len=1, block_t=16, lazy_max=True, tile_rotation=True)),
 ]
 if CUDA:
     QUANT_CASES += [
@@ -516,6 +524,20 @@ def test_triton_reads_integer_layouts(name, lat, seq_lens, q_lens, case_kw, call
         assert plan.kernel == "decode"
     err = rel_err(out, expect)
     assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
+def test_nibble_levels_reproduce_the_tables():
+    """The decode kernel's 4-bit levels (an odd polynomial instead of a table gather) stay within 1e-4 of layout.py's
+    Gauss table (its steps are ~0.1), and the float built from the code's bits is exactly u - 7.5."""
+    import numpy as np
+    from vllm_kvc.kernels.triton_latent.tiles import gauss_poly4
+    from vllm_kvc.layout import GAUSS_LEVELS
+    x = np.arange(16) - 7.5
+    c = gauss_poly4()
+    poly = sum(ci * x ** p for ci, p in zip(c, (1, 3, 5, 7, 9)))
+    assert np.abs(poly - GAUSS_LEVELS[4].double().numpy()).max() < 1e-4
+    bits = torch.tensor([(2 * u) | 0x4A800001 for u in range(16)], dtype=torch.int32).view(torch.float32)
+    assert torch.equal(bits - 4194312.0, torch.tensor(x, dtype=torch.float32))
 
 
 def test_triton_row_format_matches_layout():
@@ -572,3 +594,90 @@ def test_triton_refuses_layouts_too_large_for_chip():
     args, _ = make_case([5], [1], G=1, gs=8, qpk=1, hd=32, rk=128, rv=16, bs=4)  # 128 * 8 > 512
     with pytest.raises(NotImplementedError):
         tk.latent_attention(**args, max_query_len=1)
+
+
+# ------------------------------------------------------------------------------------------------ the backend's call
+def _step_inputs(args, positions, gen, extra_pad=True):
+    """This step's latent rows for one token per request at ``positions`` (+ a padding row with slot -1)."""
+    lay = args["layout"]
+    bt, bs = args["block_table"].cpu(), args["kv_cache"].shape[1]
+    slots = [int(bt[r, p // bs]) * bs + p % bs for r, p in enumerate(positions)] + ([-1] if extra_pad else [])
+    lat = torch.randn(len(slots), lay.width, generator=gen).to(args["q"].dtype).to(DEV)
+    return lat, torch.tensor(slots, dtype=torch.int64, device=DEV)
+
+
+def _step_call(tk, args, lat, slots, out):
+    a = {k: v for k, v in args.items() if k not in ("q", "kv_cache", "layout")}
+    return tk.latent_step(args["q"], lat, args["kv_cache"], args["layout"], slots, a.pop("block_table"),
+                          a.pop("seq_lens"), a.pop("query_start_loc"), **a, out=out, max_query_len=1)
+
+
+def _check_step(args, lat, slots, out, cache_before):
+    """The rows at the step's slots are layout.pack of its latents, no other row changed (padding skipped), and
+    the output is the oracle's over the cache as written."""
+    lay, cache = args["layout"], args["kv_cache"]
+    n = lat.shape[0]
+    rows = lay.pack(lat[:, : lay.groups * lay.rank_k].reshape(n, lay.groups, lay.rank_k).float(),
+                    lat[:, lay.groups * lay.rank_k:].reshape(n, lay.groups, lay.rank_v).float())
+    flat, before = cache.reshape(-1, cache.shape[-1]), cache_before.reshape(-1, cache.shape[-1])
+    valid = slots >= 0
+    assert torch.equal(flat[slots[valid]].view(torch.uint8), rows[valid].view(torch.uint8))
+    changed = (flat.view(torch.uint8) != before.view(torch.uint8)).any(-1)
+    changed[slots[valid]] = False
+    assert not bool(changed.any()), "rows other than the step's slots changed"
+    err = rel_err(out, ref_out(args))
+    assert err < TOL, f"rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("lat_dtype", ["bfloat16", "int4@g32", "int8/int4"])
+def test_latent_step_writes_and_attends(lat_dtype):
+    """kernels.triton_latent.latent_step (the backend's whole call on CUDA): this step's rows are encoded and
+    written at their slots on the device (a padding slot -1 skipped), then attention reads them."""
+    tk = kernels()
+    gen = fresh_gen()
+    seq = [40, 7, 66]
+    args, _ = make_case(seq, [1] * 3, G=2, gs=1, qpk=2, hd=32, rk=32, rv=32, bs=16, lat_dtype=lat_dtype, gen=gen)
+    lat, slots = _step_inputs(args, [s - 1 for s in seq], gen)
+    before = args["kv_cache"].clone()
+    out = torch.full_like(args["q"], float("nan"))
+    _step_call(tk, args, lat, slots, out)
+    _check_step(args, lat, slots, out, before)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs")
+@pytest.mark.parametrize("lat_dtype", ["bfloat16", "int4@g32", "int8/int4", "int8"])
+def test_latent_step_replays_in_a_cuda_graph(lat_dtype):
+    """The decode call is captured in a CUDA graph; then the cache contents, the query, this step's latents, the
+    slots and the cached lengths change in place, and the replay computes the new step (oracle: fp64 reference)."""
+    tk = kernels()
+    gen = fresh_gen()
+    seq = [700, 64, 1500, 9]
+    args, _ = make_case(seq, [1] * 4, G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64, lat_dtype=lat_dtype, gen=gen)
+    lat, slots = _step_inputs(args, [s - 1 for s in seq], gen)
+    out = torch.empty_like(args["q"])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and cache the factors outside the capture
+        for _ in range(2):
+            _step_call(tk, args, lat, slots, out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _step_call(tk, args, lat, slots, out)
+    # the next step, in place: new query and latents, shorter histories (other slots), rewritten cache rows
+    new_seq = [699, 33, 1400, 9]
+    lat2, slots2 = _step_inputs(args, [s - 1 for s in new_seq], gen)
+    lat.copy_(lat2)
+    slots.copy_(slots2)
+    args["seq_lens"].copy_(torch.tensor(new_seq, dtype=torch.int32, device=DEV))
+    args["q"].copy_(torch.randn(args["q"].shape, generator=gen).to(args["q"].dtype).to(DEV))
+    lay, bs = args["layout"], args["kv_cache"].shape[1]
+    blk = int(args["block_table"][2, 3])
+    ck, cv = torch.randn(bs, lay.groups, lay.rank_k, generator=gen), torch.randn(bs, lay.groups, lay.rank_v,
+                                                                                  generator=gen)
+    ref.write_latents(args["kv_cache"], torch.arange(blk * bs, blk * bs + bs, device=DEV), lay, ck.to(DEV),
+                      cv.to(DEV))
+    before = args["kv_cache"].clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    _check_step(args, lat, slots, out, before)

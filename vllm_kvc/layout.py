@@ -252,6 +252,19 @@ UNIFORM_LEVELS = {b: (torch.arange(2 ** b, dtype=torch.float32) - (2 ** (b - 1) 
                   for b in (4, 2)}
 
 
+_DEVICE_LEVELS: dict = {}
+
+
+def levels_on(table: str, bits: int, device) -> torch.Tensor:
+    """GAUSS_LEVELS / UNIFORM_LEVELS[bits] on ``device``, copied once per device: the encoder then runs without
+    host-to-device copies (it is captured in CUDA graphs on GPUs)."""
+    key = (table, bits, str(device))
+    t = _DEVICE_LEVELS.get(key)
+    if t is None:
+        t = _DEVICE_LEVELS[key] = (GAUSS_LEVELS if table == "gauss" else UNIFORM_LEVELS)[bits].to(device)
+    return t
+
+
 def _nearest(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level (levels sorted ascending) of every element of y."""
     mids = (levels[1:] + levels[:-1]) / 2
@@ -272,9 +285,8 @@ def quantize(x: torch.Tensor, bits: int, group: int = 0):
         return q.reshape(*x.shape[:-1], -1)[..., :r], s
     amax = xg.abs().amax(dim=-1).clamp_min(1e-6)
     best_err = best_u = best_s = None
-    for sign, levels, factors in ((1.0, GAUSS_LEVELS[bits], SCALE_FACTORS[bits]["gauss"]),
-                                  (-1.0, UNIFORM_LEVELS[bits], SCALE_FACTORS[bits]["uniform"])):
-        levels = levels.to(xg.device)
+    for sign, table in ((1.0, "gauss"), (-1.0, "uniform")):
+        levels, factors = levels_on(table, bits, xg.device), SCALE_FACTORS[bits][table]
         for f in factors:
             s = (amax * f).to(torch.float16).float()  # the stored value, so decoding uses exactly it
             u = _nearest(xg / s[..., None], levels)

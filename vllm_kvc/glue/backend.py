@@ -65,6 +65,18 @@ class LatentAttentionBackend(AttentionBackend):
         return attn_type == AttentionType.DECODER
 
 
+# Set by glue/setup.py when a model is built with a compression config (same process, before vLLM asks the
+# builder): whether that method's CUDA path is capturable (``Method.cuda_graphs``). Kept here, not looked up, so
+# that the backend imports nothing of the methods (they import the glue).
+CUDA_GRAPHS = {"enabled": False}
+
+
+def cudagraph_support() -> AttentionCGSupport:
+    if CUDA_GRAPHS["enabled"]:
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    return AttentionCGSupport.NEVER
+
+
 @dataclass
 class LatentMetadata:
     num_actual_tokens: int
@@ -73,9 +85,17 @@ class LatentMetadata:
     query_start_loc: torch.Tensor
     query_start_loc_cpu: torch.Tensor
     seq_lens: torch.Tensor
-    seq_lens_cpu: torch.Tensor
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
+    host_seq_lens: torch.Tensor | None = None
+
+    @property
+    def seq_lens_cpu(self) -> torch.Tensor:
+        """The cached lengths on the host, copied on first use (the CUDA path of lowrank / quant never reads them,
+        so its decode steps do not synchronise)."""
+        if self.host_seq_lens is None:
+            self.host_seq_lens = self.seq_lens.cpu()
+        return self.host_seq_lens
 
     @property
     def is_pure_decode(self) -> bool:
@@ -85,6 +105,13 @@ class LatentMetadata:
 class LatentMetadataBuilder(AttentionMetadataBuilder[LatentMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """Single-token decode batches are captured in CUDA graphs where the deployment's method declares its CUDA
+        path capturable (``Method.cuda_graphs``: no host reads or Python branches on tensor values in decode);
+        other methods, and engines without a compression config, keep eager attention."""
+        return cudagraph_support()
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
@@ -92,9 +119,6 @@ class LatentMetadataBuilder(AttentionMetadataBuilder[LatentMetadata]):
               fast_build: bool = False) -> LatentMetadata:
         m = common_attn_metadata
         n = m.num_reqs
-        seq_lens_cpu = m.seq_lens_cpu_upper_bound
-        if seq_lens_cpu is None or m.seq_lens.device.type == "cpu":
-            seq_lens_cpu = m.seq_lens.cpu()
         return LatentMetadata(
             num_actual_tokens=m.num_actual_tokens,
             max_query_len=m.max_query_len,
@@ -102,7 +126,7 @@ class LatentMetadataBuilder(AttentionMetadataBuilder[LatentMetadata]):
             query_start_loc=m.query_start_loc[: n + 1],
             query_start_loc_cpu=m.query_start_loc_cpu[: n + 1],
             seq_lens=m.seq_lens[:n],
-            seq_lens_cpu=seq_lens_cpu[:n],
+            host_seq_lens=m.seq_lens[:n] if m.seq_lens.device.type == "cpu" else None,
             block_table=m.block_table_tensor[:n],
             slot_mapping=m.slot_mapping,
         )

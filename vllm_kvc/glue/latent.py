@@ -110,17 +110,17 @@ class LatentAttention(RowAttention):
         layout = self.layout
         n = md.num_actual_tokens
         lat = key[:n]
+        q = query[:n]
+        if q.is_cuda:  # every layout was checked at start-up (kvc_finalize): no fallback here; capturable decode
+            _triton_ops().latent_step(
+                q, lat, cache, layout, md.slot_mapping, md.block_table, md.seq_lens, md.query_start_loc, self.b_k,
+                self.b_v, self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n],
+                inv_freq=self.inv_freq, max_query_len=md.max_query_len, query_start_loc_cpu=md.query_start_loc_cpu)
+            return
         g, rk, rv = layout.groups, layout.rank_k, layout.rank_v
         lat_k = lat[:, : g * rk].reshape(n, g, rk)
         lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
-        q = query[:n]
         reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
-        if q.is_cuda:  # every layout was checked at start-up (kvc_finalize): no fallback here
-            _triton_ops().latent_attention(
-                q, cache, layout, md.block_table, md.seq_lens, md.query_start_loc, self.b_k, self.b_v,
-                self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n],
-                inv_freq=self.inv_freq, max_query_len=md.max_query_len, query_start_loc_cpu=md.query_start_loc_cpu)
-            return
         reference.latent_attention(
             q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
             self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n])

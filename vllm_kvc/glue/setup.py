@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from vllm_kvc.config import ADDITIONAL_CONFIG_KEY, CompressionConfig, parse_compression
+from vllm_kvc.glue.backend import CUDA_GRAPHS
 from vllm_kvc.methods import get_method, prepare
 from vllm_kvc.plan import ModelShape, Plan
 
@@ -28,9 +29,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def compression_setup(vllm_config) -> CompressionSetup | None:
     extra = getattr(vllm_config, "additional_config", None) or {}
     raw = extra.get(ADDITIONAL_CONFIG_KEY)
+    CUDA_GRAPHS["enabled"] = False
     if raw is None:
         return None
     cfg = parse_compression(dict(raw))
+    # the latent backend lets vLLM capture single-token decode batches where this method's CUDA path allows it
+    CUDA_GRAPHS["enabled"] = get_method(cfg.method).cuda_graphs
     mc = vllm_config.model_config
     shape = ModelShape.from_hf_config(mc.hf_config.to_dict())
     shape = replace(shape, dtype=_dtype_name(mc.dtype))

@@ -34,6 +34,8 @@ class Method:
     section: ClassVar[type[Strict] | None] = None  # settings under ``compression.<name>:``
     rank_meaning: ClassVar[str] = "latent rank per head group"
     allocatable: ClassVar[bool] = False  # ``vllm-kvc allocate`` can choose its per-layer ranks and widths
+    # its attention on CUDA runs single-token decode batches without host reads (capturable in CUDA graphs)
+    cuda_graphs: ClassVar[bool] = False
     # the modules that implement only this method (its math and its vLLM layer); they may name it, nothing else may
     modules: ClassVar[tuple[str, ...]] = ()
 
@@ -73,8 +75,9 @@ class Method:
         """Install this method on an HF transformers model (hooks); returns callables that undo it."""
         raise NotImplementedError(f"method {self.name}: no transformers emulation")
 
-    def bench_points(self, base, shape: "ModelShape", model_dir: str, points, include) -> list[dict]:
-        """``vllm-kvc bench pareto`` points: [{method, is_baseline, target, compression[, allocation]}]."""
+    def bench_points(self, base, shape: "ModelShape", model_dir: str, points, include, **kw) -> list[dict]:
+        """``vllm-kvc bench pareto`` points: [{method, is_baseline, target, compression[, allocation]}]. Keywords
+        passed by the bench (take ``**_`` for the rest): ``quality_pct``, ``seq_len`` (perplexity chunk length)."""
         return []
 
 

@@ -150,6 +150,7 @@ class LowRank(Method):
     summary = "lowrank: factorized latents"
     fields = LowRankFields
     allocatable = True
+    cuda_graphs = True  # glue/latent.py: kernels.triton_latent.latent_step
     modules = ("vllm_kvc.calibrate", "vllm_kvc.factorize", "vllm_kvc.allocate", "vllm_kvc.glue.latent")
 
     def plan(self, cfg, shape: ModelShape, tp_size: int = 1) -> LatentPlan:
@@ -187,7 +188,7 @@ class LowRank(Method):
         return [h.remove for h in install_factors(model, str(artifact), plan.latent_dtype)]
 
     def bench_points(self, base, shape, model_dir, points, include, quality_pct=None,
-                     plain_points=(0.50, 0.25)) -> list[dict]:
+                     plain_points=(0.50, 0.25), **_) -> list[dict]:
         """Ours: ``kvc-alloc`` (allocate.py at each memory point) and ``kvc-alloc-q<X>`` (quality mode); baselines:
         ``svd-whitened`` / ``svd-plain`` (uniform rank, int8 latents)."""
         import dataclasses

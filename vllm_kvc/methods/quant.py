@@ -29,6 +29,7 @@ class Quant(LowRank):
     fields = QuantFields
     rank_meaning = "latent rank per head group (full: K/V themselves)"
     allocatable = False
+    cuda_graphs = True  # glue/latent.py: kernels.triton_latent.latent_step
     modules = ()  # lowrank's modules serve it (identity factors)
 
     def plan(self, cfg, shape, tp_size: int = 1) -> QuantPlan:

@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .config import device_props, interpreting, level_tables, next_pow2, pick_heads, quant_kwargs
+from .config import device_props, interpreting, level_tables, next_pow2, pick_heads, quant_kwargs, row_format
 from .prefill import LOG2E, launch_reduce, needs_off64, prepare_io, split_partials
-from .tiles import (cos_sin_of, find_request, join_pairs, load_cos_sin, load_dequant, load_tile, phase_tiles,
-                    rope_bf16x2, split_pairs, tile_blocks, tile_rows)
+from .tiles import (cos_sin_of, find_request, join_pairs, load_cos_sin, load_dequant, load_nibbles, load_tile,
+                    phase_tiles, rope_bf16x2, split_pairs, tile_blocks, tile_rows)
 
 try:  # programmatic dependent launch (triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -60,7 +60,7 @@ def _latent_decode_heads(
     K_OFF: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_SOFF: tl.constexpr, K_SPG: tl.constexpr,
     K_LUT: tl.constexpr,
     V_OFF: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_SOFF: tl.constexpr, V_SPG: tl.constexpr,
-    V_LUT: tl.constexpr,
+    V_LUT: tl.constexpr, K_SPLIT: tl.constexpr, V_SPLIT: tl.constexpr, K_OVER: tl.constexpr, V_OVER: tl.constexpr,
 ):
     """Single-query attention (decode) at group size 1 for NKV KV heads per program.
 
@@ -77,10 +77,15 @@ def _latent_decode_heads(
     LAZY: 0 running max; 1 the first tile's max as the reference, flagging programs that could overflow; 2 the
     exact pass (running max) of the flagged programs only.
     QUANT: packed integer latents (config.row_format: K_* / V_* describe each part), dequantized in registers
-    per tile (:func:`~.tiles.load_dequant`) before the same dots as float latents.
+    per tile (:func:`~.tiles.load_dequant`) before the same dots as float latents. K_SPLIT / V_SPLIT: that part
+    is 4-bit with byte-aligned head groups: :func:`~.tiles.load_nibbles` gives its even and odd values as two
+    tiles, each multiplied with the matching rows of B_k (two dots into the same keys) or accumulated against the
+    softmax weights separately (``acc`` even, ``acc2`` odd values; B_v's even and odd rows in the epilogue).
     """
     HALF: tl.constexpr = HD // 2
     NV: tl.constexpr = NKV * RV_P
+    RVA: tl.constexpr = RV_P // 2 if V_SPLIT else RV_P  # accumulator rows per head
+    NVA: tl.constexpr = NKV * RVA
     DT = bk_ptr.dtype.element_ty
 
     pid = tl.program_id(0)
@@ -117,7 +122,9 @@ def _latent_decode_heads(
     dp = tl.arange(0, HALF)
     dc = tl.arange(0, HD)
     cr = tl.arange(0, RK_P)
+    cr2 = tl.arange(0, RK_P // 2)
     cvv = tl.arange(0, NV)
+    cva = tl.arange(0, NVA)
     tt = tl.arange(0, BLOCK_T)
     bt_row = bt_ptr + r.to(tl.int64) * stride_bt
     v_col = G * RK + (g0 + cvv // RV_P) * RV + cvv % RV_P  # value latents of the NKV heads
@@ -139,7 +146,8 @@ def _latent_decode_heads(
 
     m_i = tl.full([M_P], -1.0e30, tl.float32)
     l_t = tl.zeros([BLOCK_T, M_P], tl.float32)  # per-token partial sums, reduced once after the loop
-    acc = tl.zeros([NV, M_P], tl.float32)
+    acc = tl.zeros([NVA, M_P], tl.float32)
+    acc2 = tl.zeros([NVA, M_P], tl.float32)  # odd values (V_SPLIT)
 
     for phase in tl.static_range(2):
         lo_t, hi_t, blk_nxt = phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, BLOCK_T)
@@ -153,16 +161,27 @@ def _latent_decode_heads(
                                             phase == 1, not PACKED)
             s = tl.zeros([BLOCK_T, M_P], tl.float32)
             for h in tl.static_range(NKV):
-                if QUANT:
+                if K_SPLIT:
+                    ke, ko = load_nibbles(cache_ptr, row_off, t_ok, g0 + h, RK, (g0 + h) * K_SPG, K_SPG, 1,
+                                          RK_P, RK, K_OFF, K_QG, K_SOFF, SCALE16, phase == 1, BLOCK_T, DT,
+                                          PACKED, K_OVER)
+                    b_e = tl.load(bk_ptr + ((g0 + h) * RK + 2 * cr2[:, None]) * HD + dc[None, :],
+                                  mask=(2 * cr2 < RK)[:, None], other=0.0)
+                    b_o = tl.load(bk_ptr + ((g0 + h) * RK + 2 * cr2[:, None] + 1) * HD + dc[None, :],
+                                  mask=(2 * cr2 + 1 < RK)[:, None], other=0.0)
+                    kk = tl.dot(ko, b_o, tl.dot(ke, b_e))
+                elif QUANT:
                     ck = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, (g0 + h) * RK, RK, (g0 + h) * K_SPG, K_SPG,
                                       1, RK_P, RK, K_OFF, K_BITS, K_QG, K_SOFF, K_LUT, SCALE16, phase == 1,
                                       BLOCK_T).to(DT)
                 else:
                     ck = load_tile(cache_ptr + row_off[:, None] + (g0 + h) * RK + cr[None, :], t_ok, cr < RK,
                                    (phase == 1) or (RK != RK_P), False).to(DT)
-                bi = tl.load(bk_ptr + ((g0 + h) * RK + cr[:, None]) * HD + dc[None, :], mask=(cr < RK)[:, None],
-                             other=0.0)
-                k1, k2 = split_pairs(tl.dot(ck, bi), BLOCK_T, HALF)
+                if not K_SPLIT:
+                    bi = tl.load(bk_ptr + ((g0 + h) * RK + cr[:, None]) * HD + dc[None, :],
+                                 mask=(cr < RK)[:, None], other=0.0)
+                    kk = tl.dot(ck, bi)
+                k1, k2 = split_pairs(kk, BLOCK_T, HALF)
                 if HAS_BK:
                     k1 += tl.load(bias1_ptr + (g0 + h) * HALF + dp)[None, :]
                     k2 += tl.load(bias2_ptr + (g0 + h) * HALF + dp)[None, :]
@@ -181,7 +200,13 @@ def _latent_decode_heads(
                     r2 = (k2 * cos_k + k1 * sin_k).to(DT)
                 s = tl.where((hrow == h)[None, :], tl.dot(join_pairs(r1, r2, BLOCK_T, HALF), q_t), s)
 
-            if QUANT:
+            if V_SPLIT:
+                ve, vo = load_nibbles(cache_ptr, row_off, t_ok, g0, RV, g0 * V_SPG, V_SPG, NKV, RV_P, RV,
+                                      V_OFF, V_QG, V_SOFF, SCALE16, phase == 1, BLOCK_T, DT, PACKED,
+                                      V_OVER)
+                vv = ve
+                vv2 = vo
+            elif QUANT:
                 vv = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g0 * RV, RV, g0 * V_SPG, V_SPG, NKV, RV_P, RV,
                                   V_OFF, V_BITS, V_QG, V_SOFF, V_LUT, SCALE16, phase == 1, BLOCK_T).to(DT)
             else:
@@ -203,28 +228,43 @@ def _latent_decode_heads(
                 p = tl.exp2(s * qk_scale - m_new[None, :])
                 l_t = l_t * alpha[None, :] + p
                 acc = acc * alpha[None, :]
+                if V_SPLIT:
+                    acc2 = acc2 * alpha[None, :]
                 m_i = m_new
             acc = tl.dot(tl.trans(vv), p.to(DT), acc)
+            if V_SPLIT:
+                acc2 = tl.dot(tl.trans(vv2), p.to(DT), acc2)
 
     l_i = tl.sum(l_t, 0)
     if LAZY == 1:  # a weight above 2^64 could have overflowed (each weight <= its row's sum): flag the program
         tl.store(flag_ptr + fid, (tl.max(l_i, 0) > 1.8446744e19).to(tl.int32))  # for the exact pass
-    acc_t = tl.trans(acc)  # [M_P, NV]; row i's own values sit in columns hrow[i] * RV_P ...
-    diag = ((cvv // RV_P)[None, :] == hrow[:, None]) & row_ok[:, None]
+    # acc rows (acc2: the odd values where V_SPLIT): head cva // RVA, value (cva % RVA) * VSTEP (+ 1 in acc2)
+    VSTEP: tl.constexpr = 2 if V_SPLIT else 1
+    vh = cva // RVA
+    vi = (cva % RVA) * VSTEP
+    diag = (vh[None, :] == hrow[:, None]) & row_ok[:, None]  # row i's own values: its KV head's columns
     if SPLIT:
         base = (tok.to(tl.int64) * (G * QPK) + head) * num_splits + sp
         tl.store(pm_ptr + base, m_i, mask=row_ok)
         tl.store(pl_ptr + base, l_i, mask=row_ok)
-        tl.store(pacc_ptr + base[:, None] * RV_P + (cvv[None, :] - (hrow * RV_P)[:, None]), acc_t, mask=diag)
+        tl.store(pacc_ptr + base[:, None] * RV_P + vi[None, :], tl.trans(acc), mask=diag)
+        if V_SPLIT:
+            tl.store(pacc_ptr + base[:, None] * RV_P + vi[None, :] + 1, tl.trans(acc2), mask=diag)
     else:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        u = tl.where(diag, acc_t / l_safe[:, None], 0.0).to(DT)
+        u = tl.where(diag, tl.trans(acc) / l_safe[:, None], 0.0).to(DT)
+        if V_SPLIT:
+            u2 = tl.where(diag, tl.trans(acc2) / l_safe[:, None], 0.0).to(DT)
         dd = tl.arange(0, DCH)
         out_row = out_ptr + tok.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
-        bv_row = bv_ptr + ((g0 + cvv // RV_P) * RV + cvv % RV_P) * HD
+        bv_row = bv_ptr + ((g0 + vh) * RV + vi) * HD
         for dch in tl.static_range(HD // DCH):
-            bvt = tl.load(bv_row[:, None] + dch * DCH + dd[None, :], mask=v_ok[:, None], other=0.0)
+            bvt = tl.load(bv_row[:, None] + dch * DCH + dd[None, :], mask=(vi < RV)[:, None], other=0.0)
             o = tl.dot(u, bvt)
+            if V_SPLIT:
+                bvt2 = tl.load(bv_row[:, None] + HD + dch * DCH + dd[None, :], mask=(vi + 1 < RV)[:, None],
+                               other=0.0)
+                o = tl.dot(u2, bvt2, o)
             if HAS_BV:
                 o += tl.load(biasv_ptr + (g0 + hrow)[:, None] * HD + dch * DCH + dd[None, :],
                              mask=row_ok[:, None], other=0.0)
@@ -238,6 +278,27 @@ def packed_rope_ok(f, tile_rotation: bool) -> bool:
     and bf16 cos / sin (the table's, or computed: tile rotation)."""
     return (not interpreting() and f.dtype == torch.bfloat16
             and (tile_rotation or f.cos.dtype == torch.bfloat16))
+
+
+def nibble_split(layout, rk_p: int, rv_p: int) -> tuple[bool, bool]:
+    """Which parts the decode kernel reads as even / odd 4-bit tiles (:func:`~.tiles.load_nibbles`): 4-bit parts
+    of packed layouts whose head groups start on whole bytes, with at least 16 columns per half tile (a dot's
+    minimum inner size)."""
+    if not layout.quantized or layout.is_int8:
+        return False, False
+    k, v = row_format(layout)
+    return (k.bits == 4 and k.aligned and rk_p >= 32), (v.bits == 4 and v.aligned and rv_p >= 32)
+
+
+def nibble_overread(layout, rk_p: int, rv_p: int) -> tuple[bool, bool]:
+    """Whether the padding columns of each 4-bit part's tile (rank < its power of two) can be read from the row's
+    bytes after the part (its last head group's tile ends inside the row), so the loads need no column mask."""
+    if not layout.quantized or layout.is_int8:
+        return False, False
+    k, v = row_format(layout)
+    g = layout.groups
+    return (k.off + (g - 1) * layout.rank_k // 2 + rk_p // 2 <= layout.row_bytes,
+            v.off + (g - 1) * layout.rank_v // 2 + rv_p // 2 <= layout.row_bytes)
 
 
 def _pdl_ok(device: torch.device) -> bool:
@@ -273,6 +334,8 @@ def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scal
     pdl = cfg.lazy_max and _pdl_ok(q.device)
     qkw = quant_kwargs(layout, kv_cache)
     lut = level_tables(q.device) if qkw["QUANT"] else dummy
+    k_split, v_split = nibble_split(layout, rk_p, rv_p)
+    k_over, v_over = nibble_overread(layout, rk_p, rv_p)
     while True:
         try:
             flags = torch.empty(n_tok * (G // nkv) * num_splits, dtype=torch.int32, device=q.device) \
@@ -297,6 +360,7 @@ def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scal
                     SPLIT=num_splits > 1, DCH=dch, HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None,
                     DIRECT=direct, OFF64=needs_off64(kv_cache), PACKED=packed, TILE_ROT=tile_rotation, LAZY=lazy,
                     PDL=pdl, launch_pdl=pdl and lazy == 2, num_warps=cfg.num_warps, num_stages=num_stages, **qkw,
+                    K_SPLIT=k_split, V_SPLIT=v_split, K_OVER=k_over, V_OVER=v_over,
                 )
             break
         except OutOfResources:  # raised when compiling, before anything runs

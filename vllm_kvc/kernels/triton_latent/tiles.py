@@ -8,8 +8,11 @@ Block ids are loaded one tile ahead (their latency leaves the critical path); wh
 """
 from __future__ import annotations
 
+import numpy as np
 import triton
 import triton.language as tl
+
+from vllm_kvc.layout import GAUSS_LEVELS
 
 
 @triton.jit
@@ -240,3 +243,156 @@ def load_dequant(cache_ptr, row_off, t_ok, lut_ptr, v0, vstride, s0, sstride,
     if not FULL:
         v = tl.where((ci < NVAL)[None, :], v, 0.0)
     return v
+
+
+# ------------------------------------------------------------------------------------------------ 4-bit levels
+def gauss_poly4() -> tuple[float, ...]:
+    """Odd polynomial (x, x^3, .., x^9 coefficients) of the centred 4-bit code x = u - 7.5 that reproduces
+    layout.py's 16 Gauss levels to within 1.0e-4 (least squares; the levels' step is ~0.1): the decode kernel
+    computes levels with five FMAs instead of gathering them from a table (the gather made L1 the bottleneck:
+    ncu, benchmarks/RESULTS.md)."""
+    x = np.arange(16, dtype=np.float64) - 7.5
+    a = np.stack([x ** p for p in (1, 3, 5, 7, 9)], 1)
+    c, *_ = np.linalg.lstsq(a, GAUSS_LEVELS[4].double().numpy(), rcond=None)
+    return tuple(float(v) for v in c)
+
+
+_G4 = gauss_poly4()
+G4_1, G4_3, G4_5, G4_7, G4_9 = (tl.constexpr(v) for v in _G4)
+
+
+@triton.jit
+def nibble_levels(u2, c1, c3, c5, c7, c9):
+    """Values of 4-bit codes given as ``2 u`` (int32): ``x (c1 + x^2 (c3 + ..))`` with x = u - 7.5, computed
+    exactly as a float by placing 2u + 1 in the mantissa of 2^22 (no int-to-float conversion)."""
+    x = (u2 | 0x4A800001).to(tl.float32, bitcast=True) - 4194312.0
+    x2 = x * x
+    return x * (c1 + x2 * (c3 + x2 * (c5 + x2 * (c7 + x2 * c9))))
+
+
+def _byte_planes(levels) -> tuple[str, str, str, str]:
+    """The 8 positive levels (entries 8..15 of a symmetric 16-level table) in bf16, as the four 32-bit words that
+    ``prmt`` indexes: low bytes of levels 0..3, of 4..7, then the high bytes likewise (PTX hex immediates)."""
+    import torch
+    bits = [int(v) & 0xFFFF for v in levels[8:].to(torch.bfloat16).view(torch.int16).tolist()]
+    word = lambda vals: "0x%08X" % sum(v << (8 * i) for i, v in enumerate(vals))  # noqa: E731
+    lo, hi = [b & 0xFF for b in bits], [b >> 8 for b in bits]
+    return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
+
+
+def _nibble_asm() -> str:
+    """PTX for 4 code bytes ($4) and their 4 signed bf16 scales ($5, $6) -> bf16 values of the low nibbles ($0, $1)
+    and of the high nibbles ($2, $3), element by element: level (Gauss table where the scale is positive, uniform
+    where negative; layout.py) times |scale|. A level is looked up by byte permutes (``prmt``) in the 8 positive
+    levels' bf16 bytes, by its magnitude index, with the sign set after."""
+    from vllm_kvc.layout import UNIFORM_LEVELS
+    g0, g1, g2, g3 = _byte_planes(GAUSS_LEVELS[4])
+    u0, u1, u2, u3 = _byte_planes(UNIFORM_LEVELS[4])
+
+    def half(src: str, o0: str, o1: str) -> str:
+        return f"""
+        and.b32 n, {src}, 0x0F0F0F0F;
+        not.b32 t, n;
+        and.b32 sg, t, 0x08080808;
+        shr.u32 t, sg, 3;
+        mul.lo.u32 t, t, 7;
+        xor.b32 m, n, t;
+        and.b32 m, m, 0x07070707;
+        shr.u32 v, m, 4;
+        or.b32 v, v, m;
+        prmt.b32 sel, v, 0, 0x0020;
+        prmt.b32 lb, {g0}, {g1}, sel;
+        prmt.b32 lb2, {u0}, {u1}, sel;
+        prmt.b32 hb, {g2}, {g3}, sel;
+        prmt.b32 hb2, {u2}, {u3}, sel;
+        lop3.b32 lb, lb, lb2, msk, 0xD8;
+        lop3.b32 hb, hb, hb2, msk, 0xD8;
+        shl.b32 t, sg, 4;
+        xor.b32 hb, hb, t;
+        prmt.b32 e, lb, hb, 0x5140;
+        mul.rn.bf16x2 {o0}, e, sa01;
+        prmt.b32 e, lb, hb, 0x7362;
+        mul.rn.bf16x2 {o1}, e, sa23;"""
+
+    return ("{\n.reg .b32 n, t, sg, m, v, sel, lb, lb2, hb, hb2, msk, sa01, sa23, e, hi;"
+            "\nand.b32 sa01, $5, 0x7FFF7FFF;\nand.b32 sa23, $6, 0x7FFF7FFF;\nprmt.b32 msk, $5, $6, 0xFDB9;"
+            + half("$4", "$0", "$1") + "\nshr.u32 hi, $4, 4;" + half("hi", "$2", "$3") + "\n}")
+
+
+NIBBLE_ASM = tl.constexpr(_nibble_asm())
+
+
+@triton.jit
+def nibble_lut(x, s):
+    """(low-nibble values, high-nibble values) of code bytes ``x`` (uint8) under signed bf16 scales ``s`` (same
+    shape), as bf16: :func:`_nibble_asm` (sm_90: packed bf16 multiplies), 4 bytes per instance."""
+    return tl.inline_asm_elementwise(NIBBLE_ASM, "=r,=r,=r,=r,r,r,r", [x, s], dtype=(tl.bfloat16, tl.bfloat16),
+                                     is_pure=True, pack=4)
+
+
+@triton.jit
+def load_nibbles(cache_ptr, row_off, t_ok, g0, VSTRIDE: tl.constexpr, s0, sstride,
+                 NH: tl.constexpr, RP: tl.constexpr, NVAL: tl.constexpr,
+                 OFF: tl.constexpr, QG: tl.constexpr, SOFF: tl.constexpr,
+                 SCALE16: tl.constexpr, MASKED: tl.constexpr, BLOCK_T: tl.constexpr, OUT: tl.constexpr,
+                 LUT_ASM: tl.constexpr = False, OVERREAD: tl.constexpr = False):
+    """A tile of 4-bit latents of one K or V part whose head groups start on whole bytes, as two fp32 tiles
+    ``(even, odd) [BLOCK_T, NH * RP // 2]`` of dtype OUT: column ``h * RP // 2 + j`` of ``even`` holds value ``2 j`` of head
+    group ``g0 + h`` (the low nibble of its byte), ``odd`` value ``2 j + 1`` (the high nibble);
+    0 beyond NVAL (head group ``g0 + h`` holds ``VSTRIDE`` values of the part). The caller multiplies them with the even and odd rows of the factor (two dots instead of one):
+    bytes are loaded as contiguous tiles and nothing is interleaved. Scales as in :func:`load_dequant`: number
+    ``s0 + h * sstride + value // QG``; the level is Gauss (:func:`gauss_poly4`) where the fp16 scale is positive,
+    uniform ``x / 7.5`` where negative, times ``|scale|`` (folded into the polynomial's coefficients per scale).
+    LUT_ASM (GPUs, sm_90): the exact table levels by byte permutes instead (:func:`nibble_lut`; bf16 math, the
+    values come back as bf16). OVERREAD: the padding columns (NVAL < RP) may read the bytes after the part (still
+    inside the row): the loads stay unmasked vectors, and those columns are zeroed after decoding."""
+    SG: tl.constexpr = RP if (QG == 0 or QG >= RP) else QG  # values per scale within the tile
+    SGH: tl.constexpr = SG // 2
+    NSC: tl.constexpr = RP // SG
+    NS: tl.constexpr = NH * NSC
+    FULL: tl.constexpr = NVAL >= RP
+    k = tl.arange(0, NS)
+    hh = k // NSC
+    sj = k % NSC
+    jj = tl.arange(0, SGH)
+    j = sj[:, None] * SGH + jj[None, :]  # [NS, SGH] pair index within the head group
+    ok = 2 * j < NVAL
+    # bytes of head group g0 + hh: OFF + (g0 + hh) * VSTRIDE / 2 (whole bytes; constant multiples, so Triton sees
+    # 16-byte aligned runs and loads them as vectors)
+    byte = OFF + (g0 + hh[:, None]) * (VSTRIDE // 2) + j
+    ptr = cache_ptr + row_off[:, None, None] + byte[None, :, :]
+    if MASKED:
+        if FULL or OVERREAD:
+            x = tl.load(ptr, mask=t_ok[:, None, None], other=0)
+        else:
+            x = tl.load(ptr, mask=t_ok[:, None, None] & ok[None, :, :], other=0)
+    elif FULL or OVERREAD:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=ok[None, :, :], other=0)
+    xi = x.to(tl.int32)
+    s_ok = t_ok[:, None] & (sj * SG < NVAL)[None, :]
+    s = load_scales(cache_ptr, row_off, s0 + hh * sstride + sj, s_ok, SOFF, SCALE16)  # [BLOCK_T, NS]
+    NC2: tl.constexpr = NH * (RP // 2)
+    if LUT_ASM:
+        sb = tl.broadcast_to(s.to(tl.bfloat16)[:, :, None], [BLOCK_T, NS, SGH])
+        ve, vo = nibble_lut(x, sb)
+    else:
+        ve, vo = _poly_nibbles(xi, s)
+    if not FULL:
+        ve = tl.where(ok[None, :, :], ve, 0.0)
+        vo = tl.where(ok[None, :, :], vo, 0.0)
+    return tl.reshape(ve.to(OUT), [BLOCK_T, NC2]), tl.reshape(vo.to(OUT), [BLOCK_T, NC2])
+
+
+@triton.jit
+def _poly_nibbles(xi, s):
+    """:func:`load_nibbles` without inline assembly: levels by :func:`nibble_levels` (fp32)."""
+    a = tl.abs(s)
+    gauss = s > 0
+    c1 = tl.where(gauss, a * G4_1, a * (1.0 / 7.5))[:, :, None]
+    c3 = tl.where(gauss, a * G4_3, 0.0)[:, :, None]
+    c5 = tl.where(gauss, a * G4_5, 0.0)[:, :, None]
+    c7 = tl.where(gauss, a * G4_7, 0.0)[:, :, None]
+    c9 = tl.where(gauss, a * G4_9, 0.0)[:, :, None]
+    return nibble_levels((xi << 1) & 30, c1, c3, c5, c7, c9), nibble_levels((xi >> 3) & 30, c1, c3, c5, c7, c9)

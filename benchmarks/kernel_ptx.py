@@ -1,0 +1,79 @@
+"""Compile the multi-head decode kernel for sm_90 on this machine (no GPU needed) and count what one KV tile costs.
+
+    .venv/bin/python benchmarks/kernel_ptx.py [NAME=VALUE ...]     e.g. K_SPLIT=False V_SPLIT=False
+
+Defaults: one Llama-3-8B layer's decode launch at rank 64, ``int4@g32`` latents (row format of
+``LatentLayout(8, 1, 128, 64, 64, "int4@g32")``), 64-token tiles, 4 warps, 3 stages, tile rotation, lazy max;
+``QUANT=False K_BITS=16 V_BITS=16 K_SPLIT=False V_SPLIT=False`` gives the bf16-latent kernel. Prints the shared
+memory, the layout conversions in the TTGIR and the PTX instruction mix of the main tile loop (per thread and
+tile): with 64 x (rank_k + rank_v) latent values per tile over 128 threads, instructions per value follow.
+"""
+from __future__ import annotations
+
+import collections
+import inspect
+import os
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from vllm_kvc.kernels.triton_latent.decode import _latent_decode_heads  # noqa: E402
+
+PTRS = {"cache_ptr": "*u8", "q_ptr": "*bf16", "bk_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+        "bv_ptr": "*bf16", "out_ptr": "*bf16", "bt_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32",
+        "flag_ptr": "*i32", "qk_scale": "fp32"}
+CONST = dict(G=8, QPK=4, HD=128, RK=64, RK_P=64, RV=64, RV_P=64, NKV=1, M_P=16, BS=64, BLOCK_T=64, SPLIT=False,
+             DCH=128, HAS_BK=False, HAS_BV=False, DIRECT=True, OFF64=False, PACKED=True, TILE_ROT=True, LAZY=1,
+             PDL=True, QUANT=True, SCALE16=True, K_OFF=0, K_BITS=4, K_QG=32, K_SOFF=512, K_SPG=2, K_LUT=0,
+             V_OFF=256, V_BITS=4, V_QG=32, V_SOFF=544, V_SPG=2, V_LUT=0, K_SPLIT=True, V_SPLIT=True, K_OVER=True, V_OVER=True)
+
+
+def main():
+    const = dict(CONST)
+    for kv in sys.argv[1:]:
+        k, v = kv.split("=")
+        const[k] = eval(v)  # noqa: S307 (numbers and booleans from the command line)
+    sig = {"cache_ptr": "*u8" if const["QUANT"] else "*bf16"}
+    for name in inspect.signature(_latent_decode_heads.fn).parameters:
+        sig[name] = "constexpr" if name in const else sig.get(name) or PTRS.get(
+            name, "*fp32" if name.endswith("_ptr") else "i32")
+    # what a real launch specialises on: 16-byte aligned tensors, strides that are multiples of 16
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n.endswith("_ptr") or n.startswith("stride_")}
+    ck = triton.compile(ASTSource(fn=_latent_decode_heads, signature=sig, constexprs=const, attrs=attrs),
+                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
+    if os.environ.get("DUMP"):
+        open(os.environ["DUMP"] + ".ttgir", "w").write(ttgir)
+        open(os.environ["DUMP"] + ".ptx", "w").write(ptx)
+    print(f"shared memory {ck.metadata.shared} B; TTGIR convert_layout {ttgir.count('ttg.convert_layout')}, "
+          f"local_alloc {ttgir.count('ttg.local_alloc')}; PTX {len(ptx.splitlines())} lines")
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", ln.strip()))}
+    loops = []
+    for i, ln in enumerate(lines):  # loops: a back-edge to an earlier label; the first is the full-tile loop
+        m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", ln)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            loops.append(lines[labels[m.group(1)]:i])
+    vals = const["BLOCK_T"] * const["NKV"] * (const["RK_P"] + const["RV_P"]) / (32 * 4)
+    for k, body in enumerate(loops[:2]):
+        ops = collections.Counter()
+        for x in body:
+            m = re.match(r"\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)", x)
+            if m:
+                ops[m.group(1)] += 1
+        n = sum(ops.values())
+        what = "full tiles (no masks)" if k == 0 else "the partial last tile"
+        print(f"tile loop {k} ({what}): {n} instructions per thread per tile, {n / vals:.1f} per latent value")
+        for op, v in ops.most_common(int(os.environ.get("TOP", "16"))):
+            print(f"  {v:5d} {op}")
+
+
+if __name__ == "__main__":
+    main()
