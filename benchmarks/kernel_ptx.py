@@ -47,7 +47,7 @@ def main():
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if n.endswith("_ptr") or n.startswith("stride_")}
     ck = triton.compile(ASTSource(fn=_latent_decode_heads, signature=sig, constexprs=const, attrs=attrs),
-                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=int(os.environ.get("WARPS", "4")), num_stages=int(os.environ.get("STAGES", "3"))))
     ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
     if os.environ.get("DUMP"):
         open(os.environ["DUMP"] + ".ttgir", "w").write(ttgir)

@@ -11,7 +11,8 @@ values stay latent until ``B_v`` is applied once to the softmax-weighted sum. Mo
 - ``decode``: the multi-head decode kernel (group size 1, float latents, one query per program);
 - ``prefill``: the generic kernel (any group size, int8, prefill) and the split-KV reduce;
 - ``tiles``: Triton helpers (tile addressing through the block table, loads, RoPE, 4-bit levels);
-- ``write``: the cache-row writer (padding slots skipped on the device: capturable in CUDA graphs);
+- ``write``: the cache-row writer and the fused encoder of packed integer rows (padding slots skipped on the
+  device: capturable in CUDA graphs);
   ``dispatch.latent_step`` = encode + write + attention, the backend's whole call on CUDA.
 
 Every latent dtype of layout.py is read: float latents, the original int8 layout (generic kernel, per-token
@@ -27,11 +28,11 @@ from .config import (REBUILD_MAX_TOKENS, REBUILD_MIN_QUERIES, REBUILD_MIN_WORK, 
                      compute_dtype, decode_defaults, default_splits, heads_supported)
 from .dispatch import (LatentFactors, LaunchPlan, angles_match, cached_factors, latent_attention, latent_decode,
                        latent_step, plan_launch, prepare_factors, rebuild_candidates)
-from .write import write_rows
+from .write import can_encode, encode_rows, write_rows
 
 __all__ = [
     "REBUILD_MAX_TOKENS", "REBUILD_MIN_QUERIES", "REBUILD_MIN_WORK", "LatentFactors", "LaunchConfig", "LaunchPlan",
     "angles_match", "cached_factors", "check_supported", "compute_dtype", "decode_defaults", "default_splits",
     "heads_supported", "latent_attention", "latent_decode", "latent_step", "plan_launch", "prepare_factors",
-    "rebuild_candidates", "write_rows",
+    "rebuild_candidates", "write_rows", "can_encode", "encode_rows",
 ]

@@ -21,7 +21,7 @@ from .config import (LaunchConfig, check_supported, compute_dtype, decode_defaul
                      next_pow2, num_sms, pick_heads)
 from .decode import launch_decode
 from .prefill import launch_generic
-from .write import write_rows
+from .write import can_encode, encode_rows, write_rows
 
 
 # ------------------------------------------------------------------------------------------------ factors
@@ -332,15 +332,19 @@ def latent_step(q: torch.Tensor, lat: torch.Tensor, kv_cache: torch.Tensor, layo
                 inv_freq: torch.Tensor | None = None, config: LaunchConfig | None = None) -> torch.Tensor:
     """One call of the latent backend on CUDA (what ``LatentAttention.kvc_attend`` runs): this step's latent rows
     ``lat [N, width]`` (K latents of every group, then V latents) are encoded into cache rows (layout.py) and
-    written at ``slot_mapping`` (padding slots < 0 skipped), then :func:`latent_attention` over the paged cache.
+    written at ``slot_mapping`` (padding slots < 0 skipped; packed integer rows by the fused encoder,
+    ``write.encode_rows``), then :func:`latent_attention` over the paged cache.
 
     Decode batches (``max_query_len == 1``) read nothing on the host and allocate only from the caching
     allocator, so vLLM can capture them in CUDA graphs (the backend declares ``UNIFORM_SINGLE_TOKEN_DECODE``)."""
     n = lat.shape[0]
-    g, rk, rv = layout.groups, layout.rank_k, layout.rank_v
-    lat_k = lat[:, : g * rk].reshape(n, g, rk)
-    lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
-    write_rows(kv_cache, slot_mapping[:n], layout.pack(lat_k, lat_v))
+    if can_encode(layout):  # packed integer rows: one fused encoder kernel per K / V part
+        encode_rows(kv_cache, slot_mapping[:n], layout, lat)
+    else:
+        g, rk, rv = layout.groups, layout.rank_k, layout.rank_v
+        lat_k = lat[:, : g * rk].reshape(n, g, rk)
+        lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
+        write_rows(kv_cache, slot_mapping[:n], layout.pack(lat_k, lat_v))
     return latent_attention(q, kv_cache, layout, block_table, seq_lens, query_start_loc, b_k, b_v, bias_k, bias_v,
                             cos_sin_cache, scale, is_neox, out=out, max_query_len=max_query_len,
                             query_start_loc_cpu=query_start_loc_cpu, inv_freq=inv_freq, config=config)
