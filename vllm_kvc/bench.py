@@ -14,6 +14,8 @@ the uncompressed baseline runs once. Each method contributes its points (``Metho
 - ``vllm-<dtype>``: vLLM 0.32's own KV cache formats (int8/int4_per_token_head, fp8, nvfp4, turboquant_*),
   emulated byte for byte through this plugin's cache path (method ``vllmfmt``; the CPU build runs none of them
   itself), with keys stored after RoPE as vLLM caches them;
+- ``kivi-2`` / ``kivi-4``: KIVI as published (keys per channel, values per token, group 32, 128 full-precision
+  recent tokens; method ``kivi``), its bytes per token counted at ``--seq-len`` tokens, residual included;
 - ``deployment`` (only when named in ``--methods``): the config's own ``compression:`` setting.
 
 With ``--retrieval N`` (default 9) every engine also answers N passkey-retrieval prompts (``retrieval.py``:
@@ -40,12 +42,13 @@ QUALITY_BUDGET_PCT = 3.0
 
 
 def build_methods(base, shape, model_dir: str, points=POINTS, quality_pct: float | None = QUALITY_BUDGET_PCT,
-                  include=None) -> list[dict]:
+                  include=None, seq_len: int = 1024) -> list[dict]:
     """[{method, is_baseline, target, compression[, allocation]}] in the order they run: every registered
-    method's points (``Method.bench_points``)."""
+    method's points (``Method.bench_points``; ``seq_len``: the perplexity chunks' length, where a format whose
+    bytes per token depend on the sequence length counts them)."""
     out = []
     for m in all_methods():
-        out += m.bench_points(base, shape, model_dir, points, include, quality_pct=quality_pct)
+        out += m.bench_points(base, shape, model_dir, points, include, quality_pct=quality_pct, seq_len=seq_len)
     return out
 
 
@@ -180,7 +183,8 @@ def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_le
     shape = dataclasses.replace(c.shape, dtype=engine_dtype(dep, c.shape))
     dtype_bytes = 4 if shape.dtype == "float32" else 2
     t0 = time.time()
-    methods = build_methods(base_cfg, shape, model_dir, points=points, quality_pct=quality_pct, include=include)
+    methods = build_methods(base_cfg, shape, model_dir, points=points, quality_pct=quality_pct, include=include,
+                            seq_len=seq_len)
     if include is not None and "deployment" in include and dep.compression is not None:
         methods.insert(0, {"method": "deployment", "is_baseline": False, "target": None,
                            "compression": dep.compression})
