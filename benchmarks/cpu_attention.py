@@ -2,11 +2,14 @@
 for lowrank / quant deployments) against dense bf16 SDPA over the same context, side by side in one process.
 
     .venv/bin/python benchmarks/cpu_attention.py [--batch 32] [--ctx 1024] [--repeats 5] [--ref-file PATH]
+        [--ragged] [--block-size 128] [--threads 1]
 
 SmolLM2-135M's layer shape (9 query heads, 3 KV heads of 64 dims) with configs/default.yaml's latent layout
 (one head group of 3 KV heads, K rank 120, V rank 192, int8). ``--ref-file`` times another copy of
 reference.py in the same run too (e.g. ``git show REV:vllm_kvc/kernels/reference.py > /tmp/ref_old.py``).
-Prints one JSON line per case: median ms of the latent step and of dense SDPA, and their ratio.
+``--ragged``: request lengths spread uniformly over ctx/3..ctx (as in a serving batch; dense SDPA is then
+timed padded to ctx, which favours it). Prints one JSON line per case: median ms of the latent step(s), timed
+interleaved, and of dense SDPA, and their ratio.
 """
 from __future__ import annotations
 
@@ -39,7 +42,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--ref-file", help="another reference.py to time in the same run")
+    ap.add_argument("--ragged", action="store_true", help="request lengths uniform in ctx/3..ctx")
+    ap.add_argument("--threads", type=int, help="torch threads (vLLM's CPU engine core runs 1 on 2 cores)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     b, s, bs = a.batch, a.ctx, a.block_size
     lay = LatentLayout(groups=1, group_size=3, head_dim=64, rank_k=120, rank_v=192, dtype="int8")
@@ -48,6 +55,8 @@ def main() -> None:
     cache.view(-1, lay.row_elems)[:] = lay.pack(torch.randn(nblk * bs, 1, 120), torch.randn(nblk * bs, 1, 192))
     bt = torch.arange(nblk).view(b, s // bs).int()
     seq = torch.full((b,), s, dtype=torch.int32)
+    if a.ragged:
+        seq = torch.randint(max(1, s // 3), s + 1, (b,), dtype=torch.int32)
     qsl = torch.arange(b + 1, dtype=torch.int32)
     q = torch.randn(b, 9, 64, dtype=torch.bfloat16)
     b_k, b_v = torch.randn(1, 120, 192) / 12, torch.randn(1, 192, 192) / 14
@@ -62,10 +71,21 @@ def main() -> None:
         impls["latent_other"] = mod
     k = torch.randn(b, 3, s, 64, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    res = {"batch": b, "ctx": s, "threads": torch.get_num_threads()}
-    for name, mod in impls.items():
-        res[f"{name}_ms"] = _median_ms(lambda mod=mod: mod.latent_attention(
-            q, cache, lay, bt, seq, qsl, b_k, b_v, None, None, cs, 0.125, True, out=out), a.repeats)
+    res = {"batch": b, "ctx": s, "ragged": a.ragged, "cached_tokens": int(seq.sum()),
+           "threads": torch.get_num_threads()}
+    # the implementations interleaved (alternating order), so that other load on the machine hits all alike
+    fns = {name: (lambda mod=mod: mod.latent_attention(q, cache, lay, bt, seq, qsl, b_k, b_v, None, None, cs,
+                                                       0.125, True, out=out)) for name, mod in impls.items()}
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for i in range(a.repeats):
+        for name in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    for name in fns:
+        res[f"{name}_ms"] = statistics.median(times[name])
     res["dense_sdpa_ms"] = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
         q.view(b, 9, 1, 64), k, v, enable_gqa=True), a.repeats)
     for name in impls:

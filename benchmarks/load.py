@@ -5,7 +5,9 @@
     .venv/bin/python benchmarks/load.py --config configs/smollm2-dense.yaml   (vLLM's dense KV, same load)
     .venv/bin/python benchmarks/load.py --dtype float32 ...   (the model in float32)
 
-Starts `vllm-kvc serve` on a free loopback port unless --url is given. Every request is greedy; each distinct
+Starts `vllm-kvc serve` on a free loopback port unless --url is given (the server, client and workload helpers
+are vllm_kvc/bench_serve.py's; `vllm-kvc bench serve --unbounded N` runs this load for dense and compressed
+deployments side by side, without the sequential comparison). Every request is greedy; each distinct
 (prompt, max_tokens) pair is then asked again alone, sequentially, and the concurrent outputs are compared
 with those. Prints and writes benchmarks/results/load.json: failures, throughput, latency percentiles, and
 how many concurrent outputs equal the sequential ones.
@@ -15,116 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import random
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import requests
 
+from vllm_kvc.bench_serve import mixed_workload as workload  # the load, shared with bench serve
+from vllm_kvc.bench_serve import percentile, run, start_server, stop_server
+
 ROOT = Path(__file__).resolve().parents[1]
-TOPICS = ["the ocean", "a lighthouse", "compilers", "bread", "the moon", "trains", "bees", "chess", "rain",
-          "libraries", "volcanoes", "jazz", "glaciers", "owls", "bridges", "tea", "deserts", "robots",
-          "gardens", "comets"]
-FORMS = ["Write one sentence about {}.", "Explain {} to a child.", "List three facts about {}:",
-         "Tell a very short story about {}.", "What is the history of {}?"]
-LENGTHS = [8, 16, 32, 64]
-
-
-def workload(n: int, seed: int = 0):
-    prompts = [f.format(t) for t in TOPICS for f in FORMS]  # 100 distinct prompts
-    rng = random.Random(seed)
-    jobs = []
-    for i in range(n):
-        k = i % len(prompts)  # length and API depend on the prompt only: 100 distinct requests to compare
-        jobs.append({"prompt": prompts[k], "max_tokens": LENGTHS[k % len(LENGTHS)],
-                     "stream": rng.random() < 0.5, "chat": k % 3 == 0})
-    return jobs
-
-
-async def one(client, model, job):
-    t0 = time.perf_counter()
-    kw = dict(model=model, temperature=0, max_tokens=job["max_tokens"])
-    first = None
-    if job["chat"]:
-        msgs = [{"role": "user", "content": job["prompt"]}]
-        if job["stream"]:
-            parts = []
-            async for c in await client.chat.completions.create(messages=msgs, stream=True, **kw):
-                if c.choices and c.choices[0].delta.content:
-                    first = first or time.perf_counter()
-                    parts.append(c.choices[0].delta.content)
-            text = "".join(parts)
-        else:
-            text = (await client.chat.completions.create(messages=msgs, **kw)).choices[0].message.content
-    else:
-        if job["stream"]:
-            parts = []
-            async for c in await client.completions.create(prompt=job["prompt"], stream=True, **kw):
-                if c.choices and c.choices[0].text:
-                    first = first or time.perf_counter()
-                    parts.append(c.choices[0].text)
-            text = "".join(parts)
-        else:
-            text = (await client.completions.create(prompt=job["prompt"], **kw)).choices[0].text
-    t1 = time.perf_counter()
-    return text, t1 - t0, (first - t0) if first else None
-
-
-async def run(url, model, jobs, concurrency):
-    import httpx
-    from openai import AsyncOpenAI
-
-    # no retries: every failure counts. Idle pooled connections expire before the server's 5 s keep-alive
-    # (uvicorn's default), so the client never reuses a connection the server is closing.
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 8, keepalive_expiry=2.0),
-                             timeout=httpx.Timeout(600.0))
-    client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, http_client=http)
-    sem = asyncio.Semaphore(concurrency)
-    results = [None] * len(jobs)
-
-    async def worker(i, job):
-        async with sem:
-            try:
-                results[i] = await one(client, model, job)
-            except Exception as e:  # counted as a failure
-                results[i] = e
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(i, j) for i, j in enumerate(jobs)))
-    return results, time.perf_counter() - t0
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(config, dtype=None):
-    port = _free_port()
-    tag = Path(config).stem + (f"_{dtype}" if dtype else "")
-    log = open(ROOT / "benchmarks" / "results" / f"load_server_{tag}.log", "w")
-    extra = ["--", "--dtype", dtype] if dtype else []
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "vllm-kvc"), "serve", "--config", config,
-                             "--port", str(port), *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited; see {log.name}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(2)
-    raise SystemExit("server not healthy")
 
 
 def main():
@@ -142,7 +44,9 @@ def main():
     proc = None
     url = a.url
     if url is None:
-        proc, url = start_server(a.config, a.dtype)
+        tag = Path(a.config).stem + (f"_{a.dtype}" if a.dtype else "")
+        proc, url = start_server(a.config, ROOT / "benchmarks" / "results" / f"load_server_{tag}.log",
+                                 ["--dtype", a.dtype] if a.dtype else None, kv_space_gib="1")
     try:
         jobs = workload(a.requests)
         results, wall = asyncio.run(run(url, a.model, jobs, a.concurrency))
@@ -154,9 +58,9 @@ def main():
         seq_results, seq_wall = asyncio.run(run(url, a.model, seq_jobs, 1))
         ref = {k: r[0] for k, r in zip(keys, seq_results) if not isinstance(r, Exception)}
         same = sum(1 for j, r in ok if ref.get((j["prompt"], j["max_tokens"], j["chat"])) == r[0])
-        lat = sorted(r[1] for _, r in ok)
-        ttft = sorted(r[2] for _, r in ok if r[2] is not None)
-        pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+        lat = [r[1] for _, r in ok]
+        ttft = [r[2] for _, r in ok if r[2] is not None]
+        pct = percentile
         kvc = requests.get(url + "/v1/kv_compression", timeout=10)
         kvc = kvc.json() if kvc.status_code == 200 else {}
         summary = {
@@ -178,9 +82,7 @@ def main():
         print(json.dumps(summary, indent=1))
         return 0 if not failures else 1
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+        stop_server(proc)
 
 
 if __name__ == "__main__":

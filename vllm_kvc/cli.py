@@ -155,6 +155,12 @@ def cmd_bench(a) -> int:
     return run_bench(a)
 
 
+def cmd_bench_serve(a) -> int:
+    from vllm_kvc.bench_serve import run_serve_bench
+
+    return run_serve_bench(a)
+
+
 def retrieval_default() -> int:
     from vllm_kvc.retrieval import DEFAULT_CASES
 
@@ -221,6 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passkey-retrieval prompts each engine also answers (1k-7k tokens at 10/50/90%% depth: 9 "
                         "cover each cell once; 0: skip)")
     b.set_defaults(fn=cmd_bench)
+    b = bsub.add_parser("serve", help="serving throughput, dense vs compressed deployments in the same KV memory "
+                                      "(real servers; default: the KV-bound load, about 15 min on 2 CPU cores)")
+    b.add_argument("--configs", nargs="+", help="compressed deployments (default: configs/default.yaml "
+                                                "configs/smollm2-alloc25.yaml)")
+    b.add_argument("--dense-config", default="configs/smollm2-dense.yaml", help="the dense (vLLM KV) deployment")
+    b.add_argument("--requests", type=int, default=48, help="KV-bound load: requests")
+    b.add_argument("--concurrency", type=int, default=48, help="requests in flight (both loads)")
+    b.add_argument("--prompt-tokens", type=int, default=64, help="KV-bound load: distinct corpus tokens per prompt")
+    b.add_argument("--output-tokens", type=int, default=128, help="KV-bound load: greedy tokens per request "
+                                                                  "(ignore_eos)")
+    b.add_argument("--dense-sequences", type=int, default=12, help="KV budget: whole dense sequences (prompt + "
+                                                                   "output) it holds")
+    b.add_argument("--kv-memory", help="KV budget in bytes for every deployment, e.g. 140MiB (overrides "
+                                       "--dense-sequences)")
+    b.add_argument("--unbounded", type=int, default=0, metavar="N", help="also run benchmarks/load.py's mixed load "
+                                                                       "with N requests and a KV budget that never "
+                                                                       "fills (0: skip)")
+    b.add_argument("--unbounded-kv-space", default="1", help="unbounded load: VLLM_CPU_KVCACHE_SPACE (GiB)")
+    b.add_argument("--no-kv-bound", action="store_true", help="skip the KV-bound load (with --unbounded N)")
+    b.add_argument("--log-dir", help="keep each server's log here (default: a temporary folder)")
+    b.add_argument("--out", help="also write the JSON result to this file")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    b.set_defaults(fn=cmd_bench_serve)
     return p
 
 

@@ -56,10 +56,18 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, cos_sin_cache: t
     else:
         cs = cos_sin_cache.index_select(0, positions.long()).to(x.dtype)
     cos, sin = cs[:, None, : rot // 2], cs[:, None, rot // 2 :]
+    if x.shape[-2] > 1:  # the table spread over the heads: the same products, several times faster on CPU
+        cos = cos.expand(-1, x.shape[-2], -1).contiguous()
+        sin = sin.expand(-1, x.shape[-2], -1).contiguous()
     xr, rest = x[..., :rot], x[..., rot:]
     if is_neox:
         x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        # written into the halves of one output, each half rounded exactly as x1 * cos - x2 * sin (a product,
+        # a product, their difference): no fused multiply-add, whose different last bits other tests notice
+        out = torch.empty(torch.broadcast_shapes(xr.shape, x.shape[:-1] + (rot,)), dtype=x.dtype, device=x.device)
+        o1, o2 = out[..., : rot // 2], out[..., rot // 2 :]
+        torch.mul(x1, cos, out=o1).sub_(x2 * sin)
+        torch.mul(x2, cos, out=o2).add_(x1 * sin)
     else:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
         out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
@@ -174,21 +182,37 @@ def _attend(q, k, cv, seq_lens, bv_heads, bias_v_heads, scale, causal):
 
 def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, bv_heads, bias_k, bias_v_heads,
                   cos_sin_cache, scale, is_neox, out, compute_dtype):
+    """One query token per request, all requests at once. Requests of different lengths: only the cached rows
+    themselves are gathered, decoded and rebuilt (one flat list of tokens, RoPE at each token's position), and
+    the padded [B, S] layout the scores and the value-latent sum need is filled from it (value latents: zeros
+    elsewhere, so that 0 * NaN never reaches the weighted sum)."""
     bs = kv_cache.shape[1]
     lens = torch.tensor([sls[r] for r in reqs])
-    smax = int(lens.max())
-    nblk = (smax + bs - 1) // bs
+    b, smax = len(reqs), int(lens.max())
     idx = torch.tensor(reqs, device=block_table.device)
-    blocks = block_table.index_select(0, idx)[:, :nblk].long()
-    rows = kv_cache[blocks].reshape(len(reqs), nblk * bs, kv_cache.shape[-1])[:, :smax]
-    # rows past a request's length are whatever its padding blocks hold: zero their bytes (a row of zero bytes
-    # decodes to zeros in every layout; 0 * NaN would leak through the weighted sum)
-    valid = torch.arange(smax, device=rows.device)[None, :] < lens.to(rows.device)[:, None]
-    rows = rows.masked_fill(~valid[..., None], 0)
-    ck, cv = layout.unpack(rows, compute_dtype)  # [B, S, G, r]
-    k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox)  # [B, S, Hkv, hd], positions 0..S-1
+    blocks = block_table.index_select(0, idx).long()
+    dev = kv_cache.device
+    if int(lens.min()) == smax:  # no padding: whole blocks, and the flat tokens are the [B, S] layout already
+        nblk = (smax + bs - 1) // bs
+        rows = kv_cache[blocks[:, :nblk].to(dev)].reshape(b, nblk * bs, kv_cache.shape[-1])[:, :smax]
+        ck, cv = layout.unpack(rows, compute_dtype)  # [B, S, G, r]
+        kp = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox)  # [B, S, Hkv, hd], positions 0..S-1
+        cvp = cv
+    else:
+        pos = torch.arange(smax)
+        bi, pi = (pos[None, :] < lens[:, None]).nonzero(as_tuple=True)  # (request, position) of each cached token
+        bi, pi = bi.to(dev), pi.to(dev)
+        rows = kv_cache[blocks.to(dev)[bi, pi // bs], pi % bs]  # [T, row_elems]; any block strides work
+        ck, cv = layout.unpack(rows, compute_dtype)  # [T, G, r]
+        k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox, positions=pi)  # [T, Hkv, hd]
+        # keys in the [B, Hkv, hd, S] order the score matmul reads; padding left as is: its scores are masked to
+        # -inf whatever they are
+        kp = k.new_empty(b, k.shape[1], k.shape[2], smax).permute(0, 3, 1, 2)
+        kp[bi, pi] = k
+        cvp = cv.new_zeros(b, smax, *cv.shape[1:])
+        cvp[bi, pi] = cv
     qi = torch.tensor([qsl[r] for r in reqs], device=q.device)
-    o = _attend(q.index_select(0, qi).to(compute_dtype)[:, None], k, cv, lens, bv_heads, bias_v_heads,
+    o = _attend(q.index_select(0, qi).to(compute_dtype)[:, None], kp, cvp, lens, bv_heads, bias_v_heads,
                 scale, causal=False)
     out.index_copy_(0, qi, o[:, 0].to(out.dtype))
 

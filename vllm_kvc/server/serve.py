@@ -43,7 +43,10 @@ def serve(checked: Checked, host: str | None = None, port: int | None = None, ex
     from vllm_kvc.methods import get_method, prepare
 
     dep = checked.deployment
-    _default_cpu_kv_space()
+    explicit = "kv_cache_memory_bytes" in dep.engine or any(
+        x.replace("_", "-").split("=")[0] == "--kv-cache-memory-bytes" for x in extra or [])
+    if not explicit:  # an explicit KV budget in bytes is vLLM's; VLLM_CPU_KVCACHE_SPACE would override it
+        _default_cpu_kv_space()
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(description="vllm-kvc serve"))
     argv = vllm_cli_args(checked, host, port)
