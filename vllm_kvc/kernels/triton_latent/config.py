@@ -8,6 +8,7 @@ build variants with ``dataclasses.replace``. Measurements: benchmarks/RESULTS.md
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -86,8 +87,10 @@ class PartFormat:
 LUT_OFFSET = {8: 0, 4: 0, 2: 32}  # level_tables(): int4 Gauss 0..15, uniform 16..31; int2 Gauss 32..35, uniform 36..39
 
 
+@functools.lru_cache(maxsize=1024)
 def row_format(layout: LatentLayout) -> tuple[PartFormat, PartFormat]:
-    """The K and V part formats of an integer layout (layout.py is the source of the bytes)."""
+    """The K and V part formats of an integer layout (layout.py is the source of the bytes); cached per layout
+    (read on every launch)."""
     qg, G = layout.quant_group, layout.groups
     spg_k, spg_v = layout.scales_per_group_k, layout.scales_per_group_v
     so = layout.scale_offset

@@ -6,6 +6,8 @@ and returns at once for a padding slot.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -199,6 +201,7 @@ def _encoder_table(bits: int, device) -> tuple[torch.Tensor, dict]:
     return _ENC_TABLES[key]
 
 
+@functools.lru_cache(maxsize=1024)
 def can_encode(layout) -> bool:
     """Packed integer layouts (not the original int8 one) whose every head group and scale group starts on a
     whole byte: :func:`encode_rows` writes them; others go through layout.pack and :func:`write_rows`."""
