@@ -105,7 +105,7 @@ def test_no_method_named_outside_methods():
 @pytest.mark.parametrize("module", ["vllm_kvc.config", "vllm_kvc.methods", "vllm_kvc.plan", "vllm_kvc.layout",
                                     "vllm_kvc.factorize", "vllm_kvc.lexico", "vllm_kvc.pod", "vllm_kvc.allocate",
                                     "vllm_kvc.calibrate", "vllm_kvc.artifacts", "vllm_kvc.kernels.reference",
-                                    "vllm_kvc.kivi"])
+                                    "vllm_kvc.kivi", "vllm_kvc.tcode", "vllm_kvc.bitalloc"])
 def test_math_and_settings_import_without_vllm(module):
     code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
             "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]; "

@@ -7,6 +7,8 @@ the uncompressed baseline runs once. Each method contributes its points (``Metho
 - ``kvc-alloc`` (ours): per-layer, per-K/V rank and latent width from measured sensitivity (allocate.py), at
   each memory point; ``kvc-alloc-q<X>``: the quality-budget mode (smallest memory whose calibration
   perplexity rise is <= X %);
+- ``kvc-tcode`` (ours): method tcode at each memory point (bits per latent coordinate as segments, the first
+  token of every sequence exact; ``vllm-kvc allocate --method tcode``);
 - baselines: ``quant-int8/int4/int2`` (KIVI-style: K and V themselves, one fp16 scale per 32 values, full
   rank, through the same latent cache path), ``svd-whitened`` (uniform rank, int8 latents, rotated),
   ``svd-plain`` (uniform rank, plain SVD of the weights, int8 latents);
@@ -21,6 +23,10 @@ the uncompressed baseline runs once. Each method contributes its points (``Metho
 With ``--retrieval N`` (default 9) every engine also answers N passkey-retrieval prompts (``retrieval.py``:
 a 5-7 digit number hidden in eval-corpus prose at 10/50/90 % depth of 1k/4k/7k-token prompts, greedy); the
 baseline and every point report ``retrieval_acc``. ``--retrieval 0`` skips it.
+
+``dominance`` checks ``kvc-alloc`` against the baselines, ``dominance_by_method`` each of our methods; its
+``vs_larger_memory`` applies issue 16's rule: every baseline at the same or a larger memory fraction has a
+perplexity rise no lower and a retrieval accuracy no higher than ours.
 """
 from __future__ import annotations
 
@@ -123,6 +129,23 @@ def check_dominance(points: list[dict], ours: str = "kvc-alloc", grid=POINTS) ->
                                                     for b in peers if b["ppl_rise_pct"] < p["ppl_rise_pct"]]})
         elif all(p["ppl_rise_pct"] < b["ppl_rise_pct"] for b in peers):
             res["strict_points"] += 1
+    # the issue-16 rule: every baseline at the same or larger memory (any grid point), perplexity and retrieval
+    larger = {"holds": True, "violations": []}
+    for p in mine:
+        for bl in bases:
+            if bl["memory_fraction"] < p["memory_fraction"] - 0.005:
+                continue
+            worse = [k for k, better in (("ppl_rise_pct", bl["ppl_rise_pct"] < p["ppl_rise_pct"]),
+                                         ("retrieval_acc", bl.get("retrieval_acc", -1) > p.get("retrieval_acc", 1e9)))
+                     if better]
+            if worse:
+                larger["holds"] = False
+                larger["violations"].append({"ours": (round(p["memory_fraction"], 4), round(p["ppl_rise_pct"], 3),
+                                                      p.get("retrieval_acc")),
+                                             "baseline": (bl["method"], round(bl["memory_fraction"], 4),
+                                                          round(bl["ppl_rise_pct"], 3), bl.get("retrieval_acc")),
+                                             "worse_in": worse})
+    res["vs_larger_memory"] = larger
     ours_all = [p for p in points if not p["is_baseline"]]
     res["undominated_baselines"] = [
         (b["method"], round(b["memory_fraction"], 4), round(b["ppl_rise_pct"], 3)) for b in bases
@@ -243,6 +266,8 @@ def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_le
             "baseline": {"ppl": base["ppl"], "kv_capacity_tokens": base["kv_capacity_tokens"],
                          "kv_bytes_per_token": base_plan_bytes, **_retrieval_fields(base)},
             "points": pts, "failures": failed, "dominance": check_dominance(pts),
+            "dominance_by_method": {m: check_dominance(pts, m)
+                                    for m in sorted({p["method"] for p in pts if not p["is_baseline"]})},
             "seconds": time.time() - t0}
 
 
@@ -264,5 +289,6 @@ def run_bench(args) -> int:
         print(json.dumps(res, indent=1))
     else:
         print(_table(res["points"], res["baseline"]))
-        print(f"dominance of kvc-alloc over the baselines: {res['dominance']}")
+        for m, d in res["dominance_by_method"].items():
+            print(f"dominance of {m} over the baselines: {d}")
     return 0

@@ -85,14 +85,12 @@ def cmd_compress(a) -> int:
 
 
 def cmd_allocate(a) -> int:
-    """Measured allocation -> a deployable config (explicit per-layer ranks and latent widths)."""
-    import dataclasses
-
+    """Measured allocation -> a deployable config (explicit per-layer ranks and latent widths, or segments)."""
     import yaml
 
-    from vllm_kvc.allocate import allocate_for_budget, allocate_quality
     from vllm_kvc.config import CompressionConfig
-    from vllm_kvc.methods import build_plan, get_method
+    from vllm_kvc.methods import get_method
+    from vllm_kvc.plan import dense_bytes_per_token
 
     if (a.memory is None) == (a.max_rise is None):
         raise ConfigError("allocate", "give exactly one of --memory FRACTION or --max-rise PERCENT")
@@ -100,20 +98,17 @@ def cmd_allocate(a) -> int:
         raise ConfigError("--memory", f"{a.memory}: expected a fraction of the bf16 KV bytes in (0, 1]")
     c = _checked(a.config, check_engine=False)
     base = c.deployment.compression or CompressionConfig(group_size=c.shape.num_kv_heads)
-    if not get_method(base.method).allocatable:
-        raise ConfigError("compression.method", f"{base.method}: the allocator allocates latent ranks and widths "
-                                                "(method lowrank)")
-    base_bytes = build_plan(base, c.shape).baseline_bytes_per_token()
-    if a.memory is not None:
-        alloc = allocate_for_budget(c.model_dir, base, a.memory, base_bytes)
-    else:
-        alloc = allocate_quality(c.model_dir, base, a.max_rise, base_bytes)
-    comp = alloc.compression(base)
+    method = get_method(a.method or base.method)
+    if not method.allocatable:
+        raise ConfigError("compression.method", f"{method.name}: the allocator allocates latent ranks and widths "
+                                                f"(methods {', '.join(_allocatable())})")
+    base = base.model_validate({**base.model_dump(), "method": method.name})
+    comp, summary = method.allocate(c.model_dir, base, dense_bytes_per_token(c.shape), memory=a.memory,
+                                    max_rise=a.max_rise)
     d = c.deployment.model_dump(mode="json", exclude_none=True)
     d["compression"] = comp.model_dump(mode="json", exclude_defaults=True)
+    d["compression"]["method"] = method.name
     text = yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=200)
-    summary = {k: v for k, v in dataclasses.asdict(alloc).items() if k not in ("ranks_k", "ranks_v")}
-    summary["memory_fraction"] = alloc.bytes_per_token / base_bytes
     header = "# written by: vllm-kvc allocate " + " ".join(sys.argv[2:]) + "\n# " + json.dumps(summary) + "\n"
     if a.out:
         with open(a.out, "w") as fh:
@@ -122,6 +117,12 @@ def cmd_allocate(a) -> int:
     else:
         print(header + text)
     return 0
+
+
+def _allocatable() -> list[str]:
+    from vllm_kvc.methods import all_methods
+
+    return [m.name for m in all_methods() if m.allocatable]
 
 
 def cmd_eval(a) -> int:
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="the deployment to start from (model, engine, calibration)")
     s.add_argument("--memory", type=float, help="KV bytes as a fraction of bf16 (scales included), e.g. 0.25")
     s.add_argument("--max-rise", type=float, help="quality mode: largest perplexity rise on calibration text, %%")
+    s.add_argument("--method", choices=_allocatable(), help="what to allocate (default: the config's method): "
+                   "ranks and widths per layer, or bits per latent coordinate as segments")
     s.add_argument("--out", help="write the config here (default: print it)")
     s.set_defaults(fn=cmd_allocate)
     s = sub.add_parser("eval", help="perplexity and KV capacity through vLLM, baseline vs compressed")

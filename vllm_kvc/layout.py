@@ -36,6 +36,13 @@ a key latent of ``rank_k`` values and a value latent of ``rank_v`` values. One r
   scale per 32 consecutive latent values of each head group (``ceil(rank / 32)`` scales per group; the last
   group of values may be shorter). Scale order: K group 0 scales, K group 1 ..., then V likewise.
 
+- ``"seg:<K>/<V>"`` (transform coding, method ``tcode``; plan.parse_segment_spec): each part is a list of
+  segments ``width x bits`` (bits 8 / 4 / 2, non-increasing; ``rank`` = the sum of the widths). Row order:
+  K segment 0's ``groups x width`` values packed at its bits (group-major, little end first as above; 8 bits:
+  int8 symmetric absmax), K segment 1 ..., then V's segments likewise, then one fp16 scale per segment and head
+  group (K segment 0 group 0, group 1 ..., K segment 1 ..., V ...). 4 / 2-bit segments use the level tables
+  above (table by the scale's sign). Widths are multiples of 4, so every segment starts on a byte.
+
 ``row_bytes`` (values + fp16 scales) is what vLLM's KV spec charges per token (glue/layer.py), and it equals
 ``plan.latent_row_bytes`` (one formula for both).
 """
@@ -45,7 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvc.plan import INT_LATENTS, latent_part_bytes, latent_row_bytes, parse_latent_spec
+from vllm_kvc.plan import (INT_LATENTS, latent_part_bytes, latent_row_bytes, parse_latent_spec,
+                           parse_segment_spec, segment_part_bytes)
 
 LATENT_DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -72,6 +80,11 @@ class LatentLayout:
         except ValueError:
             raise ValueError(f"latent dtype {self.dtype!r}: expected one of {sorted(LATENT_DTYPES)}, "
                              "'int8/int4'-style K/V pairs, optionally with '@g<N>'") from None
+        if self.segmented:
+            wk, wv = (sum(w for w, _ in s) for s in parse_segment_spec(self.dtype))
+            if (wk, wv) != (self.rank_k, self.rank_v):
+                raise ValueError(f"latent dtype {self.dtype!r}: its segments cover {wk} K and {wv} V coordinates, "
+                                 f"expected rank_k={self.rank_k} and rank_v={self.rank_v}")
         if not 0 < self.rank_k <= self.group_size * self.head_dim:
             raise ValueError(f"rank_k={self.rank_k}: expected 1..{self.group_size * self.head_dim}")
         if not 0 < self.rank_v <= self.group_size * self.head_dim:
@@ -92,17 +105,36 @@ class LatentLayout:
         return parse_latent_spec(self.dtype)[2]
 
     @property
+    def segmented(self) -> bool:
+        """Transform-coded rows (``"seg:..."``): several widths per part."""
+        return self.dtype.startswith("seg:")
+
+    @property
+    def segments_k(self) -> tuple[tuple[int, int], ...]:
+        """((width, bits), ...) of the K part; one segment of the part's width otherwise."""
+        return parse_segment_spec(self.dtype)[0] if self.segmented else ((self.rank_k, self.bits_k),)
+
+    @property
+    def segments_v(self) -> tuple[tuple[int, int], ...]:
+        return parse_segment_spec(self.dtype)[1] if self.segmented else ((self.rank_v, self.bits_v),)
+
+    @property
     def bits_k(self) -> int:
+        """Bits per K value (0: segmented rows, several widths)."""
+        if self.segmented:
+            return 0
         return INT_LATENTS.get(self.dtype_k, 8 * LATENT_DTYPES[self.dtype_k].itemsize)
 
     @property
     def bits_v(self) -> int:
+        if self.segmented:
+            return 0
         return INT_LATENTS.get(self.dtype_v, 8 * LATENT_DTYPES[self.dtype_v].itemsize)
 
     @property
     def quantized(self) -> bool:
         """Integer latents of any width (uint8 cache with scales)."""
-        return self.dtype_k in INT_LATENTS
+        return self.dtype_k in INT_LATENTS or self.segmented
 
     @property
     def is_int8(self) -> bool:
@@ -126,19 +158,27 @@ class LatentLayout:
     @property
     def k_bytes(self) -> int:
         """Bytes of the packed K values (integer latents) / of the K part (float latents)."""
+        if self.segmented:
+            return segment_part_bytes(self.groups, self.segments_k)[0]
         return latent_part_bytes(self.groups, self.rank_k, self.dtype_k, self.quant_group)[0]
 
     @property
     def v_bytes(self) -> int:
+        if self.segmented:
+            return segment_part_bytes(self.groups, self.segments_v)[0]
         return latent_part_bytes(self.groups, self.rank_v, self.dtype_v, self.quant_group)[0]
 
     @property
     def scales_per_group_k(self) -> int:
+        if self.segmented:
+            return len(self.segments_k)
         qg = self.quant_group
         return -(-self.rank_k // qg) if qg else 1
 
     @property
     def scales_per_group_v(self) -> int:
+        if self.segmented:
+            return len(self.segments_v)
         qg = self.quant_group
         return -(-self.rank_v // qg) if qg else 1
 
@@ -171,6 +211,8 @@ class LatentLayout:
         if not self.quantized:
             dt = self.cache_dtype
             return torch.cat([lat_k.reshape(n, -1), lat_v.reshape(n, -1)], dim=1).to(dt)
+        if self.segmented:
+            return self._pack_segments(lat_k, lat_v)
         if self.is_int8:  # original layout, byte for byte
             qk, sk = quantize_int8(lat_k)
             qv, sv = quantize_int8(lat_v)
@@ -199,6 +241,8 @@ class LatentLayout:
             k = vals[..., : g * rk].reshape(*lead, g, rk) * scales[..., :g, None]
             v = vals[..., g * rk :].reshape(*lead, g, rv) * scales[..., g:, None]
             return k, v
+        if self.segmented:
+            return self._unpack_segments(rows, out_dtype)
         kb, vb, so = self.k_bytes, self.v_bytes, self.scale_offset
         nsk, nsv = g * self.scales_per_group_k, g * self.scales_per_group_v
         scales = rows[..., so: so + 2 * (nsk + nsv)].contiguous().view(torch.float16).to(out_dtype)
@@ -209,6 +253,37 @@ class LatentLayout:
         v = dequantize(cv, scales[..., nsk:].reshape(*lead, g, -1), self.bits_v, qg, out_dtype)
         return k, v
 
+
+    def _pack_segments(self, lat_k: torch.Tensor, lat_v: torch.Tensor) -> torch.Tensor:
+        n, g = lat_k.shape[0], self.groups
+        codes, scales = [], []
+        for lat, segs in ((lat_k, self.segments_k), (lat_v, self.segments_v)):
+            off = 0
+            for w, b in segs:
+                c, sc = quantize(lat[..., off:off + w], b, 0)  # [N, G, w], [N, G, 1]
+                codes.append(pack_codes(c.reshape(n, g * w), b))
+                scales.append(sc.reshape(n, g))
+                off += w
+        sc = torch.cat(scales, 1).to(torch.float16).contiguous().view(torch.uint8)
+        return torch.cat(codes + [sc], dim=1)
+
+    def _unpack_segments(self, rows: torch.Tensor, out_dtype: torch.dtype):
+        lead, g = rows.shape[:-1], self.groups
+        so = self.scale_offset
+        nseg = len(self.segments_k) + len(self.segments_v)
+        scales = rows[..., so: so + 2 * g * nseg].contiguous().view(torch.float16).to(out_dtype)
+        scales = scales.reshape(*lead, nseg, g)
+        parts, byte, j = [], 0, 0
+        for segs in (self.segments_k, self.segments_v):
+            vals = []
+            for w, b in segs:
+                nb = g * w * b // 8
+                c = unpack_codes(rows[..., byte: byte + nb], b, g * w).reshape(*lead, g, w)
+                vals.append(dequantize(c, scales[..., j, :, None], b, 0, out_dtype))
+                byte += nb
+                j += 1
+            parts.append(torch.cat(vals, -1))
+        return parts[0], parts[1]
 
 def quantize_int8(x: torch.Tensor):
     """Symmetric absmax int8 over the last dim. Returns (int8 values, scales with last dim dropped)."""

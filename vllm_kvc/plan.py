@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -37,8 +38,58 @@ def latent_spec(dtype_k: str, dtype_v: str | None = None, quant_group: int = 0) 
     return s + (f"@g{quant_group}" if quant_group else "")
 
 
+SEGMENT_BITS = (8, 4, 2)  # widths a segment may have (issue 16: int3 measured no gain)
+
+
+def parse_segments(text: str, where: str = "segments") -> tuple[tuple[int, int], ...]:
+    """``"64x4+96x2"`` -> ((64, 4), (96, 2)): one row part (K or V of one layer) as segments of ``width``
+    latent coordinates per head group at ``bits`` each (8: int8, 4 / 2: the level tables of layout.py), one
+    fp16 scale per segment, head group and token. Widths are multiples of 4 (a segment's codes end on a byte
+    for any number of head groups); bits non-increasing (coordinates are sorted by importance)."""
+    segs = []
+    for item in str(text).split("+"):
+        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
+        if not m:
+            raise ValueError(f"{where}: {text!r}: expected segments like '64x4+96x2' (width x bits, joined by '+')")
+        w, b = int(m.group(1)), int(m.group(2))
+        if b not in SEGMENT_BITS:
+            raise ValueError(f"{where}: {text!r}: bits {b}: expected one of {list(SEGMENT_BITS)}")
+        if w < 4 or w % 4:
+            raise ValueError(f"{where}: {text!r}: width {w}: expected a positive multiple of 4")
+        segs.append((w, b))
+    if any(b2 > b1 for (_, b1), (_, b2) in zip(segs, segs[1:])):
+        raise ValueError(f"{where}: {text!r}: bits must not increase from one segment to the next")
+    return tuple(segs)
+
+
+def format_segments(segs) -> str:
+    return "+".join(f"{w}x{b}" for w, b in segs)
+
+
+def segment_spec(segs_k, segs_v) -> str:
+    """The latent spec of a transform-coded layer: ``"seg:<K segments>/<V segments>"``."""
+    return f"seg:{format_segments(segs_k)}/{format_segments(segs_v)}"
+
+
+def parse_segment_spec(spec: str):
+    """``"seg:64x4+96x2/72x4"`` -> (K segments, V segments); ValueError for anything else."""
+    if not spec.startswith("seg:") or spec.count("/") != 1:
+        raise ValueError(f"latent dtype {spec!r}: expected 'seg:<K segments>/<V segments>'")
+    k, v = spec[4:].split("/")
+    return parse_segments(k, "K segments"), parse_segments(v, "V segments")
+
+
+def segment_part_bytes(groups: int, segs) -> tuple[int, int]:
+    """(value bytes, scale count) of one part of a transform-coded row."""
+    return sum(groups * w * b // 8 for w, b in segs), groups * len(segs)
+
+
 def parse_latent_spec(spec: str) -> tuple[str, str, int]:
-    """``spec`` -> (K dtype, V dtype, quant_group); quant_group 0 = one scale per token, head group and K/V."""
+    """``spec`` -> (K dtype, V dtype, quant_group); quant_group 0 = one scale per token, head group and K/V.
+    Transform-coded specs (``"seg:..."``) give ("seg", "seg", 0)."""
+    if spec.startswith("seg:"):
+        parse_segment_spec(spec)
+        return "seg", "seg", 0
     base, _, g = spec.partition("@g")
     qg = int(g) if g else 0
     dk, _, dv = base.partition("/")
@@ -63,6 +114,9 @@ def latent_part_bytes(groups: int, rank: int, dtype: str, quant_group: int) -> t
 
 def latent_row_bytes(groups: int, rank_k: int, rank_v: int, spec: str) -> int:
     """Bytes of one token's latent row of one layer (scales included); the single formula of layout and plan."""
+    if spec.startswith("seg:"):
+        (kb, ks), (vb, vs) = (segment_part_bytes(groups, s) for s in parse_segment_spec(spec))
+        return kb + vb + 2 * (ks + vs)
     dk, dv, qg = parse_latent_spec(spec)
     kb, ks = latent_part_bytes(groups, rank_k, dk, qg)
     vb, vs = latent_part_bytes(groups, rank_v, dv, qg)

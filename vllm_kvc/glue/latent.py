@@ -6,6 +6,11 @@ projections ``A_k, A_v`` (its own head groups), fused with Q into one matmul. Pe
 (RoPE applied) and the latent row; ``kvc_attend`` writes the rows and computes attention: the Triton kernels on
 CUDA tensors (kernels/triton_latent; every latent dtype, checked once in ``kvc_finalize``), the plain-torch
 reference (kernels/reference.py) elsewhere.
+
+With ``sink`` (method ``tcode``) the first token of every sequence is also kept exact: the layer computes that
+token's K and V with the checkpoint's own projections and keeps them in bf16 in a side pool keyed by the
+sequence's first vLLM block (glue/window.py), one row per live sequence outside vLLM's paged bytes; attention
+reads position 0 from there (kernels/reference.py ``sink``).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from torch.nn import functional as F
 
 from vllm_kvc.calibrate import load_layer_factors
 from vllm_kvc.glue.attention import RowAttention
+from vllm_kvc.glue.window import RecentPool
 from vllm_kvc.kernels import reference
 from vllm_kvc.layout import LatentLayout
 
@@ -46,8 +52,12 @@ def check_kernel_layout(layout: LatentLayout, where: str = "") -> None:
     """On CUDA devices attention runs on the Triton kernels only: a layout they cannot read (or a missing
     Triton) is a configuration error at start-up, never a silent fallback to the plain-torch reference (which
     rebuilds every cached K/V densely each step). Raises ValueError naming the latent dtype."""
-    ops = _triton_ops()
     at = f" ({where})" if where else ""
+    if layout.segmented:
+        raise ValueError(f"latent dtype {layout.dtype!r}{at}: transform-coded rows (method tcode) are read by the "
+                         "CPU reference path only; the Triton kernels cannot read them yet: use method lowrank "
+                         "on GPUs")
+    ops = _triton_ops()
     if ops is None:
         raise ValueError(f"latent dtype {layout.dtype!r}{at}: attention on CUDA needs the Triton kernels "
                          "(vllm_kvc.kernels.triton_latent), which could not be imported")
@@ -63,11 +73,14 @@ class LatentAttention(RowAttention):
     """A vLLM attention layer whose KV cache holds one latent row per token (see layout.py)."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, layout: LatentLayout,
-                 factors_path=None, cache_config=None, prefix: str = ""):
+                 factors_path=None, cache_config=None, prefix: str = "", sink: bool = False):
         super().__init__(num_heads, head_size, scale, num_kv_heads, layout.row_bytes, layout.cache_dtype,
                          cache_config=cache_config, prefix=prefix)
         self.layout = layout
         self.factors_path = factors_path
+        self.sink = sink
+        self.w_kv = self.bias_kv = None  # the checkpoint's K/V projections of this rank (sink only)
+        self.sink_pool: RecentPool | None = None
         # filled by kvc_finalize() once weights are loaded
         self.b_k = self.b_v = self.bias_k = self.bias_v = self.cos_sin_cache = self.inv_freq = None
         self.is_neox = True
@@ -78,6 +91,13 @@ class LatentAttention(RowAttention):
         w = layer.qkv_proj.weight.data
         dt, dev = w.dtype, w.device
         a_k, b_k, a_v, b_v = load_layer_factors(self.factors_path, layer.layer_idx, layer.groups)
+        if self.sink:
+            if dev.type == "cuda":
+                raise ValueError(f"{getattr(self, 'layer_name', '')}: the exact first token (sink) of method tcode "
+                                 "is served by the CPU reference path only")
+            self.w_kv = w[layer.q_size:].clone()
+            if layer.qkv_proj.bias is not None:
+                self.bias_kv = layer.qkv_proj.bias.data[layer.q_size:].clone()
         layer.fused_weight = nn.Parameter(
             torch.cat([w[: layer.q_size].float().cpu(), a_k.t(), a_v.t()]).to(dt).to(dev), requires_grad=False)
         bias = layer.qkv_proj.bias
@@ -104,6 +124,8 @@ class LatentAttention(RowAttention):
         out = F.linear(hidden_states, layer.fused_weight, layer.fused_bias)
         q, lat = out.split([layer.q_size, self.layout.width], dim=-1)
         q, _ = layer.rotary_emb(positions, q.contiguous(), None)
+        if self.sink:  # exact K/V of every token ride along; kvc_attend keeps those of position 0
+            return self(q, lat.contiguous(), F.linear(hidden_states, self.w_kv, self.bias_kv))
         return self(q, lat.contiguous())
 
     def kvc_attend(self, query, key, value, cache, md, output) -> None:
@@ -121,6 +143,25 @@ class LatentAttention(RowAttention):
         lat_k = lat[:, : g * rk].reshape(n, g, rk)
         lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
         reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
+        sink = self._sink_step(value[:n], md) if self.sink else None
         reference.latent_attention(
             q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
-            self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n])
+            self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n], sink=sink)
+
+    def _sink_step(self, exact: torch.Tensor, md):
+        """Store the exact K/V of this step's position-0 tokens (keyed by their sequence's first block) and read
+        every request's: (k0 [R, Hkv, hd], v0 [R, Hkv, hd], found [R]) in float32."""
+        hkv, hd = self.num_kv_heads, self.head_size
+        if self.sink_pool is None:
+            self.sink_pool = RecentPool(1, (2, hkv, hd), exact.dtype, exact.device)
+        pool = self.sink_pool
+        pool.begin_step()
+        qsl, sls = md.query_start_loc_cpu.tolist(), md.seq_lens_cpu.tolist()
+        first = md.block_table[:, 0]
+        starts = [r for r in range(len(sls)) if qsl[r + 1] > qsl[r] and sls[r] == qsl[r + 1] - qsl[r]]
+        if starts:
+            idx = torch.tensor([qsl[r] for r in starts], device=exact.device)
+            pool.write(first[starts], exact.index_select(0, idx).view(len(starts), 2, hkv, hd))
+        vals, found = pool.read(first, torch.arange(len(sls), device=first.device))
+        vals = vals.float()
+        return vals[:, 0], vals[:, 1], found

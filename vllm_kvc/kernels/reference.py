@@ -129,10 +129,14 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                      b_k: torch.Tensor, b_v: torch.Tensor, bias_k, bias_v,
                      cos_sin_cache: torch.Tensor, scale: float, is_neox: bool = True,
-                     out: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     out: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32,
+                     sink=None) -> torch.Tensor:
     """Varlen causal attention over latent paged KV (prefill, chunked prefill and decode alike).
 
-    Requests with one query token (decodes) are computed together as one padded batch; the others one by one."""
+    Requests with one query token (decodes) are computed together as one padded batch; the others one by one.
+    ``sink``: None, or ``(k0 [R, Hkv, hd], v0 [R, Hkv, hd], on [R] bool)`` per request: where ``on``, position 0
+    is attended with these exact keys (roped: position 0 rotates by nothing) and values instead of its latent
+    row (the exact first token of method ``tcode``)."""
     n_tok, hq, hd = q.shape
     if out is None:
         out = torch.empty(n_tok, hq, hd, dtype=q.dtype, device=q.device)
@@ -146,7 +150,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     decodes = [r for r in range(len(sls)) if qsl[r + 1] - qsl[r] == 1]
     if len(decodes) > 1:
         _decode_batch(q, kv_cache, layout, block_table, sls, qsl, decodes, b_k, bv_heads, bias_k, bias_v_heads,
-                      cos_sin_cache, scale, is_neox, out, compute_dtype)
+                      cos_sin_cache, scale, is_neox, out, compute_dtype, sink)
         done = set(decodes)
     else:
         done = set()
@@ -157,31 +161,45 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
         rows = gather_rows(kv_cache, block_table[r], s)
         ck, cv = layout.unpack(rows, compute_dtype)
         k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox)  # [s, Hkv, hd]
+        sv = None
+        if sink is not None and bool(sink[2][r]):
+            k[0] = sink[0][r].to(k.dtype)
+            sv = sink[1][r:r + 1].to(compute_dtype), sink[2][r:r + 1]
         o = _attend(q[qs:qe].to(compute_dtype)[None], k[None], cv[None], torch.tensor([s]), bv_heads,
-                    bias_v_heads, scale, causal=True)
+                    bias_v_heads, scale, causal=True, sink_v=sv)
         out[qs:qe] = o[0].to(out.dtype)
     return out
 
 
-def _attend(q, k, cv, seq_lens, bv_heads, bias_v_heads, scale, causal):
+def _attend(q, k, cv, seq_lens, bv_heads, bias_v_heads, scale, causal, sink_v=None):
     """q [B, nq, Hq, hd], k [B, S, Hkv, hd], cv [B, S, G, rv] -> [B, nq, Hq, hd].
 
-    Key j of batch row b is visible to query i if j < seq_lens[b] and (causal) j <= seq_lens[b] - nq + i."""
+    Key j of batch row b is visible to query i if j < seq_lens[b] and (causal) j <= seq_lens[b] - nq + i.
+    ``sink_v``: None or (v0 [B, Hkv, hd], on [B] bool): where on, position 0's value is v0, not its latent."""
     b, nq, hq, hd = q.shape
     s, groups = k.shape[1], cv.shape[2]
     scores = _gqa_scores(q, k, scale)  # [B, Hq, nq, S]
     scores = scores.masked_fill(visibility_mask(seq_lens, nq, s, causal, q.device)[:, None], float("-inf"))
     p = torch.softmax(scores, dim=-1)
+    if sink_v is not None:  # position 0 read exactly: its weight leaves the latent sum for the exact value
+        v0, on = sink_v
+        p0 = p[..., 0] * on.to(p.dtype)[:, None, None]  # [B, Hq, nq]
+        p = p.clone()
+        p[..., 0] -= p0
     # the query heads of one head group are consecutive and share its value latent: no per-head copy of it
     u = torch.matmul(p.view(b, groups, -1, s), cv.permute(0, 2, 1, 3)).view(b, hq, nq, -1)  # [B, Hq, nq, rv]
     o = torch.matmul(u, bv_heads)  # [B, Hq, nq, hd]
+    if sink_v is not None:
+        if bias_v_heads is not None:  # the bias joins B_v once per unit of latent weight: remove the sink's share
+            o = o - p0[..., None] * bias_v_heads[None, :, None, :]
+        o = o + p0[..., None] * v0.repeat_interleave(hq // v0.shape[1], 1)[:, :, None, :]
     if bias_v_heads is not None:
         o = o + bias_v_heads[None, :, None, :]
     return o.permute(0, 2, 1, 3)
 
 
 def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, bv_heads, bias_k, bias_v_heads,
-                  cos_sin_cache, scale, is_neox, out, compute_dtype):
+                  cos_sin_cache, scale, is_neox, out, compute_dtype, sink=None):
     """One query token per request, all requests at once. Requests of different lengths: only the cached rows
     themselves are gathered, decoded and rebuilt (one flat list of tokens, RoPE at each token's position), and
     the padded [B, S] layout the scores and the value-latent sum need is filled from it (value latents: zeros
@@ -211,9 +229,15 @@ def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, bv_head
         kp[bi, pi] = k
         cvp = cv.new_zeros(b, smax, *cv.shape[1:])
         cvp[bi, pi] = cv
+    sv = None
+    if sink is not None:
+        ri = torch.tensor(reqs, device=kp.device)
+        on = sink[2].index_select(0, ri)
+        kp[:, 0] = torch.where(on[:, None, None], sink[0].index_select(0, ri).to(kp.dtype), kp[:, 0])
+        sv = sink[1].index_select(0, ri).to(compute_dtype), on
     qi = torch.tensor([qsl[r] for r in reqs], device=q.device)
     o = _attend(q.index_select(0, qi).to(compute_dtype)[:, None], kp, cvp, lens, bv_heads, bias_v_heads,
-                scale, causal=False)
+                scale, causal=False, sink_v=sv)
     out.index_copy_(0, qi, o[:, 0].to(out.dtype))
 
 

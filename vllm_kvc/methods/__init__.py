@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_kvc.methods import lowrank, quant, lexico, pod, vllm_format, kivi  # noqa: F401, I001  (registration; lowrank first: the default)
+from vllm_kvc.methods import lowrank, quant, lexico, pod, vllm_format, kivi, tcode  # noqa: F401, I001  (registration; lowrank first: the default)
 from vllm_kvc.methods.base import Method, all_methods, get_method, method_names
 from vllm_kvc.plan import ModelShape, Plan
 from vllm_kvc.settings import ConfigError

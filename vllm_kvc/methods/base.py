@@ -53,6 +53,13 @@ class Method:
         """What ``vllm-kvc compress`` prints."""
         return str(artifact)
 
+    def allocate(self, model_dir: str, base, baseline_bytes: int, memory: float | None = None,
+                 max_rise: float | None = None) -> tuple[Any, dict]:
+        """``vllm-kvc allocate`` (methods with ``allocatable``): the settings of ``base`` with what the allocator
+        chose for ``memory`` (fraction of the bf16 KV bytes, scales included) or ``max_rise`` (perplexity rise
+        on calibration text, %), and a JSON summary for the written config's header."""
+        raise NotImplementedError
+
     # ----- vLLM -----
     def engine_defaults(self, cfg) -> dict[str, Any]:
         """vLLM engine arguments this method needs unless the deployment sets them (e.g. a bound on the tokens

@@ -182,6 +182,19 @@ class LowRank(Method):
     def describe(self, plan: LatentPlan) -> dict:
         return {"latent_dtype": plan.latent_dtype, "group_size": plan.group_size}
 
+    def allocate(self, model_dir, base, baseline_bytes, memory=None, max_rise=None):
+        import dataclasses
+
+        from vllm_kvc.allocate import allocate_for_budget, allocate_quality
+
+        if memory is not None:
+            alloc = allocate_for_budget(model_dir, base, memory, baseline_bytes)
+        else:
+            alloc = allocate_quality(model_dir, base, max_rise, baseline_bytes)
+        summary = {k: v for k, v in dataclasses.asdict(alloc).items() if k not in ("ranks_k", "ranks_v")}
+        summary["memory_fraction"] = alloc.bytes_per_token / baseline_bytes
+        return alloc.compression(base), summary
+
     def emulate(self, model, plan: LatentPlan, artifact, cfg) -> list:
         from vllm_kvc.emulate import install_factors
 
