@@ -246,11 +246,10 @@ class LatentLayout:
         kb, vb, so = self.k_bytes, self.v_bytes, self.scale_offset
         nsk, nsv = g * self.scales_per_group_k, g * self.scales_per_group_v
         scales = rows[..., so: so + 2 * (nsk + nsv)].contiguous().view(torch.float16).to(out_dtype)
-        ck = unpack_codes(rows[..., :kb], self.bits_k, g * rk).reshape(*lead, g, rk)
-        cv = unpack_codes(rows[..., kb: kb + vb], self.bits_v, g * rv).reshape(*lead, g, rv)
         qg = self.quant_group
-        k = dequantize(ck, scales[..., :nsk].reshape(*lead, g, -1), self.bits_k, qg, out_dtype)
-        v = dequantize(cv, scales[..., nsk:].reshape(*lead, g, -1), self.bits_v, qg, out_dtype)
+        k = decode_packed(rows[..., :kb], scales[..., :nsk].reshape(*lead, g, -1), self.bits_k, qg, g, rk, out_dtype)
+        v = decode_packed(rows[..., kb: kb + vb], scales[..., nsk:].reshape(*lead, g, -1), self.bits_v, qg, g, rv,
+                          out_dtype)
         return k, v
 
 
@@ -278,8 +277,7 @@ class LatentLayout:
             vals = []
             for w, b in segs:
                 nb = g * w * b // 8
-                c = unpack_codes(rows[..., byte: byte + nb], b, g * w).reshape(*lead, g, w)
-                vals.append(dequantize(c, scales[..., j, :, None], b, 0, out_dtype))
+                vals.append(decode_packed(rows[..., byte: byte + nb], scales[..., j, :, None], b, 0, g, w, out_dtype))
                 byte += nb
                 j += 1
             parts.append(torch.cat(vals, -1))
@@ -390,6 +388,44 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int 
     u_lv = UNIFORM_LEVELS[bits].to(device=codes.device, dtype=out_dtype)
     vg = torch.where(s < 0, u_lv[ug], g_lv[ug]) * s.abs()
     return vg.reshape(*codes.shape[:-1], -1)[..., :r]
+
+
+_BYTE_LEVELS: dict = {}
+
+
+def _byte_levels(bits: int, device, dtype) -> torch.Tensor:
+    """[2 * 256, 8 // bits]: row ``t * 256 + byte`` holds the levels (table t: 0 Gauss, 1 uniform) of the codes
+    packed in ``byte``, little end first."""
+    key = (bits, str(device), dtype)
+    t = _BYTE_LEVELS.get(key)
+    if t is None:
+        per = 8 // bits
+        codes = unpack_codes(torch.arange(256, dtype=torch.uint8)[:, None], bits, per).long()  # [256, per]
+        t = torch.cat([GAUSS_LEVELS[bits][codes], UNIFORM_LEVELS[bits][codes]]).to(device=device, dtype=dtype)
+        _BYTE_LEVELS[key] = t
+    return t
+
+
+def decode_packed(packed: torch.Tensor, scales: torch.Tensor, bits: int, group: int, groups: int, r: int,
+                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``dequantize(unpack_codes(packed, bits, groups * r).reshape(..., groups, r), scales, bits, group)`` with
+    the same values, faster on CPUs: 4 / 2-bit parts whose scale groups start on bytes are decoded by one
+    gather per byte from a 512-row table of byte -> levels (both tables), then one multiply by |scale|.
+    packed [..., nbytes], scales [..., groups, nscales] -> [..., groups, r]."""
+    lead = packed.shape[:-1]
+    per = 8 // bits if bits in (2, 4) else 0
+    span = group or r  # values per scale
+    if not per or r % per or span % per:
+        codes = unpack_codes(packed, bits, groups * r).reshape(*lead, groups, r)
+        return dequantize(codes, scales, bits, group, out_dtype)
+    nb = r // per  # bytes per head group
+    by = packed[..., : groups * nb].reshape(*lead, groups, nb).long()
+    s = scales.to(out_dtype)
+    rep = span // per  # bytes per scale
+    sb = s.repeat_interleave(rep, dim=-1)[..., :nb] if s.shape[-1] > 1 else s.expand(*s.shape[:-1], nb)
+    idx = by + (sb < 0).long() * 256
+    vals = _byte_levels(bits, packed.device, out_dtype)[idx]  # [..., G, nb, per]
+    return (vals * sb.abs()[..., None]).reshape(*lead, groups, r)
 
 
 def roundtrip(x: torch.Tensor, dtype: str, group: int = 0) -> torch.Tensor:
