@@ -2,10 +2,11 @@
 for lowrank / quant deployments) against dense bf16 SDPA over the same context, side by side in one process.
 
     .venv/bin/python benchmarks/cpu_attention.py [--batch 32] [--ctx 1024] [--repeats 5] [--ref-file PATH]
-        [--ragged] [--block-size 128] [--threads 1]
+        [--ragged] [--block-size 128] [--threads 1] [--spec int8] [--rank-k 120] [--rank-v 192] [--profile]
 
 SmolLM2-135M's layer shape (9 query heads, 3 KV heads of 64 dims) with configs/default.yaml's latent layout
-(one head group of 3 KV heads, K rank 120, V rank 192, int8). ``--ref-file`` times another copy of
+(one head group of 3 KV heads, K rank 120, V rank 192, int8) unless ``--spec`` / ``--rank-k`` / ``--rank-v``
+say otherwise (a ``seg:`` spec of method tcode sets its own ranks). ``--ref-file`` times another copy of
 reference.py in the same run too (e.g. ``git show REV:vllm_kvc/kernels/reference.py > /tmp/ref_old.py``).
 ``--ragged``: request lengths spread uniformly over ctx/3..ctx (as in a serving batch; dense SDPA is then
 timed padded to ctx, which favours it). Prints one JSON line per case: median ms of the latent step(s), timed
@@ -44,22 +45,32 @@ def main() -> None:
     ap.add_argument("--ref-file", help="another reference.py to time in the same run")
     ap.add_argument("--ragged", action="store_true", help="request lengths uniform in ctx/3..ctx")
     ap.add_argument("--threads", type=int, help="torch threads (vLLM's CPU engine core runs 1 on 2 cores)")
+    ap.add_argument("--spec", default="int8", help="latent spec (layout.py), e.g. int4@g32 or a tcode row "
+                                                   "seg:64x4+96x2/72x4+112x2 (ranks then follow the segments)")
+    ap.add_argument("--rank-k", type=int, default=120)
+    ap.add_argument("--rank-v", type=int, default=192)
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of the "
+                                                          "latent step")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     b, s, bs = a.batch, a.ctx, a.block_size
-    lay = LatentLayout(groups=1, group_size=3, head_dim=64, rank_k=120, rank_v=192, dtype="int8")
+    rk, rv = a.rank_k, a.rank_v
+    if a.spec.startswith("seg:"):
+        from vllm_kvc.plan import parse_segment_spec
+        rk, rv = (sum(w for w, _ in p) for p in parse_segment_spec(a.spec))
+    lay = LatentLayout(groups=1, group_size=3, head_dim=64, rank_k=rk, rank_v=rv, dtype=a.spec)
     nblk = b * s // bs
     cache = torch.zeros(nblk, bs, lay.row_elems, dtype=lay.cache_dtype)
-    cache.view(-1, lay.row_elems)[:] = lay.pack(torch.randn(nblk * bs, 1, 120), torch.randn(nblk * bs, 1, 192))
+    cache.view(-1, lay.row_elems)[:] = lay.pack(torch.randn(nblk * bs, 1, rk), torch.randn(nblk * bs, 1, rv))
     bt = torch.arange(nblk).view(b, s // bs).int()
     seq = torch.full((b,), s, dtype=torch.int32)
     if a.ragged:
         seq = torch.randint(max(1, s // 3), s + 1, (b,), dtype=torch.int32)
     qsl = torch.arange(b + 1, dtype=torch.int32)
     q = torch.randn(b, 9, 64, dtype=torch.bfloat16)
-    b_k, b_v = torch.randn(1, 120, 192) / 12, torch.randn(1, 192, 192) / 14
+    b_k, b_v = torch.randn(1, rk, 192) / 12, torch.randn(1, rv, 192) / 14
     ang = torch.arange(8192)[:, None].float() * (1e5 ** (-torch.arange(32) / 32))[None]
     cs = torch.cat([ang.cos(), ang.sin()], -1)
     out = torch.empty_like(q)
@@ -71,7 +82,7 @@ def main() -> None:
         impls["latent_other"] = mod
     k = torch.randn(b, 3, s, 64, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    res = {"batch": b, "ctx": s, "ragged": a.ragged, "cached_tokens": int(seq.sum()),
+    res = {"spec": a.spec, "batch": b, "ctx": s, "ragged": a.ragged, "cached_tokens": int(seq.sum()),
            "threads": torch.get_num_threads()}
     # the implementations interleaved (alternating order), so that other load on the machine hits all alike
     fns = {name: (lambda mod=mod: mod.latent_attention(q, cache, lay, bt, seq, qsl, b_k, b_v, None, None, cs,
@@ -91,6 +102,11 @@ def main() -> None:
     for name in impls:
         res[f"{name}_vs_dense"] = res[f"{name}_ms"] / res["dense_sdpa_ms"]
     print(json.dumps({k: round(x, 3) if isinstance(x, float) else x for k, x in res.items()}))
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fns["latent"]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 
 if __name__ == "__main__":
