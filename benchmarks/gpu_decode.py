@@ -217,7 +217,8 @@ def cfg_text(cfg: dict) -> str:
     return (f"h{cfg.get('heads') or 0} T{cfg['block_t']} w{cfg['num_warps']} st{cfg['num_stages']} "
             f"p{cfg.get('pieces') or 1} s{cfg['num_splits']}"
             f"{'' if rot is None else (' tile rotation' if rot else ' table')}"
-            f"{'' if lazy is None else (' lazy max' if lazy else ' running max')}")
+            f"{'' if lazy is None else (' lazy max' if lazy else ' running max')}"
+            f"{' maxnreg %d' % cfg['maxnreg'] if cfg.get('maxnreg') else ''}")
 
 
 def _warm_job(job):
@@ -276,9 +277,25 @@ def parse_formats(text: str):
     return out
 
 
+CONFIGS: list = []  # --configs: replaces format_configs' grid
+
+
+def parse_configs(text: str) -> list[LaunchConfig]:
+    """'num_stages=2;maxnreg=168,num_splits=2': one LaunchConfig per ';'-separated item (booleans as 0 / 1)."""
+    out = []
+    for item in filter(None, text.split(";")):
+        kv = dict(x.split("=") for x in item.split(","))
+        out.append(LaunchConfig(**{k: (v == "1") if k in ("tile_rotation", "lazy_max") else int(v)
+                                   for k, v in kv.items()}))
+    return out
+
+
 def format_configs(spec: str) -> list[LaunchConfig]:
     """Launch options tried per format besides the defaults (LaunchConfig()): KV heads per program 1 / 2,
-    2 / 3 pipeline stages, 1 / 2 KV splits (the original int8 layout runs on the generic kernel: splits only)."""
+    2 / 3 pipeline stages, 1 / 2 KV splits (the original int8 layout runs on the generic kernel: splits only);
+    --configs replaces these."""
+    if CONFIGS:
+        return [] if spec == "int8" else list(CONFIGS)
     if spec == "int8":
         return [LaunchConfig(num_splits=s) for s in (1, 2)]
     return [LaunchConfig(heads=h, num_stages=st, num_splits=s) for h in (1, 2) for st in (2, 3) for s in (1, 2)]
@@ -563,9 +580,12 @@ def main():
     ap.add_argument("--block-size", type=int, default=BS, help="vLLM block size of the paged caches")
     ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1[,lat=int4@g32],<LaunchConfig fields>: run that "
                     "kernel 5 times and exit (for ncu)")
+    ap.add_argument("--configs", default="", help="--formats: launch options tried instead of the built-in grid, "
+                    "e.g. 'maxnreg=168;num_stages=2,maxnreg=168' (LaunchConfig fields)")
     ap.add_argument("--formats", default="", help=f"latent formats vs dense, e.g. '{DEFAULT_FORMATS}' ('default': "
                     "that list); runs only this sweep")
     args = ap.parse_args()
+    CONFIGS[:] = parse_configs(args.configs)
     BS = args.block_size
     if args.formats == "default":
         args.formats = DEFAULT_FORMATS

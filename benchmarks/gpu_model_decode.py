@@ -13,6 +13,8 @@ query start offsets, slot mapping, ``max_query_len=1``). The latent projections 
 one matmul as glue/latent.py does. The dense baseline keeps K and V in contiguous per-sequence bf16 caches and
 runs PyTorch's SDPA (flash) with the 4 query heads of each KV head as its query rows, plus the k/v write.
 
+A format may carry launch options after '|', joined by '+' (``LaunchConfig`` fields, e.g.
+``int4@g32:112|maxnreg=168+tile_rotation=0``).
 Per format: the largest batch whose caches fit ``--kv-gib`` at ``--context`` tokens per sequence (every sequence
 full: the step reads ``context`` cached tokens and writes one), the whole step (32 layers + final norm + LM head)
 captured in one CUDA graph, the median of ``--reps`` replays, tokens/s = batch / step time, and the attention
@@ -90,6 +92,8 @@ def bytes_per_token(layout) -> int:
 class Model:
     """One format's decoder: projections, caches and the decode step (eager; captured by the caller)."""
 
+    config = None  # LaunchConfig of the latent calls (main sets it per format)
+
     def __init__(self, shared: Shared, layout, batch: int, context: int, gen):
         self.s, self.layout, self.B, self.S = shared, layout, batch, context
         width = HKV * 2 * HD if layout is None else layout.width
@@ -144,7 +148,7 @@ class Model:
         return tk.latent_step(q, kv, self.cache[i], self.layout, self.slots, self.block_table, self.seq_lens,
                               self.qsl, self.b_k[i], self.b_v[i], None, None, self.cos_sin, HD ** -0.5, True,
                               out=self.attn_out, max_query_len=1, query_start_loc_cpu=self.qsl_cpu,
-                              inv_freq=self.inv_freq)
+                              inv_freq=self.inv_freq, config=self.config)
 
     def step(self):
         s, B, x = self.s, self.B, self.x
@@ -210,11 +214,15 @@ def main():
     shared = Shared(gen)
     dense_bpt = bytes_per_token(None)
     for spec in formats:
-        layout = parse_format(spec)
+        fmt, _, cfg_text = spec.partition("|")  # 'int4@g32:112|maxnreg=168+tile_rotation=0': launch options
+        layout = parse_format(fmt)
         bpt = bytes_per_token(layout)
         per_seq = bpt * LAYERS * (-(-a.context // BLOCK) * BLOCK)
         batch = min(a.max_batch, int(a.kv_gib * 2 ** 30 // per_seq))
         m = Model(shared, layout, batch, a.context, gen)
+        if cfg_text:
+            m.config = tk.LaunchConfig(**{k: (v == "1") if k in ("tile_rotation", "lazy_max") else int(v)
+                                          for k, v in (x.split("=") for x in cfg_text.split("+"))})
         step_ms = graph_ms(m.step, a.reps)
         attn_ms = graph_ms(m.attention_only, a.reps)
         run = dict(format=spec, bytes_per_token_layer=bpt, fraction_of_bf16=bpt / dense_bpt, batch=batch,

@@ -7,6 +7,10 @@ Defaults: one Llama-3-8B layer's decode launch at rank 64, ``int4@g32`` latents 
 ``QUANT=False K_BITS=16 V_BITS=16 K_SPLIT=False V_SPLIT=False`` gives the bf16-latent kernel. Prints the shared
 memory, the layout conversions in the TTGIR and the PTX instruction mix of the main tile loop (per thread and
 tile): with 64 x (rank_k + rank_v) latent values per tile over 128 threads, instructions per value follow.
+SASS=1 also assembles the PTX with the ptxas that Triton's package carries (its PTX version lowered to what that
+ptxas reads) and prints registers, spills and the SASS instructions of each loop (the PTX counts miss what ptxas
+adds: constants moved into registers for ``prmt``, spill traffic); MAXNREG=N caps the registers as Triton's
+``maxnreg`` would.
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import collections
 import inspect
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -73,6 +79,39 @@ def main():
         print(f"tile loop {k} ({what}): {n} instructions per thread per tile, {n / vals:.1f} per latent value")
         for op, v in ops.most_common(int(os.environ.get("TOP", "16"))):
             print(f"  {v:5d} {op}")
+    if os.environ.get("SASS"):
+        sass_report(ptx)
+
+
+def sass_report(ptx: str):
+    """Registers, spills and per-loop SASS instruction counts of the PTX, assembled for sm_90a."""
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.8", ptx, flags=re.M)  # what the bundled ptxas reads
+    if os.environ.get("MAXNREG"):
+        ptx = re.sub(r"^(\.reqntid .*)$", r"\1\n.maxnreg " + os.environ["MAXNREG"], ptx, count=1, flags=re.M)
+    with tempfile.TemporaryDirectory() as d:
+        src, obj = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        open(src, "w").write(ptx)
+        r = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", src, "-o", obj],
+                           capture_output=True, text=True)
+        if r.returncode:
+            print("ptxas failed:", r.stderr[-500:])
+            return
+        info = re.findall(r"Used \d+ registers|\d+ bytes spill stores|\d+ bytes spill loads", r.stderr)
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", obj], capture_output=True,
+                              text=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
+           re.finditer(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, flags=re.M)]
+    at = {a: i for i, (a, _) in enumerate(ins)}
+    loops = [(at[int(m.group(1), 16)], i) for i, (_, t) in enumerate(ins)
+             if (m := re.search(r"BRA.*?0x([0-9a-f]+)", t)) and int(m.group(1), 16) in at
+             and at[int(m.group(1), 16)] < i]
+    print(f"SASS (sm_90a): {', '.join(info)}; {len(ins)} instructions; loops (instructions): "
+          f"{[b - a + 1 for a, b in loops]}")
+    if loops:
+        a, b = loops[0]
+        ops = collections.Counter(t.split()[1] if t.startswith("@") else t.split()[0] for _, t in ins[a:b + 1])
+        print("  first loop:", ", ".join(f"{v} {k}" for k, v in ops.most_common(int(os.environ.get("TOP", "16")))))
 
 
 if __name__ == "__main__":

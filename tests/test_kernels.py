@@ -540,6 +540,70 @@ def test_nibble_levels_reproduce_the_tables():
     assert torch.equal(bits - 4194312.0, torch.tensor(x, dtype=torch.float32))
 
 
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """A tiny interpreter for the integer / bf16x2 PTX of ``tiles._nibble_asm`` (32-bit registers as ints)."""
+    env = dict(regs)
+
+    def val(t):
+        return int(t, 16) if t.startswith("0x") else int(t) if t.isdigit() else env[t]
+
+    def prmt(a, b, c):
+        out, src = 0, (b << 32) | a
+        for k in range(4):
+            s = (c >> (4 * k)) & 0xF
+            byte = (src >> (8 * (s & 7))) & 0xFF
+            out |= ((0xFF if byte & 0x80 else 0) if s & 8 else byte) << (8 * k)  # bit 3: replicate the sign
+        return out
+
+    def lop3(a, b, c, f):
+        return sum(((f >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
+                   for i in range(32))
+
+    def bf16x2_mul(a, b):
+        x, y = (torch.tensor([w & 0xFFFF, w >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+                for w in (a, b))
+        z = (x.float() * y.float()).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+        return int(z[0]) | int(z[1]) << 16
+
+    ops = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
+           "not.b32": lambda a: ~a, "shr.u32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b,
+           "sub.u32": lambda a, b: a - b, "mul.lo.u32": lambda a, b: a * b, "lop3.b32": lop3, "prmt.b32": prmt,
+           "mul.rn.bf16x2": bf16x2_mul}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}.":
+            continue
+        op, args = line.split(None, 1)
+        a = [x.strip() for x in args.split(",")]
+        env[a[0]] = ops[op](*[val(x) for x in a[1:]]) & 0xFFFFFFFF
+    return env
+
+
+def test_nibble_asm_reproduces_the_tables():
+    """The GPU's 4-bit decode (``tiles._nibble_asm``: prmt lookups of the 8 positive levels by magnitude index,
+    sign mask, Gauss / uniform table by the scale's sign, times |scale|), run by a PTX interpreter on every code
+    byte in every position: bf16 of table[code] * |scale| bit for bit, for both tables."""
+    kernels()
+    from vllm_kvc.kernels.triton_latent.tiles import _nibble_asm
+    from vllm_kvc.layout import GAUSS_LEVELS, UNIFORM_LEVELS
+    asm = _nibble_asm()
+    bits = lambda v: int(torch.tensor([v], dtype=torch.bfloat16).view(torch.int16)) & 0xFFFF  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.cat([torch.randperm(256, generator=gen) for _ in range(4)]).view(-1, 4).tolist()
+    for trial, xb in enumerate(codes):  # every byte 4 times, at every position, with random neighbours
+        sc = ((torch.rand(4, generator=gen) + 0.1) * torch.tensor([1.0, -1.0, -0.01, 3.0])).tolist()
+        sc = [float(torch.tensor(s).to(torch.bfloat16)) for s in sc[trial % 3:] + sc[:trial % 3]]
+        sb = [bits(s) for s in sc]
+        env = _run_ptx(asm, {"$4": xb[0] | xb[1] << 8 | xb[2] << 16 | xb[3] << 24, "$5": sb[0] | sb[1] << 16,
+                             "$6": sb[2] | sb[3] << 16})
+        for reg, (i0, high) in {"$0": (0, False), "$1": (2, False), "$2": (0, True), "$3": (2, True)}.items():
+            for k, i in enumerate((i0, i0 + 1)):
+                code = xb[i] >> 4 if high else xb[i] & 15
+                table = GAUSS_LEVELS[4] if sc[i] > 0 else UNIFORM_LEVELS[4]
+                want = float(table[code].to(torch.bfloat16).float() * abs(sc[i]))
+                assert (env[reg] >> (16 * k)) & 0xFFFF == bits(want), (reg, k, code, sc[i])
+
+
 def test_triton_row_format_matches_layout():
     """The part descriptors the kernels read (offsets, bits, scale positions) agree with layout.py's bytes."""
     tk = kernels()

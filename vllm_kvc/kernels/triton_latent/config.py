@@ -38,6 +38,8 @@ class LaunchConfig:
         the factors' inv_freq, see ``angles_match``); False: the cos / sin table.
     lazy_max: decode kernel: the first tile's max is the softmax reference, with an exact second pass for the
         programs where that could overflow.
+    maxnreg: decode kernel: registers per thread at most (Triton's ``maxnreg``; more programs per SM, spilling
+        what does not fit); None: the compiler's choice.
     rebuild_*: long prompts (see ``dispatch.plan_launch``)."""
     heads: int | None = None
     block_t: int | None = None
@@ -48,6 +50,7 @@ class LaunchConfig:
     num_splits: int | None = None
     tile_rotation: bool | None = None
     lazy_max: bool | None = None
+    maxnreg: int | None = None
     rebuild_min_queries: int = REBUILD_MIN_QUERIES
     rebuild_min_work: int = REBUILD_MIN_WORK
     rebuild_max_tokens: int = REBUILD_MAX_TOKENS

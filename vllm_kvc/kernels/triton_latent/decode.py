@@ -21,7 +21,7 @@ from triton.runtime.errors import OutOfResources
 from .config import device_props, interpreting, level_tables, next_pow2, pick_heads, quant_kwargs, row_format
 from .prefill import LOG2E, launch_reduce, needs_off64, prepare_io, split_partials
 from .tiles import (cos_sin_of, find_request, join_pairs, load_cos_sin, load_dequant, load_nibbles, load_tile,
-                    phase_tiles, rope_bf16x2, split_pairs, tile_blocks, tile_rows)
+                    nibble_value, phase_tiles, rope_bf16x2, split_pairs, tile_blocks, tile_rows)
 
 try:  # programmatic dependent launch (triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -79,13 +79,13 @@ def _latent_decode_heads(
     QUANT: packed integer latents (config.row_format: K_* / V_* describe each part), dequantized in registers
     per tile (:func:`~.tiles.load_dequant`) before the same dots as float latents. K_SPLIT / V_SPLIT: that part
     is 4-bit with byte-aligned head groups: :func:`~.tiles.load_nibbles` gives its even and odd values as two
-    tiles, each multiplied with the matching rows of B_k (two dots into the same keys) or accumulated against the
-    softmax weights separately (``acc`` even, ``acc2`` odd values; B_v's even and odd rows in the epilogue).
+    tiles, each multiplied with the matching rows of B_k (two dots into the same keys); for V both nibbles of a
+    byte go into one tile, 8 columns apart (JOIN; ``acc`` rows in that order, B_v's rows picked to match in the
+    epilogue and in the split-KV partials), so the value sum is one dot with 64 or more rows.
     """
     HALF: tl.constexpr = HD // 2
     NV: tl.constexpr = NKV * RV_P
-    RVA: tl.constexpr = RV_P // 2 if V_SPLIT else RV_P  # accumulator rows per head
-    NVA: tl.constexpr = NKV * RVA
+    NVA: tl.constexpr = NKV * RV_P  # accumulator rows
     DT = bk_ptr.dtype.element_ty
 
     pid = tl.program_id(0)
@@ -147,7 +147,6 @@ def _latent_decode_heads(
     m_i = tl.full([M_P], -1.0e30, tl.float32)
     l_t = tl.zeros([BLOCK_T, M_P], tl.float32)  # per-token partial sums, reduced once after the loop
     acc = tl.zeros([NVA, M_P], tl.float32)
-    acc2 = tl.zeros([NVA, M_P], tl.float32)  # odd values (V_SPLIT)
 
     for phase in tl.static_range(2):
         lo_t, hi_t, blk_nxt = phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, BLOCK_T)
@@ -201,11 +200,9 @@ def _latent_decode_heads(
                 s = tl.where((hrow == h)[None, :], tl.dot(join_pairs(r1, r2, BLOCK_T, HALF), q_t), s)
 
             if V_SPLIT:
-                ve, vo = load_nibbles(cache_ptr, row_off, t_ok, g0, RV, g0 * V_SPG, V_SPG, NKV, RV_P, RV,
-                                      V_OFF, V_QG, V_SOFF, SCALE16, phase == 1, BLOCK_T, DT, PACKED,
-                                      V_OVER)
-                vv = ve
-                vv2 = vo
+                vv = load_nibbles(cache_ptr, row_off, t_ok, g0, RV, g0 * V_SPG, V_SPG, NKV, RV_P, RV,
+                                  V_OFF, V_QG, V_SOFF, SCALE16, phase == 1, BLOCK_T, DT, PACKED,
+                                  V_OVER, True)
             elif QUANT:
                 vv = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g0 * RV, RV, g0 * V_SPG, V_SPG, NKV, RV_P, RV,
                                   V_OFF, V_BITS, V_QG, V_SOFF, V_LUT, SCALE16, phase == 1, BLOCK_T).to(DT)
@@ -228,43 +225,33 @@ def _latent_decode_heads(
                 p = tl.exp2(s * qk_scale - m_new[None, :])
                 l_t = l_t * alpha[None, :] + p
                 acc = acc * alpha[None, :]
-                if V_SPLIT:
-                    acc2 = acc2 * alpha[None, :]
                 m_i = m_new
             acc = tl.dot(tl.trans(vv), p.to(DT), acc)
-            if V_SPLIT:
-                acc2 = tl.dot(tl.trans(vv2), p.to(DT), acc2)
 
     l_i = tl.sum(l_t, 0)
     if LAZY == 1:  # a weight above 2^64 could have overflowed (each weight <= its row's sum): flag the program
         tl.store(flag_ptr + fid, (tl.max(l_i, 0) > 1.8446744e19).to(tl.int32))  # for the exact pass
-    # acc rows (acc2: the odd values where V_SPLIT): head cva // RVA, value (cva % RVA) * VSTEP (+ 1 in acc2)
-    VSTEP: tl.constexpr = 2 if V_SPLIT else 1
-    vh = cva // RVA
-    vi = (cva % RVA) * VSTEP
+    # acc rows: head cva // RV_P, value cva % RV_P (V_SPLIT: the joined nibble tile's order, nibble_value)
+    vh = cva // RV_P
+    if V_SPLIT:
+        vi = nibble_value(cva % RV_P)
+    else:
+        vi = cva % RV_P
     diag = (vh[None, :] == hrow[:, None]) & row_ok[:, None]  # row i's own values: its KV head's columns
     if SPLIT:
         base = (tok.to(tl.int64) * (G * QPK) + head) * num_splits + sp
         tl.store(pm_ptr + base, m_i, mask=row_ok)
         tl.store(pl_ptr + base, l_i, mask=row_ok)
         tl.store(pacc_ptr + base[:, None] * RV_P + vi[None, :], tl.trans(acc), mask=diag)
-        if V_SPLIT:
-            tl.store(pacc_ptr + base[:, None] * RV_P + vi[None, :] + 1, tl.trans(acc2), mask=diag)
     else:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         u = tl.where(diag, tl.trans(acc) / l_safe[:, None], 0.0).to(DT)
-        if V_SPLIT:
-            u2 = tl.where(diag, tl.trans(acc2) / l_safe[:, None], 0.0).to(DT)
         dd = tl.arange(0, DCH)
         out_row = out_ptr + tok.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
         bv_row = bv_ptr + ((g0 + vh) * RV + vi) * HD
         for dch in tl.static_range(HD // DCH):
             bvt = tl.load(bv_row[:, None] + dch * DCH + dd[None, :], mask=(vi < RV)[:, None], other=0.0)
             o = tl.dot(u, bvt)
-            if V_SPLIT:
-                bvt2 = tl.load(bv_row[:, None] + HD + dch * DCH + dd[None, :], mask=(vi + 1 < RV)[:, None],
-                               other=0.0)
-                o = tl.dot(u2, bvt2, o)
             if HAS_BV:
                 o += tl.load(biasv_ptr + (g0 + hrow)[:, None] * HD + dch * DCH + dd[None, :],
                              mask=row_ok[:, None], other=0.0)
@@ -361,6 +348,7 @@ def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scal
                     DIRECT=direct, OFF64=needs_off64(kv_cache), PACKED=packed, TILE_ROT=tile_rotation, LAZY=lazy,
                     PDL=pdl, launch_pdl=pdl and lazy == 2, num_warps=cfg.num_warps, num_stages=num_stages, **qkw,
                     K_SPLIT=k_split, V_SPLIT=v_split, K_OVER=k_over, V_OVER=v_over,
+                    **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
                 )
             break
         except OutOfResources:  # raised when compiling, before anything runs

@@ -284,39 +284,40 @@ def _nibble_asm() -> str:
     """PTX for 4 code bytes ($4) and their 4 signed bf16 scales ($5, $6) -> bf16 values of the low nibbles ($0, $1)
     and of the high nibbles ($2, $3), element by element: level (Gauss table where the scale is positive, uniform
     where negative; layout.py) times |scale|. A level is looked up by byte permutes (``prmt``) in the 8 positive
-    levels' bf16 bytes, by its magnitude index, with the sign set after."""
+    levels' bf16 bytes, by its magnitude index, with the sign set after.
+
+    All 8 nibbles at once: the magnitude index of code u is u - 8 where u >= 8, else 7 - u (the tables are
+    symmetric), i.e. u's low 3 bits flipped where its bit 3 is clear (one ``lop3`` against a per-nibble 7/0 mask),
+    so the word itself, with bit 3 of every nibble cleared, is two ``prmt`` selectors: bits 0..15 give the levels of
+    (low, high nibble of byte 0, low, high of byte 1), bits 16..31 those of bytes 2 and 3. The sign (code < 8) is
+    a byte mask by ``prmt``'s sign-replicating mode; the high bytes of the levels are looked up once where both
+    tables share them."""
     from vllm_kvc.layout import UNIFORM_LEVELS
     g0, g1, g2, g3 = _byte_planes(GAUSS_LEVELS[4])
     u0, u1, u2, u3 = _byte_planes(UNIFORM_LEVELS[4])
+    same_hi = (g2, g3) == (u2, u3)
 
-    def half(src: str, o0: str, o1: str) -> str:
+    def half(sel: str, msk: str, pmsel: str, oe: str, oo: str, sa: str) -> str:
+        hi = (f"prmt.b32 hb, {g2}, {g3}, {sel};" if same_hi else
+              f"prmt.b32 hb, {g2}, {g3}, {sel};\nprmt.b32 hb2, {u2}, {u3}, {sel};\nlop3.b32 hb, hb, hb2, {msk}, 0xD8;")
         return f"""
-        and.b32 n, {src}, 0x0F0F0F0F;
-        not.b32 t, n;
-        and.b32 sg, t, 0x08080808;
-        shr.u32 t, sg, 3;
-        mul.lo.u32 t, t, 7;
-        xor.b32 m, n, t;
-        and.b32 m, m, 0x07070707;
-        shr.u32 v, m, 4;
-        or.b32 v, v, m;
-        prmt.b32 sel, v, 0, 0x0020;
-        prmt.b32 lb, {g0}, {g1}, sel;
-        prmt.b32 lb2, {u0}, {u1}, sel;
-        prmt.b32 hb, {g2}, {g3}, sel;
-        prmt.b32 hb2, {u2}, {u3}, sel;
-        lop3.b32 lb, lb, lb2, msk, 0xD8;
-        lop3.b32 hb, hb, hb2, msk, 0xD8;
-        shl.b32 t, sg, 4;
-        xor.b32 hb, hb, t;
-        prmt.b32 e, lb, hb, 0x5140;
-        mul.rn.bf16x2 {o0}, e, sa01;
-        prmt.b32 e, lb, hb, 0x7362;
-        mul.rn.bf16x2 {o1}, e, sa23;"""
+prmt.b32 lb, {g0}, {g1}, {sel};
+prmt.b32 lb2, {u0}, {u1}, {sel};
+lop3.b32 lb, lb, lb2, {msk}, 0xD8;
+{hi}
+prmt.b32 pm, xs, $4, {pmsel};
+lop3.b32 hb, hb, pm, 0x80808080, 0xD2;
+prmt.b32 e, lb, hb, 0x6240;
+mul.rn.bf16x2 {oe}, e, {sa};
+prmt.b32 e, lb, hb, 0x7351;
+mul.rn.bf16x2 {oo}, e, {sa};"""
 
-    return ("{\n.reg .b32 n, t, sg, m, v, sel, lb, lb2, hb, hb2, msk, sa01, sa23, e, hi;"
-            "\nand.b32 sa01, $5, 0x7FFF7FFF;\nand.b32 sa23, $6, 0x7FFF7FFF;\nprmt.b32 msk, $5, $6, 0xFDB9;"
-            + half("$4", "$0", "$1") + "\nshr.u32 hi, $4, 4;" + half("hi", "$2", "$3") + "\n}")
+    return ("{\n.reg .b32 b, t, m, sb, xs, lb, lb2, hb, hb2, pm, ma, mb, sa01, sa23, e;"
+            "\nand.b32 b, $4, 0x88888888;\nshr.u32 t, b, 3;\nsub.u32 t, b, t;"
+            "\nlop3.b32 m, $4, t, 0x77777777, 0x82;\nshr.u32 sb, m, 16;\nshl.b32 xs, $4, 4;"
+            "\nand.b32 sa01, $5, 0x7FFF7FFF;\nand.b32 sa23, $6, 0x7FFF7FFF;"
+            "\nprmt.b32 ma, $5, $6, 0xBB99;\nprmt.b32 mb, $5, $6, 0xFFDD;"
+            + half("m", "ma", "0xD9C8", "$0", "$2", "sa01") + half("sb", "mb", "0xFBEA", "$1", "$3", "sa23") + "\n}")
 
 
 NIBBLE_ASM = tl.constexpr(_nibble_asm())
@@ -335,7 +336,7 @@ def load_nibbles(cache_ptr, row_off, t_ok, g0, VSTRIDE: tl.constexpr, s0, sstrid
                  NH: tl.constexpr, RP: tl.constexpr, NVAL: tl.constexpr,
                  OFF: tl.constexpr, QG: tl.constexpr, SOFF: tl.constexpr,
                  SCALE16: tl.constexpr, MASKED: tl.constexpr, BLOCK_T: tl.constexpr, OUT: tl.constexpr,
-                 LUT_ASM: tl.constexpr = False, OVERREAD: tl.constexpr = False):
+                 LUT_ASM: tl.constexpr = False, OVERREAD: tl.constexpr = False, JOIN: tl.constexpr = False):
     """A tile of 4-bit latents of one K or V part whose head groups start on whole bytes, as two fp32 tiles
     ``(even, odd) [BLOCK_T, NH * RP // 2]`` of dtype OUT: column ``h * RP // 2 + j`` of ``even`` holds value ``2 j`` of head
     group ``g0 + h`` (the low nibble of its byte), ``odd`` value ``2 j + 1`` (the high nibble);
@@ -345,7 +346,9 @@ def load_nibbles(cache_ptr, row_off, t_ok, g0, VSTRIDE: tl.constexpr, s0, sstrid
     uniform ``x / 7.5`` where negative, times ``|scale|`` (folded into the polynomial's coefficients per scale).
     LUT_ASM (GPUs, sm_90): the exact table levels by byte permutes instead (:func:`nibble_lut`; bf16 math, the
     values come back as bf16). OVERREAD: the padding columns (NVAL < RP) may read the bytes after the part (still
-    inside the row): the loads stay unmasked vectors, and those columns are zeroed after decoding."""
+    inside the row): the loads stay unmasked vectors, and those columns are zeroed after decoding.
+    JOIN: one tile ``[BLOCK_T, NH * RP]`` instead, the two nibbles of a byte 8 columns apart (:func:`nibble_value`
+    gives each column's value): a value sum over it fills 64-row dots without decoding bytes twice."""
     SG: tl.constexpr = RP if (QG == 0 or QG >= RP) else QG  # values per scale within the tile
     SGH: tl.constexpr = SG // 2
     NSC: tl.constexpr = RP // SG
@@ -382,7 +385,19 @@ def load_nibbles(cache_ptr, row_off, t_ok, g0, VSTRIDE: tl.constexpr, s0, sstrid
     if not FULL:
         ve = tl.where(ok[None, :, :], ve, 0.0)
         vo = tl.where(ok[None, :, :], vo, 0.0)
-    return tl.reshape(ve.to(OUT), [BLOCK_T, NC2]), tl.reshape(vo.to(OUT), [BLOCK_T, NC2])
+    if JOIN:  # [.., pair j, nibble p] -> column (j // 8) * 16 + p * 8 + j % 8 of the head group (nibble_value)
+        w = tl.reshape(tl.join(ve.to(OUT), vo.to(OUT)), [BLOCK_T, NC2 // 8, 8, 2])
+        res = tl.reshape(tl.permute(w, (0, 1, 3, 2)), [BLOCK_T, 2 * NC2])
+    else:
+        res = (tl.reshape(ve.to(OUT), [BLOCK_T, NC2]), tl.reshape(vo.to(OUT), [BLOCK_T, NC2]))
+    return res
+
+
+@triton.jit
+def nibble_value(c):
+    """The value (within its head group) in column ``c`` (within the head group) of a joined nibble tile
+    (:func:`load_nibbles` with JOIN): column (j // 8) * 16 + p * 8 + j % 8 holds value 2 j + p."""
+    return 2 * ((c // 16) * 8 + c % 8) + (c // 8) % 2
 
 
 @triton.jit
