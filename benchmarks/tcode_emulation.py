@@ -1,0 +1,106 @@
+"""Method tcode in plain transformers (float32, CPU): where the perplexity rise of an allocation comes from.
+
+For each memory fraction, allocates as ``vllm-kvc allocate --method tcode`` does (optionally with another segment
+unit), builds its factors, and measures the perplexity rise on a corpus with every layer's K/V replaced by their
+transform-coded round trip (``tcode.install``'s arithmetic), in variants:
+
+- ``all``: K and V coded, the first ``--sinks`` positions exact (default 1: what the deployment serves);
+- ``k`` / ``v``: only that part coded (the other exact);
+- ``no2``: 2-bit segments read at 4 bits (same allocation: the price of the 2-bit coordinates);
+- ``exactkept``: kept coordinates exact, dropped ones dropped (the price of truncation alone).
+
+    .venv/bin/python benchmarks/tcode_emulation.py --fractions 0.15 [--unit 8] [--corpus heldout] \
+        [--tokens 2048] [--seq-len 1024] [--sinks 1] [--variants all k v no2 exactkept]
+
+Prints one JSON line per (fraction, variant).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_kvc import bitalloc, tcode  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.15])
+    ap.add_argument("--unit", type=int, default=tcode.UNIT)
+    ap.add_argument("--corpus", default="heldout")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--sinks", type=int, default=1)
+    ap.add_argument("--variants", nargs="+", default=["all", "k", "v", "no2", "exactkept"])
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from vllm_kvc.emulate import perplexity
+    from vllm_kvc.evaluate import eval_chunks
+    from vllm_kvc.methods import build_plan, get_method
+    from vllm_kvc.plan import dense_bytes_per_token, format_segments
+    from vllm_kvc.validate import check_file
+
+    c = check_file(a.config, check_engine=False)
+    base = c.deployment.compression.model_validate({"group_size": c.deployment.compression.group_size,
+                                                    "calibration": c.deployment.compression.calibration.model_dump(),
+                                                    "method": "tcode"})
+    method = get_method("tcode")
+    model = AutoModelForCausalLM.from_pretrained(c.model_dir, dtype=torch.float32).eval()
+    chunks = eval_chunks(c.model_dir, a.corpus, a.tokens, a.seq_len)
+    with torch.no_grad():
+        dense = perplexity(model, chunks)
+    stats = tcode.load_stats(c.model_dir, base)
+    for frac in a.fractions:
+        sk, sv, used = tcode.allocate(stats, int(frac * dense_bytes_per_token(c.shape)), tcode.MENU, a.unit)
+        comp = base.model_validate({**base.model_dump(), "tcode": {"segments": {
+            "k": [format_segments(s) for s in sk], "v": [format_segments(s) for s in sv]}}})
+        plan = build_plan(comp, c.shape)
+        _, path = method.prepare(c.model_dir, comp, c.shape)
+        for var in a.variants:
+            undo = []
+            with safe_open(str(path), framework="pt") as f:
+                for i, layer in enumerate(model.model.layers):
+                    segs = (sk[i], sv[i])
+                    for kind, proj in ((0, layer.self_attn.k_proj), (1, layer.self_attn.v_proj)):
+                        if (var == "k" and kind == 1) or (var == "v" and kind == 0):
+                            continue
+                        name = "kv"[kind]
+                        fa, fb = f.get_tensor(f"{i}.a_{name}").float(), f.get_tensor(f"{i}.b_{name}").float()
+
+                        def hook(mod, args, out, fa=fa, fb=fb, segs=segs[kind]):
+                            lat = (args[0].float() @ fa).reshape(*args[0].shape[:-1], fb.shape[0], -1)
+                            parts, off = [], 0
+                            for w, bits in segs:
+                                b = 4 if (var == "no2" and bits == 2) else 16 if var == "exactkept" else bits
+                                parts.append(bitalloc.roundtrip_bits(lat[..., off:off + w], b, 0))
+                                off += w
+                            y = torch.einsum("...gr,grd->...gd", torch.cat(parts, -1), fb).reshape(out.shape)
+                            y = y.to(out.dtype)
+                            if a.sinks:
+                                y[..., :a.sinks, :] = out[..., :a.sinks, :]
+                            return y
+
+                        undo.append(proj.register_forward_hook(hook).remove)
+            with torch.no_grad():
+                ppl = perplexity(model, chunks)
+            for u in undo:
+                u()
+            print(json.dumps({"fraction": plan.bytes_per_token() / dense_bytes_per_token(c.shape), "target": frac,
+                              "unit": a.unit, "variant": var, "sinks": a.sinks, "corpus": a.corpus,
+                              "tokens": sum(len(ch) for ch in chunks), "dense_ppl": round(dense, 4),
+                              "ppl": round(ppl, 4), "rise_pct": round(100 * (ppl / dense - 1), 3),
+                              "bytes_per_token": used}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
