@@ -664,6 +664,12 @@ def test_values_schema_mirrors_deployment_config():
         pairs.append((schema["properties"]["compression"]["properties"]["vllmfmt"],
                       importlib.import_module("vllm_kvc.methods.vllm_format").VllmFormatConfig,
                       "deployment.compression.vllmfmt"))
+    if importlib.util.find_spec("vllm_kvc.methods.tcode") is not None:
+        tcode = importlib.import_module("vllm_kvc.methods.tcode")
+        tc = schema["properties"]["compression"]["properties"]["tcode"]
+        pairs += [(tc, tcode.TcodeConfig, "deployment.compression.tcode"),
+                  (tc["properties"]["segments"]["anyOf"][1], tcode.LayerSegments,
+                   "deployment.compression.tcode.segments")]
     for sub, model, where in pairs:
         assert sub.get("additionalProperties") is False, f"{where}: the config model forbids unknown keys"
         assert set(sub["properties"]) == set(model.model_fields), f"{where}: schema and {model.__name__} differ"
