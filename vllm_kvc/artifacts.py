@@ -233,6 +233,22 @@ def cached_tensors(path: str | Path) -> dict | None:
     return tensors
 
 
+def build_tensors_once(path: str | Path, build, what: str = "artifact") -> Path:
+    """The tensor file at ``path``, computed by ``build() -> (tensors, metadata)`` only where no complete copy is
+    cached: checked, then built under ``file_lock`` (of concurrent processes one builds, the others wait and read
+    it), written atomically and logged ("<what> written to <path>")."""
+    path = Path(path)
+    if cached_tensors(path) is not None:
+        return path
+    with file_lock(path):
+        if cached_tensors(path) is not None:
+            return path
+        tensors, metadata = build()
+        save_tensors_atomic(tensors, path, metadata=metadata)
+        log.info("%s written to %s", what, path)
+        return path
+
+
 def cached_metadata(path: str | Path) -> dict:
     from safetensors import safe_open
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvc.artifacts import (CHECKPOINT_S, Parts, attn_modules, cache_key, cache_root, cached_tensors,
-                                checkpoint_fingerprint, file_lock, load_hf_model, progress, save_tensors_atomic)
+from vllm_kvc.artifacts import (CHECKPOINT_S, Parts, attn_modules, build_tensors_once, cache_key, cache_root,
+                                cached_tensors, checkpoint_fingerprint, file_lock, load_hf_model, progress,
+                                save_tensors_atomic)
 from vllm_kvc.factorize import group_factors, identity_factors
 from vllm_kvc.settings import CalibrationConfig
 
@@ -100,37 +101,34 @@ def factors_path(model_dir: str, cfg, plan) -> Path:
 
 def build_factors(model_dir: str, cfg, plan) -> Path:
     """Compute (or find in the cache) the factor file of this checkpoint, calibration and plan."""
-    out = factors_path(model_dir, cfg, plan)
-    if cached_tensors(out) is not None:
-        return out
-    with file_lock(out):
-        if cached_tensors(out) is not None:
-            return out
-        tok, model = load_hf_model(model_dir)
-        covs = None
-        if cfg.factorization == "whitened" and not plan.identity:
-            covs = covariances(model_dir, cfg.calibration, model, tok)
-        hd, gs = plan.shape.head_dim, plan.group_size
-        rotate = plan.rotate
-        tensors = {}
-        t0 = time.time()
-        for i, a in enumerate(progress(attn_modules(model), "calibration: factors", unit="layer")):
-            cov = covs[i] if covs is not None else None
-            for kind, proj, rank in (("k", a.k_proj, plan.ranks_k[i]), ("v", a.v_proj, plan.ranks_v[i])):
-                w = proj.weight.detach().float().cpu()
-                if plan.identity:
-                    A, B = identity_factors(w, gs, hd)
-                else:
-                    A, B = group_factors(w, gs, hd, rank, cov, rotate)
-                tensors[f"{i}.a_{kind}"] = A.float().contiguous()
-                tensors[f"{i}.b_{kind}"] = B.float().contiguous()
-            if (i + 1) % 10 == 0:
-                log.info("factors: %d/%d layers (%.1f s)", i + 1, plan.shape.num_layers, time.time() - t0)
-        meta = {"plan": json.dumps(plan.to_json()), "format": str(FACTOR_FORMAT)}
-        save_tensors_atomic(tensors, out, metadata=meta)
-        log.info("factors for %d layers written to %s (%.1f s)", plan.shape.num_layers, out, time.time() - t0)
-        del model
-        return out
+    return build_tensors_once(factors_path(model_dir, cfg, plan), lambda: _compute_factors(model_dir, cfg, plan),
+                              "factors")
+
+
+def _compute_factors(model_dir: str, cfg, plan):
+    tok, model = load_hf_model(model_dir)
+    covs = None
+    if cfg.factorization == "whitened" and not plan.identity:
+        covs = covariances(model_dir, cfg.calibration, model, tok)
+    hd, gs = plan.shape.head_dim, plan.group_size
+    rotate = plan.rotate
+    tensors = {}
+    t0 = time.time()
+    for i, a in enumerate(progress(attn_modules(model), "calibration: factors", unit="layer")):
+        cov = covs[i] if covs is not None else None
+        for kind, proj, rank in (("k", a.k_proj, plan.ranks_k[i]), ("v", a.v_proj, plan.ranks_v[i])):
+            w = proj.weight.detach().float().cpu()
+            if plan.identity:
+                A, B = identity_factors(w, gs, hd)
+            else:
+                A, B = group_factors(w, gs, hd, rank, cov, rotate)
+            tensors[f"{i}.a_{kind}"] = A.float().contiguous()
+            tensors[f"{i}.b_{kind}"] = B.float().contiguous()
+        if (i + 1) % 10 == 0:
+            log.info("factors: %d/%d layers (%.1f s)", i + 1, plan.shape.num_layers, time.time() - t0)
+    log.info("factors of %d layers computed (%.1f s)", plan.shape.num_layers, time.time() - t0)
+    del model
+    return tensors, {"plan": json.dumps(plan.to_json()), "format": str(FACTOR_FORMAT)}
 
 
 def load_layer_factors(path: Path, layer: int, groups: slice):

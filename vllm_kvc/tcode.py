@@ -198,21 +198,15 @@ def factors_path(model_dir: str, cfg, plan) -> Path:
 
 def build_factors(model_dir: str, cfg, plan) -> Path:
     """The factor file of a tcode plan (cached; built under a file lock)."""
-    from vllm_kvc.artifacts import cached_tensors, file_lock, save_tensors_atomic
+    from vllm_kvc.artifacts import build_tensors_once
     from vllm_kvc.plan import parse_segment_spec
 
-    out = factors_path(model_dir, cfg, plan)
-    if cached_tensors(out) is not None:
-        return out
-    with file_lock(out):
-        if cached_tensors(out) is not None:
-            return out
-        stats = load_stats(model_dir, cfg)
+    def build():
         specs = [parse_segment_spec(s) for s in plan.layer_specs]
-        tensors = factors(stats, [s[0] for s in specs], [s[1] for s in specs])
-        save_tensors_atomic(tensors, out, metadata={"plan": json.dumps(plan.to_json())})
-        log.info("tcode factors for %d layers written to %s", len(specs), out)
-        return out
+        tensors = factors(load_stats(model_dir, cfg), [s[0] for s in specs], [s[1] for s in specs])
+        return tensors, {"plan": json.dumps(plan.to_json())}
+
+    return build_tensors_once(factors_path(model_dir, cfg, plan), build, "tcode factors")
 
 
 def install(model, factors_file: str, layer_specs, sink: bool = True) -> list:
