@@ -7,6 +7,7 @@ Plain Python (reads a HF config.json); importable without vLLM or torch.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -71,8 +72,10 @@ def segment_spec(segs_k, segs_v) -> str:
     return f"seg:{format_segments(segs_k)}/{format_segments(segs_v)}"
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_segment_spec(spec: str):
-    """``"seg:64x4+96x2/72x4"`` -> (K segments, V segments); ValueError for anything else."""
+    """``"seg:64x4+96x2/72x4"`` -> (K segments, V segments); ValueError for anything else. Cached: a layout
+    reads it on every attention call (its bytes, offsets and segments)."""
     if not spec.startswith("seg:") or spec.count("/") != 1:
         raise ValueError(f"latent dtype {spec!r}: expected 'seg:<K segments>/<V segments>'")
     k, v = spec[4:].split("/")
