@@ -49,6 +49,8 @@ def main() -> None:
                                                    "seg:64x4+96x2/72x4+112x2 (ranks then follow the segments)")
     ap.add_argument("--rank-k", type=int, default=120)
     ap.add_argument("--rank-v", type=int, default=192)
+    ap.add_argument("--roped", action="store_true", help="keys: roped (scored in the latent: q B_k^T against the "
+                                                        "cached K latents, no rebuild)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of the "
                                                           "latent step")
     a = ap.parse_args()
@@ -82,11 +84,18 @@ def main() -> None:
         impls["latent_other"] = mod
     k = torch.randn(b, 3, s, 64, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    res = {"spec": a.spec, "batch": b, "ctx": s, "ragged": a.ragged, "cached_tokens": int(seq.sum()),
+    res = {"spec": a.spec, "keys": "roped" if a.roped else "pre_rope", "rank_k": rk, "rank_v": rv, "batch": b, "ctx": s, "ragged": a.ragged, "cached_tokens": int(seq.sum()),
            "threads": torch.get_num_threads()}
     # the implementations interleaved (alternating order), so that other load on the machine hits all alike
-    fns = {name: (lambda mod=mod: mod.latent_attention(q, cache, lay, bt, seq, qsl, b_k, b_v, None, None, cs,
-                                                       0.125, True, out=out)) for name, mod in impls.items()}
+    kw = {}
+    if a.roped:  # what the layer passes: each head's query projected on its rows of B_k (per call, timed too)
+        views = reference.head_key_views(b_k, lay, 9)
+        kw = {"roped_keys": True}
+
+    def query():
+        return torch.einsum("nhd,hdr->nhr", q.float(), views) if a.roped else q
+    fns = {name: (lambda mod=mod: mod.latent_attention(query(), cache, lay, bt, seq, qsl, b_k, b_v, None, None, cs,
+                                                       0.125, True, out=out, **kw)) for name, mod in impls.items()}
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()

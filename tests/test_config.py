@@ -28,6 +28,7 @@ def _write(tmp_path, text):
     (GOOD.replace("ratio: 0.5, group_size: 3", "ratio: 0.5, group_size: 2"), "compression.group_size"),
     (GOOD.replace("max_model_len: 2048", "max_model_lenn: 2048"), "engine.max_model_lenn"),
     (GOOD.replace("method: lowrank", "method: magic"), "compression.method"),
+    (GOOD.replace("ratio: 0.5", "ratio: 0.5, keys: post_rope"), "compression.keys"),
     (GOOD + "extra_top: 1\n", "extra_top"),
 ])
 def test_bad_config_exits_2_naming_the_field(tmp_path, text, field, model_dir):

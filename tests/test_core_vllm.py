@@ -11,13 +11,30 @@ from vllm_kvc.methods import build_plan
 pytestmark = pytest.mark.slow
 
 
-def test_full_rank_float32_greedy_equals_baseline(model_dir):
-    base = run_engine(_engine(model_dir), PROMPTS, max_tokens=48)
+@pytest.fixture(scope="module")
+def baseline48(model_dir):
+    return run_engine(_engine(model_dir), PROMPTS, max_tokens=48)
+
+
+def test_full_rank_float32_greedy_equals_baseline(model_dir, baseline48):
+    base = baseline48
     ours = run_engine(_engine(model_dir, comp={"ratio": 1.0, "group_size": 1, "latent_dtype": "float32"}),
                       PROMPTS, max_tokens=48)
     assert all(len(t) == 48 for t in ours["token_ids"])
     assert ours["token_ids"] == base["token_ids"]
     assert "Paris" in ours["texts"][0]
+
+
+def test_roped_keys_full_rank_float32_greedy_equals_baseline(model_dir, baseline48):
+    """keys: roped at full rank: the cache holds each roped key's latent in the query-weighted basis and attention
+    scores it with q B_k^T (no rebuild, no RoPE at attention); B_k A_k^T = I, so greedy tokens are the baseline's."""
+    comp = {"ratio": 1.0, "group_size": 3, "latent_dtype": "float32", "keys": "roped"}
+    plan = build_plan(CompressionConfig(**comp), ModelShape.from_model_dir(model_dir))
+    assert plan.roped_keys and plan.bytes_per_token() == 30 * 2 * 192 * 4
+    base = baseline48
+    ours = run_engine(_engine(model_dir, comp=comp), PROMPTS, max_tokens=48)
+    assert all(len(t) == 48 for t in ours["token_ids"])
+    assert ours["token_ids"] == base["token_ids"]
 
 
 def test_full_rank_greedy_equal_under_chunked_prefill_prefix_caching_and_preemption(model_dir):

@@ -154,6 +154,32 @@ def test_reference_full_rank_identity_factor_is_dense():
         assert rel_err(out[qsl[r]:qsl[r + 1]], expect) < 1e-6  # out is stored in q.dtype (fp32)
 
 
+@pytest.mark.parametrize("lens,nqs", [([9, 23, 17, 30], [9, 1, 1, 1]), ([12, 12], [1, 1]), ([20], [5])])
+def test_reference_roped_keys_score_the_latents(lens, nqs):
+    """Roped keys: the cached K latent is scored by each head's ``q B_k^T`` (no rebuild, no RoPE at attention):
+    equal to dense attention over the keys ``c_k B_k`` as they are (ragged decode batch, equal-length batch and
+    a chunk of a prompt alike), values with B_v and bias."""
+    G, gs, qpk, hd, rk = 2, 2, 3, 16, 20
+    args, lat = make_case(lens, nqs, G=G, gs=gs, qpk=qpk, hd=hd, rk=rk, rv=24, bs=4, lat_dtype="float32",
+                          dtype=torch.float32, bias=True, device=torch.device("cpu"))
+    a = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in args.items()}
+    lay, hq = a["layout"], a["q"].shape[1]
+    views = ref.head_key_views(a["b_k"], lay, hq)
+    assert views.shape == (hq, hd, rk)
+    qt = torch.einsum("nhd,hdr->nhr", a["q"].double(), views.double())
+    a["q"] = qt
+    out = ref.latent_attention(**a, out=torch.empty(qt.shape[0], hq, hd, dtype=torch.float64),
+                               compute_dtype=torch.float64, roped_keys=True)
+    qsl = a["query_start_loc"].tolist()
+    for r, (ck, cv) in enumerate(lat):
+        s = lens[r]
+        k = torch.einsum("tgr,grd->tgd", ck.double(), a["b_k"].double()).reshape(s, G * gs, hd)
+        v = torch.einsum("tgr,grd->tgd", cv.double(), a["b_v"].double()).reshape(s, G * gs, hd)
+        v = v + a["bias_v"].double().view(G * gs, hd)
+        expect = ref.dense_reference(args["q"][qsl[r]:qsl[r + 1]].double(), k, v, a["scale"])
+        assert rel_err(out[qsl[r]:qsl[r + 1]], expect) < 1e-6
+
+
 # ------------------------------------------------------------------------------------------------ Triton kernels
 tl_mod = None
 

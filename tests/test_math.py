@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vllm_kvc.factorize import group_factors, lowrank_factors, rotation
+from vllm_kvc.factorize import group_factors, lowrank_factors, rotation, score_factors
 from vllm_kvc.layout import LatentLayout, quantize_int8
 
 
@@ -79,3 +79,25 @@ def test_layout_pack_unpack(dtype):
 def test_layout_rejects_rank_above_group_dim():
     with pytest.raises(ValueError, match="rank_k=33"):
         LatentLayout(groups=1, group_size=1, head_dim=32, rank_k=33, rank_v=8)
+
+
+def _score_error(q, k, a, b):
+    exact = q @ k.t()
+    return (((q @ b) @ (k @ a).t() - exact) ** 2).mean().item() / (exact ** 2).mean().item()
+
+
+@pytest.mark.parametrize("rank", [6, 12, 24])
+def test_score_factors_beat_the_key_pca_and_are_exact_at_full_rank(rank):
+    # queries and keys with different dominant directions: the key PCA keeps what queries do not read
+    q = _correlated(4000, 24, seed=1)
+    k = _correlated(4000, 24, seed=2)
+    cq, ck = q.t() @ q / len(q), k.t() @ k / len(k)
+    a, b = score_factors(cq, ck, rank, rotate=True)
+    assert a.shape == (24, rank) and b.shape == (24, rank)
+    err = _score_error(q[:300], k[:300], a, b)
+    if rank == 24:
+        assert err < 1e-12
+        return
+    _, vecs = torch.linalg.eigh(ck)
+    pca = vecs[:, -rank:]  # keys projected on their top principal directions, queries unchanged
+    assert err < 0.9 * _score_error(q[:300], k[:300], pca, pca)

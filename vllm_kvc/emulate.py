@@ -3,7 +3,8 @@
 
 - ``install_factors`` (lowrank, quant): each layer's k_proj / v_proj become the low-rank products of the factor
   file, K = (x A_k) B_k, applied through forward hooks on the projections' inputs, with the latent rounded to
-  the latent dtype (bf16/fp16, or int8 with one absmax scale per token and head group);
+  the latent dtype (bf16/fp16, or int8 with one absmax scale per token and head group); with roped keys, each
+  roped key k becomes (k A_k) B_k (``install_roped_keys``);
 - ``install_sparse`` (lexico): k_proj / v_proj outputs replaced by decode(encode(.)) over the dictionaries;
 - ``install_pod`` (pod): every layer's attention replaced by POD's over the whole sequence.
 
@@ -29,18 +30,22 @@ def _round_latent(c: torch.Tensor, dtype: str, groups: int, quant_group: int = 0
     return roundtrip(cg, dtype, quant_group).reshape(shp)
 
 
-def install_factors(model, factors_path: str, latent_dtype: str) -> list:
-    """Replace every layer's k_proj/v_proj output by its low-rank emulation; returns hook handles.
+def install_factors(model, factors_path: str, latent_dtype: str, roped_keys: bool = False) -> list:
+    """Replace every layer's k_proj/v_proj output by its low-rank emulation; returns callables that undo it.
 
-    ``latent_dtype``: the plan's latent spec (layout.py), e.g. ``int8``, ``int4/int8@g32``."""
+    ``latent_dtype``: the plan's latent spec (layout.py), e.g. ``int8``, ``int4/int8@g32``. ``roped_keys``: the
+    K factors code the roped key (calibrate.py): each roped key becomes what its latent scores as, ``c B_k``
+    with ``c = k A_k`` rounded (``install_roped_keys``); k_proj is left exact."""
     from safetensors.torch import load_file
 
     f = load_file(factors_path)
     dk, dv, qg = parse_latent_spec(latent_dtype)
-    handles = []
+    undo = []
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         for kind, proj in (("k", attn.k_proj), ("v", attn.v_proj)):
+            if kind == "k" and roped_keys:
+                continue
             a = f[f"{i}.a_{kind}"].float()  # [hidden, G*r]
             b = f[f"{i}.b_{kind}"].float()  # [G, r, gdim]
             groups = b.shape[0]
@@ -55,8 +60,52 @@ def install_factors(model, factors_path: str, latent_dtype: str) -> list:
                     y = y + mod.bias.float()
                 return y.to(out.dtype)
 
-            handles.append(proj.register_forward_hook(hook))
-    return handles
+            undo.append(proj.register_forward_hook(hook).remove)
+    if roped_keys:
+        coders = []
+        for i in range(len(model.model.layers)):
+            a, b = f[f"{i}.a_k"].float(), f[f"{i}.b_k"].float()  # [gdim, G*r], [G, r, gdim]
+
+            def code(k, a=a, b=b):
+                g, r, gdim = b.shape
+                kk = k.reshape(*k.shape[:-1], g, gdim)
+                c = torch.einsum("...gd,gdr->...gr", kk, a.view(gdim, g, r).transpose(0, 1))
+                c = _round_latent(c.flatten(-2), dk, g, qg).reshape(c.shape)
+                return torch.einsum("...gr,grd->...gd", c, b).reshape(k.shape)
+
+            coders.append(code)
+        undo += install_roped_keys(model, coders)
+    return undo
+
+
+def install_roped_keys(model, coders) -> list:
+    """Replace each layer's roped keys by ``coders[layer](k)`` (k: [..., tokens, KV heads x head_dim], float32)
+    inside the checkpoint's attention, right after RoPE: the modeling module's ``apply_rotary_pos_emb`` is
+    wrapped (Llama / Mistral / Qwen2 modules call it by name) and a pre-hook on each attention module tells the
+    wrapper which layer runs. Returns callables that undo it."""
+    import sys
+
+    mods = {sys.modules[type(layer.self_attn).__module__] for layer in model.model.layers}
+    state = {"layer": None}
+    undo = []
+    for mod in mods:
+        rope = mod.apply_rotary_pos_emb
+
+        def wrapped(q, k, cos, sin, *args, _rope=rope, **kw):
+            q, k = _rope(q, k, cos, sin, *args, **kw)
+            if state["layer"] is None:
+                return q, k
+            b, h, t, d = k.shape  # HF order: [batch, KV heads, tokens, head_dim]
+            kk = k.transpose(1, 2).reshape(b, t, h * d).float()
+            return q, coders[state["layer"]](kk).reshape(b, t, h, d).transpose(1, 2).to(k.dtype)
+
+        mod.apply_rotary_pos_emb = wrapped
+        undo.append(lambda mod=mod, rope=rope: setattr(mod, "apply_rotary_pos_emb", rope))
+    for i, layer in enumerate(model.model.layers):
+        undo.append(layer.self_attn.register_forward_pre_hook(
+            lambda m, args, i=i: state.__setitem__("layer", i)).remove)
+    undo.append(lambda: state.__setitem__("layer", None))
+    return undo[::-1]
 
 
 def install_sparse(model, dictionaries_path, sparsity_k, sparsity_v) -> list:
@@ -98,12 +147,12 @@ def emulate_ppl(model_dir: str, factors_path: str | None, latent_dtype: str, chu
     from transformers import AutoModelForCausalLM
 
     model = model or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    handles = install_factors(model, factors_path, latent_dtype) if factors_path else []
+    undo = install_factors(model, factors_path, latent_dtype) if factors_path else []
     try:
         return perplexity(model, chunks)
     finally:
-        for h in handles:
-            h.remove()
+        for u in undo:
+            u()
 
 
 def install_pod(model, groups, window: int, sinks: int) -> list:

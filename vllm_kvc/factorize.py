@@ -82,3 +82,32 @@ def identity_factors(w: torch.Tensor, group_size: int, head_dim: int):
     groups = w.shape[0] // gdim
     eye = torch.eye(gdim, dtype=torch.float64)
     return w.double().t().contiguous(), eye.expand(groups, gdim, gdim).contiguous()
+
+
+def _sym_sqrt_pair(cov: torch.Tensor, damp: float = 1e-6):
+    """(C^{1/2}, C^{-1/2}) of a symmetric PSD matrix, eigenvalues floored at damp * their mean."""
+    c = cov.double()
+    w, v = torch.linalg.eigh((c + c.t()) / 2)
+    w = w.clamp_min(w.mean().clamp_min(1e-30) * damp)
+    return (v * w.sqrt()) @ v.t(), (v * w.rsqrt()) @ v.t()
+
+
+def score_factors(cov_q: torch.Tensor, cov_k: torch.Tensor, rank: int, rotate: bool = False, seed: int = 0):
+    """Factors of keys stored *after* RoPE and scored in the latent (MLA-style absorption): the cache keeps
+    ``c = k A`` (A [D, r], k the roped key of one head group, D = group_size * head_dim) and a query scores it
+    as ``(q B) . c`` (B [D, r]), so no key is ever rebuilt. A and B minimise ``E[(q.k - (q B).(k A))^2]`` for
+    independent queries and keys with second moments ``cov_q`` (block-diagonal: per KV head, the sum over the
+    query heads that read it) and ``cov_k`` [D, D]: with symmetric square roots, the SVD
+    ``Cq^{1/2} Ck^{1/2} = U S V^T`` gives ``A = Ck^{-1/2} V_r S_r^{1/2}``, ``B = Cq^{-1/2} U_r S_r^{1/2}``
+    (the balanced split: one shared absmax scale then costs the least score error after a rotation).
+    ``rotate``: ``A R``, ``B R`` with R orthogonal (Hadamard / seeded), for quantized latents. float64."""
+    q_half, q_inv = _sym_sqrt_pair(cov_q)
+    k_half, k_inv = _sym_sqrt_pair(cov_k)
+    u, s, vh = torch.linalg.svd(q_half @ k_half)
+    root = s[:rank].sqrt()
+    a = k_inv @ (vh[:rank].t() * root)
+    b = q_inv @ (u[:, :rank] * root)
+    if rotate:
+        r = rotation(rank, seed=seed)
+        a, b = a @ r, b @ r
+    return a, b

@@ -7,6 +7,11 @@ projections ``A_k, A_v`` (its own head groups), fused with Q into one matmul. Pe
 CUDA tensors (kernels/triton_latent; every latent dtype, checked once in ``kvc_finalize``), the plain-torch
 reference (kernels/reference.py) elsewhere.
 
+With ``roped_keys`` (``keys: roped``) the layer keeps the checkpoint's K projection: per token it emits the roped
+key's latent ``c = RoPE(k) A_k`` (per head group), and attention scores the cached latents with each query head's
+``q B_k^T`` (kernels/reference.py ``roped_keys``): no cached key is rebuilt or rotated. CPU path only so far (a
+CUDA engine refuses it at start-up).
+
 With ``sink`` (method ``tcode``) the first token of every sequence is also kept exact: the layer computes that
 token's K and V with the checkpoint's own projections and keeps them in bf16 in a side pool keyed by the
 sequence's first vLLM block (glue/window.py), one row per live sequence outside vLLM's paged bytes; attention
@@ -73,12 +78,15 @@ class LatentAttention(RowAttention):
     """A vLLM attention layer whose KV cache holds one latent row per token (see layout.py)."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, layout: LatentLayout,
-                 factors_path=None, cache_config=None, prefix: str = "", sink: bool = False):
+                 factors_path=None, cache_config=None, prefix: str = "", sink: bool = False,
+                 roped_keys: bool = False):
         super().__init__(num_heads, head_size, scale, num_kv_heads, layout.row_bytes, layout.cache_dtype,
                          cache_config=cache_config, prefix=prefix)
         self.layout = layout
         self.factors_path = factors_path
         self.sink = sink
+        self.roped_keys = roped_keys
+        self.a_k = self.q_keys = None  # roped keys: [G, gdim, rank_k] and per query head [Hq, hd, rank_k]
         self.w_kv = self.bias_kv = None  # the checkpoint's K/V projections of this rank (sink only)
         self.sink_pool: RecentPool | None = None
         # filled by kvc_finalize() once weights are loaded
@@ -98,14 +106,25 @@ class LatentAttention(RowAttention):
             self.w_kv = w[layer.q_size:].clone()
             if layer.qkv_proj.bias is not None:
                 self.bias_kv = layer.qkv_proj.bias.data[layer.q_size:].clone()
-        layer.fused_weight = nn.Parameter(
-            torch.cat([w[: layer.q_size].float().cpu(), a_k.t(), a_v.t()]).to(dt).to(dev), requires_grad=False)
+        lay = self.layout
+        if self.roped_keys:
+            if dev.type == "cuda":
+                raise ValueError(f"{getattr(self, 'layer_name', '')}: keys: roped is served by the CPU reference "
+                                 "path only so far; use keys: pre_rope on GPUs")
+            # Q and the checkpoint's K projection, then A_v; the K latent is taken after RoPE (kvc_forward)
+            kept, kept_bias = w[: layer.q_size + layer.kv_size].float().cpu(), layer.q_size + layer.kv_size
+            gdim = lay.group_size * lay.head_dim
+            self.a_k = a_k.float().view(gdim, lay.groups, lay.rank_k).transpose(0, 1).contiguous().to(dev)
+            self.q_keys = reference.head_key_views(b_k.float(), lay, self.num_heads).contiguous().to(dev)
+        else:
+            kept, kept_bias = torch.cat([w[: layer.q_size].float().cpu(), a_k.t()]), layer.q_size
+        layer.fused_weight = nn.Parameter(torch.cat([kept, a_v.t()]).to(dt).to(dev), requires_grad=False)
         bias = layer.qkv_proj.bias
         if bias is not None:
             b = bias.data
-            layer.fused_bias = nn.Parameter(
-                torch.cat([b[: layer.q_size], torch.zeros(self.layout.width, dtype=b.dtype, device=dev)]),
-                requires_grad=False)
+            zeros = torch.zeros(lay.groups * lay.rank_v + (0 if self.roped_keys else lay.groups * lay.rank_k),
+                                dtype=b.dtype, device=dev)
+            layer.fused_bias = nn.Parameter(torch.cat([b[:kept_bias], zeros]), requires_grad=False)
             self.bias_k = b[layer.q_size: layer.q_size + layer.kv_size].float().clone()
             self.bias_v = b[layer.q_size + layer.kv_size:].float().clone()
         # rebuild factors are kept in float32 on CPU (reference path) and in the model dtype on GPUs
@@ -122,6 +141,13 @@ class LatentAttention(RowAttention):
 
     def kvc_forward(self, layer, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         out = F.linear(hidden_states, layer.fused_weight, layer.fused_bias)
+        if self.roped_keys:
+            lay = self.layout
+            q, k, lat_v = out.split([layer.q_size, layer.kv_size, lay.groups * lay.rank_v], dim=-1)
+            q, k = layer.rotary_emb(positions, q.contiguous(), k.contiguous())
+            lat_k = torch.einsum("ngd,gdr->ngr", k.view(-1, lay.groups, self.a_k.shape[1]).to(self.a_k.dtype),
+                                 self.a_k)
+            return self(q, torch.cat([lat_k.flatten(1).to(lat_v.dtype), lat_v], dim=-1))
         q, lat = out.split([layer.q_size, self.layout.width], dim=-1)
         q, _ = layer.rotary_emb(positions, q.contiguous(), None)
         if self.sink:  # exact K/V of every token ride along; kvc_attend keeps those of position 0
@@ -144,9 +170,12 @@ class LatentAttention(RowAttention):
         lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
         reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
         sink = self._sink_step(value[:n], md) if self.sink else None
+        if self.roped_keys:  # each query head scores the cached latents directly: q B_k^T
+            q = torch.einsum("nhd,hdr->nhr", q.to(self.q_keys.dtype), self.q_keys)
         reference.latent_attention(
             q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
-            self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n], sink=sink)
+            self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n], sink=sink,
+            roped_keys=self.roped_keys)
 
     def _sink_step(self, exact: torch.Tensor, md):
         """Store the exact K/V of this step's position-0 tokens (keyed by their sequence's first block) and read

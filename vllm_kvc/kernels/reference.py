@@ -10,6 +10,8 @@ Importable without vLLM. Conventions (same as vLLM's v1 attention metadata):
 - Factors on this rank: ``b_k [G, rank_k, gs*hd]``, ``b_v [G, rank_v, gs*hd]``, optional biases
   ``bias_k, bias_v [G*gs*hd]``. K_j = RoPE(c_k B_k + bias_k); V = c_v B_v + bias_v, with B_v applied after the
   attention-weighted sum of latents (it is linear, and the weights sum to one, so the bias is added once).
+- Roped keys (``roped_keys=True``): the K latent codes the *roped* key (``k_j ~ c_k B_k``, no RoPE at attention)
+  and ``q`` is already projected per head, ``q B_k^T`` ``[num_tokens, Hq, rank_k]``: scores are ``q . c_k``.
 - ``q``: ``[num_tokens, Hq, hd]``, RoPE already applied. ``cos_sin_cache``: ``[max_pos, rot_dim]`` (vLLM's
   format: cos halves then sin halves), neox or GPT-J style.
 """
@@ -125,21 +127,40 @@ def head_factor_views(b_v: torch.Tensor, layout: LatentLayout, num_q_heads: int)
     return grp, bv[grp, :, within, :]
 
 
+def head_key_views(b_k: torch.Tensor, layout: LatentLayout, num_q_heads: int) -> torch.Tensor:
+    """Per query head, its KV head's rows of B_k, transposed: [Hq, hd, rank_k] (roped keys: a query head's
+    latent query is ``q_h @ out[h]``)."""
+    q_per_kv = num_q_heads // layout.num_kv_heads
+    kv_head = torch.arange(num_q_heads, device=b_k.device) // q_per_kv
+    bk = b_k.view(layout.groups, layout.rank_k, layout.group_size, layout.head_dim)
+    return bk[kv_head // layout.group_size, :, kv_head % layout.group_size, :].transpose(1, 2)
+
+
 def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                      b_k: torch.Tensor, b_v: torch.Tensor, bias_k, bias_v,
                      cos_sin_cache: torch.Tensor, scale: float, is_neox: bool = True,
                      out: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32,
-                     sink=None) -> torch.Tensor:
+                     sink=None, roped_keys: bool = False) -> torch.Tensor:
     """Varlen causal attention over latent paged KV (prefill, chunked prefill and decode alike).
 
     Requests with one query token (decodes) are computed together as one padded batch; the others one by one.
     ``sink``: None, or ``(k0 [R, Hkv, hd], v0 [R, Hkv, hd], on [R] bool)`` per request: where ``on``, position 0
     is attended with these exact keys (roped: position 0 rotates by nothing) and values instead of its latent
-    row (the exact first token of method ``tcode``)."""
-    n_tok, hq, hd = q.shape
+    row (the exact first token of method ``tcode``). ``roped_keys``: ``q`` is ``[num_tokens, Hq, rank_k]`` (see
+    the module notes); the output still ``[num_tokens, Hq, hd]``."""
+    n_tok, hq = q.shape[:2]
+    hd = layout.head_dim
+    if roped_keys and sink is not None:
+        raise ValueError("roped keys and an exact first token (sink) do not combine")
     if out is None:
         out = torch.empty(n_tok, hq, hd, dtype=q.dtype, device=q.device)
+
+    def keys(ck, positions=None):  # cached keys as the scores read them: [..., T, G, rk] or roped [..., T, Hkv, hd]
+        if roped_keys:
+            return ck
+        return rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox, positions=positions)
+
     _, bv_heads = head_factor_views(b_v.to(compute_dtype), layout, hq)
     bias_v_heads = None
     if bias_v is not None:
@@ -149,8 +170,8 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     sls = seq_lens.tolist()
     decodes = [r for r in range(len(sls)) if qsl[r + 1] - qsl[r] == 1]
     if len(decodes) > 1:
-        _decode_batch(q, kv_cache, layout, block_table, sls, qsl, decodes, b_k, bv_heads, bias_k, bias_v_heads,
-                      cos_sin_cache, scale, is_neox, out, compute_dtype, sink)
+        _decode_batch(q, kv_cache, layout, block_table, sls, qsl, decodes, keys, bv_heads, bias_v_heads, scale, out,
+                      compute_dtype, sink)
         done = set(decodes)
     else:
         done = set()
@@ -160,7 +181,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
             continue
         rows = gather_rows(kv_cache, block_table[r], s)
         ck, cv = layout.unpack(rows, compute_dtype)
-        k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox)  # [s, Hkv, hd]
+        k = keys(ck)  # [s, Hkv, hd] (roped keys: the latents [s, G, rk])
         sv = None
         if sink is not None and bool(sink[2][r]):
             k[0] = sink[0][r].to(k.dtype)
@@ -172,7 +193,8 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
 
 
 def _attend(q, k, cv, seq_lens, bv_heads, bias_v_heads, scale, causal, sink_v=None):
-    """q [B, nq, Hq, hd], k [B, S, Hkv, hd], cv [B, S, G, rv] -> [B, nq, Hq, hd].
+    """q [B, nq, Hq, hd], k [B, S, Hkv, hd], cv [B, S, G, rv] -> [B, nq, Hq, hd] (roped keys: q [B, nq, Hq, rk],
+    k the latents [B, S, G, rk]).
 
     Key j of batch row b is visible to query i if j < seq_lens[b] and (causal) j <= seq_lens[b] - nq + i.
     ``sink_v``: None or (v0 [B, Hkv, hd], on [B] bool): where on, position 0's value is v0, not its latent."""
@@ -198,8 +220,8 @@ def _attend(q, k, cv, seq_lens, bv_heads, bias_v_heads, scale, causal, sink_v=No
     return o.permute(0, 2, 1, 3)
 
 
-def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, bv_heads, bias_k, bias_v_heads,
-                  cos_sin_cache, scale, is_neox, out, compute_dtype, sink=None):
+def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, keys, bv_heads, bias_v_heads, scale, out,
+                  compute_dtype, sink=None):
     """One query token per request, all requests at once. Requests of different lengths: only the cached rows
     themselves are gathered, decoded and rebuilt (one flat list of tokens, RoPE at each token's position), and
     the padded [B, S] layout the scores and the value-latent sum need is filled from it (value latents: zeros
@@ -214,7 +236,7 @@ def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, bv_head
         nblk = (smax + bs - 1) // bs
         rows = kv_cache[blocks[:, :nblk].to(dev)].reshape(b, nblk * bs, kv_cache.shape[-1])[:, :smax]
         ck, cv = layout.unpack(rows, compute_dtype)  # [B, S, G, r]
-        kp = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox)  # [B, S, Hkv, hd], positions 0..S-1
+        kp = keys(ck)  # [B, S, Hkv, hd], positions 0..S-1
         cvp = cv
     else:
         pos = torch.arange(smax)
@@ -222,7 +244,7 @@ def _decode_batch(q, kv_cache, layout, block_table, sls, qsl, reqs, b_k, bv_head
         bi, pi = bi.to(dev), pi.to(dev)
         rows = kv_cache[blocks.to(dev)[bi, pi // bs], pi % bs]  # [T, row_elems]; any block strides work
         ck, cv = layout.unpack(rows, compute_dtype)  # [T, G, r]
-        k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox, positions=pi)  # [T, Hkv, hd]
+        k = keys(ck, pi)  # [T, Hkv, hd]
         # keys in the [B, Hkv, hd, S] order the score matmul reads; padding left as is: its scores are masked to
         # -inf whatever they are
         kp = k.new_empty(b, k.shape[1], k.shape[2], smax).permute(0, 3, 1, 2)

@@ -52,6 +52,10 @@ class LowRankFields(Strict):
         None, ge=0, description="integer latents: values per fp16 scale; 0: one scale per token, head group and "
                                 "K/V (default for lowrank); method quant defaults to 32")
     factorization: Literal["whitened", "plain"] = "whitened"
+    keys: Literal["pre_rope", "roped"] = Field(
+        "pre_rope", description="pre_rope: key latents of the projection input, rebuilt and rotated at every step; "
+                                "roped: latents of the roped keys in a query-weighted basis, scored in the latent "
+                                "(no key rebuild; CPU path only so far)")
 
     @property
     def k_ratio(self) -> float:
@@ -71,6 +75,7 @@ class LatentPlan(Plan):
     ranks_k: tuple[int, ...]
     ranks_v: tuple[int, ...]
     identity: bool = False  # full-rank identity factors (the latent is K / V itself), no rotation
+    roped_keys: bool = False  # the K latent codes the roped key; queries score it (calibrate.py)
 
     method = "lowrank"
 
@@ -160,7 +165,7 @@ class LowRank(Method):
         if dt == "auto":
             dt = shape.dtype if shape.dtype in FLOAT_LATENTS else "bfloat16"
         spec = make_spec(cfg.latent_dtype_k or dt, cfg.latent_dtype_v or dt, cfg.quant_group or 0)
-        return LatentPlan(shape, spec, cfg.group_size, tuple(rk), tuple(rv))
+        return LatentPlan(shape, spec, cfg.group_size, tuple(rk), tuple(rv), roped_keys=cfg.keys == "roped")
 
     def prepare(self, model_dir, cfg, shape, tp_size=1, build=True):
         from vllm_kvc.calibrate import build_factors
@@ -177,10 +182,12 @@ class LowRank(Method):
                               head_dim=layer.head_dim, rank_k=plan.ranks_k[i], rank_v=plan.ranks_v[i],
                               dtype=plan.latent_dtype)
         return LatentAttention(layer.num_heads, layer.head_dim, layer.scaling, layer.num_kv_heads, layout,
-                               factors_path=artifact, cache_config=cache_config, prefix=prefix)
+                               factors_path=artifact, cache_config=cache_config, prefix=prefix,
+                               roped_keys=plan.roped_keys)
 
     def describe(self, plan: LatentPlan) -> dict:
-        return {"latent_dtype": plan.latent_dtype, "group_size": plan.group_size}
+        return {"latent_dtype": plan.latent_dtype, "group_size": plan.group_size,
+                "keys": "roped" if plan.roped_keys else "pre_rope"}
 
     def allocate(self, model_dir, base, baseline_bytes, memory=None, max_rise=None):
         import dataclasses
@@ -198,11 +205,12 @@ class LowRank(Method):
     def emulate(self, model, plan: LatentPlan, artifact, cfg) -> list:
         from vllm_kvc.emulate import install_factors
 
-        return [h.remove for h in install_factors(model, str(artifact), plan.latent_dtype)]
+        return install_factors(model, str(artifact), plan.latent_dtype, roped_keys=plan.roped_keys)
 
     def bench_points(self, base, shape, model_dir, points, include, quality_pct=None,
                      plain_points=(0.50, 0.25), **_) -> list[dict]:
-        """Ours: ``kvc-alloc`` (allocate.py at each memory point) and ``kvc-alloc-q<X>`` (quality mode); baselines:
+        """Ours: ``kvc-alloc`` (allocate.py at each memory point), ``kvc-alloc-q<X>`` (quality mode) and
+        ``kvc-roped-k<b>v<b>`` (keys roped, full rank, ``ROPED_POINTS``: not for ``kvc-alloc``); baselines:
         ``svd-whitened`` / ``svd-plain`` (uniform rank, int8 latents)."""
         import dataclasses
 
@@ -221,6 +229,13 @@ class LowRank(Method):
                 a = allocate_quality(model_dir, fresh, quality_pct, base_bytes, lo_frac=0.1, hi_frac=0.4, iters=4)
                 out.append({"method": f"kvc-alloc-q{quality_pct:g}", "is_baseline": False, "target": None,
                             "compression": a.compression(fresh), "allocation": dataclasses.asdict(a)})
+        if _wanted("kvc-roped", include):  # keys roped at full rank, one uniform width per part (no allocation)
+            for bk, bv in ROPED_POINTS:
+                out.append({"method": f"kvc-roped-k{bk}v{bv}", "is_baseline": False, "target": None,
+                            "compression": base.model_validate({**common, "keys": "roped", "ratio": 1.0,
+                                                                "latent_dtype_k": f"int{bk}",
+                                                                "latent_dtype_v": f"int{bv}", "latent_dtype": "int8",
+                                                                "quant_group": 32})})
         groups = shape.num_kv_heads // base.group_size
         plain = [f for f in plain_points if f in points] or list(points)[:1]  # plain SVD: a few points suffice
         for name, fact, pts in (("svd-whitened", "whitened", points), ("svd-plain", "plain", plain)):
@@ -234,6 +249,10 @@ class LowRank(Method):
                             "compression": base.model_validate({**common, "factorization": fact,
                                                                 "latent_dtype": "int8", "ranks": {"k": r, "v": r}})})
         return out
+
+
+# ``kvc-roped-k<K bits>v<V bits>`` points of ``bench pareto``: full-rank roped keys and full-rank values, g32 scales
+ROPED_POINTS = ((4, 4), (2, 4), (4, 2))
 
 
 def _wanted(name: str, include) -> bool:

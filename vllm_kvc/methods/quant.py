@@ -38,7 +38,8 @@ class Quant(LowRank):
         qg = cfg.quant_group if cfg.quant_group is not None else 32
         spec = make_spec(f"int{cfg.bits}", f"int{cfg.bits}", qg)
         n = shape.num_layers
-        return QuantPlan(shape, spec, cfg.group_size, (full,) * n, (full,) * n, identity=True)
+        return QuantPlan(shape, spec, cfg.group_size, (full,) * n, (full,) * n, identity=True,
+                         roped_keys=cfg.keys == "roped")
 
     def bench_points(self, base, shape, model_dir, points, include, **_) -> list[dict]:
         common = dict(group_size=base.group_size, calibration=base.calibration.model_dump())
