@@ -44,6 +44,10 @@ def main() -> None:
     ap.add_argument("--corpus", default="heldout")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-pre-rope", action="store_true")
+    ap.add_argument("--segments", default="", help="comma-separated tcode-style K rows for roped keys, e.g. "
+                                                   "'48x4+112x2,192x2': coordinates in the order of the score "
+                                                   "factors' singular values, each segment rotated, one fp16 "
+                                                   "scale per segment and token (instead of --ranks/--dtypes)")
     ap.add_argument("--code-first", action="store_true", help="code the first token's key too (what lowrank "
                                                              "serves; default: kept exact, as tcode's sink)")
     a = ap.parse_args()
@@ -75,19 +79,55 @@ def main() -> None:
                           "dense_ppl": round(dense, 4), "ppl": round(ppl, 4),
                           "rise_pct": round(100 * (ppl / dense - 1), 2)}), flush=True)
 
+    def install(factors, code_lat):
+        def coder(fa, fb):
+            def code(k):
+                kh = code_lat(k @ fa) @ fb.t()
+                if not a.code_first:
+                    kh[..., :1, :] = k[..., :1, :]
+                return kh
+            return code
+        return install_roped_keys(model, [coder(fa, fb) for fa, fb in factors])
+
+    for text in filter(None, a.segments.split(",")):
+        from vllm_kvc.bitalloc import roundtrip_bits
+        from vllm_kvc.factorize import rotation
+        from vllm_kvc.plan import parse_segments
+
+        segs = parse_segments(text)
+        width = sum(w for w, _ in segs)
+        rots = torch.block_diag(*[rotation(w, seed=j) for j, (w, _) in enumerate(segs)])
+        factors = []
+        for i in range(len(model.model.layers)):
+            fa, fb = score_factors(cq[i], ck[i], width)
+            factors.append(((fa @ rots).float(), (fb @ rots).float()))
+
+        def code_lat(lat, segs=segs):
+            out, off = [], 0
+            for w, bits in segs:
+                out.append(roundtrip_bits(lat[..., off:off + w], bits, 0))
+                off += w
+            return torch.cat(out, -1)
+
+        undo = install(factors, code_lat)
+        try:
+            with torch.no_grad():
+                ppl = perplexity(model, chunks)
+        finally:
+            for u in undo:
+                u()
+        nbytes = sum(w * b // 8 for w, b in segs) + 2 * len(segs)
+        print(json.dumps({"keys": "roped", "segments": text, "k_bytes_per_layer": nbytes, "corpus": a.corpus,
+                          "first_exact": not a.code_first, "tokens": sum(map(len, chunks)),
+                          "dense_ppl": round(dense, 4), "ppl": round(ppl, 4),
+                          "rise_pct": round(100 * (ppl / dense - 1), 2)}), flush=True)
+    if a.segments:
+        return
     for rank in ranks:
         factors = [tuple(t.float() for t in score_factors(cq[i], ck[i], rank, rotate=True))
                    for i in range(len(model.model.layers))]
         for spec in dtypes:
-            def coder(fa, fb, spec=spec):
-                def code(k):
-                    kh = _round(k @ fa, spec) @ fb.t()
-                    if not a.code_first:
-                        kh[..., :1, :] = k[..., :1, :]
-                    return kh
-                return code
-
-            undo = install_roped_keys(model, [coder(fa, fb) for fa, fb in factors])
+            undo = install(factors, lambda lat, spec=spec: _round(lat, spec))
             try:
                 with torch.no_grad():
                     report("roped", rank, spec, perplexity(model, chunks))

@@ -101,3 +101,20 @@ def test_sensitivity_key_carries_the_quantizer_version(tmp_path, monkeypatch):
     cfg = CompressionConfig(group_size=3)
     fk, sk = al._fisher_key("m", cfg, al.DEFAULT_PROBE), al.sensitivity_key("m", cfg, al.DEFAULT_PROBE)
     assert fk != sk  # allocations priced with the version-1 quantizer are not reused
+
+
+@pytest.mark.parametrize("bits,group,groups,r", [(4, 32, 1, 192), (4, 32, 1, 120), (4, 0, 2, 64), (2, 32, 3, 96),
+                                                 (2, 16, 1, 40), (4, 8, 2, 24)])
+def test_byte_table_decoder_is_bitwise_the_elementwise_one(bits, group, groups, r):
+    """layout.decode_packed (one embedding lookup per byte, whole scale groups or a partial last one) returns
+    exactly ``dequantize(unpack_codes(...))``, both level tables (either scale sign) included."""
+    from vllm_kvc.layout import decode_packed, pack_codes, unpack_codes
+
+    g = torch.Generator().manual_seed(bits * 100 + r)
+    x = torch.randn(37, groups, r, generator=g) * torch.logspace(0, -1, r)
+    codes, scales = quantize(x, bits, group)
+    scales[::3] = -scales[::3]  # both level tables in use whatever the quantizer chose
+    packed = pack_codes(codes.reshape(37, groups * r), bits)
+    want = dequantize(unpack_codes(packed, bits, groups * r).reshape(37, groups, r), scales, bits, group)
+    got = decode_packed(packed, scales, bits, group, groups, r)
+    assert torch.equal(got, want)

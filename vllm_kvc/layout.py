@@ -410,7 +410,8 @@ def decode_packed(packed: torch.Tensor, scales: torch.Tensor, bits: int, group: 
                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``dequantize(unpack_codes(packed, bits, groups * r).reshape(..., groups, r), scales, bits, group)`` with
     the same values, faster on CPUs: 4 / 2-bit parts whose scale groups start on bytes are decoded by one
-    gather per byte from a 512-row table of byte -> levels (both tables), then one multiply by |scale|.
+    gather per byte from a 512-row table of byte -> levels (both tables; an embedding lookup, ~3x faster than
+    advanced indexing on CPUs), then one multiply by |scale|.
     packed [..., nbytes], scales [..., groups, nscales] -> [..., groups, r]."""
     lead = packed.shape[:-1]
     per = 8 // bits if bits in (2, 4) else 0
@@ -419,12 +420,17 @@ def decode_packed(packed: torch.Tensor, scales: torch.Tensor, bits: int, group: 
         codes = unpack_codes(packed, bits, groups * r).reshape(*lead, groups, r)
         return dequantize(codes, scales, bits, group, out_dtype)
     nb = r // per  # bytes per head group
-    by = packed[..., : groups * nb].reshape(*lead, groups, nb).long()
+    by = packed[..., : groups * nb].reshape(*lead, groups, nb).to(torch.int32)
     s = scales.to(out_dtype)
+    table = _byte_levels(bits, packed.device, out_dtype)
     rep = span // per  # bytes per scale
-    sb = s.repeat_interleave(rep, dim=-1)[..., :nb] if s.shape[-1] > 1 else s.expand(*s.shape[:-1], nb)
-    idx = by + (sb < 0).long() * 256
-    vals = _byte_levels(bits, packed.device, out_dtype)[idx]  # [..., G, nb, per]
+    ns = s.shape[-1]
+    if ns == 1 or ns * rep == nb:  # whole scale groups: index and scale per group, no per-byte copies of scales
+        idx = by.reshape(*lead, groups, ns, nb // ns) | ((s < 0).to(torch.int32) << 8)[..., None]
+        vals = torch.nn.functional.embedding(idx, table)  # [..., G, ns, bytes per scale, per]
+        return (vals * s.abs()[..., None, None]).reshape(*lead, groups, r)
+    sb = s.repeat_interleave(rep, dim=-1)[..., :nb]
+    vals = torch.nn.functional.embedding(by | ((sb < 0).to(torch.int32) << 8), table)  # [..., G, nb, per]
     return (vals * sb.abs()[..., None]).reshape(*lead, groups, r)
 
 
