@@ -2,12 +2,16 @@
 
     PYTHONPATH=. python benchmarks/gpu_decode.py [--json out.json] [--sweep quick|full] [--no-prefill]
     PYTHONPATH=. python benchmarks/gpu_decode.py --formats default [--cases 64x4096,64x16384]
+    PYTHONPATH=. python benchmarks/gpu_decode.py --formats bfloat16:0.5,int4@g32:1 --roped [--roped-configs ...]
 
 Per case (batch x context, latent ratio) it prints median times (triton.testing.do_bench, L2 flushed between
 runs) of: dense bf16 SDPA (contiguous K/V, best of two GQA formulations), the naive path (rebuild K and V from
 the latents with matmuls, RoPE, then SDPA), and our Triton kernel (best configuration found by a small sweep,
 for each head-group size), next to the bytes floor (bytes read / measured copy bandwidth) and FLOP floor (FLOPs /
 measured bf16 matmul rate) of each. "ratio" = (rank_k + rank_v) / (2 * group_size * head_dim) per group.
+``--formats ... --roped``: each format also in the roped-key mode (the K latent codes the key after RoPE; the
+kernel scores the latent queries ``q B_k^T`` against it: no key rebuild, no RoPE), timed in the same call next to
+the pre-RoPE kernel and dense SDPA, with its own bytes floor.
 Needs a CUDA GPU, torch and triton; not vLLM.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from vllm_kvc.kernels import reference as kref  # noqa: E402
 from vllm_kvc.kernels import triton_latent as tk  # noqa: E402
 from vllm_kvc.kernels.triton_latent import LaunchConfig  # noqa: E402
 from vllm_kvc.layout import LatentLayout  # noqa: E402
@@ -113,7 +118,16 @@ class DecodeCase:
         self.factors = tk.prepare_factors(L, self.b_k, self.b_v, None, None, self.cs, True, tk.compute_dtype(self.q),
                                           rope_inv_freq())
         assert self.factors.inv_freq is not None
+        self.qt = self.factors_roped = None
         del ck, cv
+
+    def setup_roped(self):
+        """Roped keys: the latent queries q B_k^T per head [B, Hq, rank_k] (bf16) and factors without B_k."""
+        L = self.layout
+        views = kref.head_key_views(self.b_k.float(), L, HQ)  # [Hq, hd, rank_k]
+        self.qt = torch.einsum("bhd,hdr->bhr", self.q.float(), views).to(self.q.dtype).contiguous()
+        self.factors_roped = tk.prepare_factors(L, None, self.b_v, None, None, None, True, tk.compute_dtype(self.q),
+                                                roped_keys=True)
 
     # --- costs
     def kernel_bytes(self):
@@ -126,6 +140,12 @@ class DecodeCase:
         per_tok = 2 * L.groups * L.rank_k * L.group_size * HD + 2 * HQ * HD + 2 * HQ * L.rank_v
         return self.B * self.S * per_tok + self.B * 2 * HQ * L.rank_v * HD
 
+    def kernel_bytes_roped(self):
+        """Roped keys: cache rows + latent queries in, outputs out, B_v, block table (no B_k, no cos / sin)."""
+        L = self.layout
+        return (self.B * self.S * L.row_bytes + self.B * HQ * (L.rank_k + HD) * 2 + self.b_v.numel() * 2
+                + self.block_table.numel() * 4)
+
     def dense_bytes(self):
         return self.B * self.S * HKV * HD * 2 * 2 + 2 * self.q.numel() * 2
 
@@ -137,8 +157,13 @@ class DecodeCase:
         return tk.latent_decode(self.q, self.cache, self.layout, self.block_table, self.seq_lens, self.factors,
                                 self.scale, config=cfg)
 
-    def rebuild_dense(self):
-        """Naive rebuild: K = RoPE(c_k B_k), V = c_v B_v as [B, Hkv, S, hd] bf16."""
+    def run_kernel_roped(self, cfg: LaunchConfig | None = None):
+        return tk.latent_decode(self.qt, self.cache, self.layout, self.block_table, self.seq_lens, self.factors_roped,
+                                self.scale, config=cfg, roped_keys=True)
+
+    def rebuild_dense(self, rope: bool = True):
+        """Naive rebuild: K = RoPE(c_k B_k), V = c_v B_v as [B, Hkv, S, hd] bf16 (rope=False: K = c_k B_k, the
+        roped-key mode's keys)."""
         L = self.layout
         lat = self.lat_flat
         if L.quantized:
@@ -148,14 +173,16 @@ class DecodeCase:
             cv = lat[..., L.v_offset:].unflatten(-1, (L.groups, L.rank_v))
         k = torch.einsum("bsgr,grd->bsgd", ck, self.b_k).reshape(self.B, self.S, HKV, HD)
         v = torch.einsum("bsgr,grd->bsgd", cv, self.b_v).reshape(self.B, self.S, HKV, HD)
+        if not rope:
+            return k.transpose(1, 2), v.transpose(1, 2)
         cos = self.cs[: self.S, : HD // 2][None, :, None, :]
         sin = self.cs[: self.S, HD // 2:][None, :, None, :]
         k1, k2 = k[..., : HD // 2], k[..., HD // 2:]
         k = torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], -1)
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def run_naive(self):
-        k, v = self.rebuild_dense()
+    def run_naive(self, rope: bool = True):
+        k, v = self.rebuild_dense(rope)
         q4 = self.q.view(self.B, HKV, QPK, HD)
         return F.scaled_dot_product_attention(q4, k, v, scale=self.scale).reshape(self.B, HQ, HD)
 
@@ -230,6 +257,10 @@ def _warm_job(job):
         if kind == "decode":
             c = DecodeCase(2, 256, gs, rk, rv, lat)
             c.run_kernel(cfg)
+        elif kind == "roped":
+            c = DecodeCase(2, 256, gs, rk, rv, lat)
+            c.setup_roped()
+            c.run_kernel_roped(cfg)
         else:
             c = DecodeCase(2, 256, gs, rk, rv, lat)
             qf = torch.randn(2 * 256, HQ, HD, device=DEV, dtype=torch.bfloat16)
@@ -278,6 +309,7 @@ def parse_formats(text: str):
 
 
 CONFIGS: list = []  # --configs: replaces format_configs' grid
+ROPED_CONFIGS: list = []  # --roped-configs: tried in roped-key mode besides the defaults
 
 
 def parse_configs(text: str) -> list[LaunchConfig]:
@@ -343,6 +375,8 @@ def run_formats(args, bw, mm, results):
                        plan=str(tk.plan_launch(c.layout, HQ, B, B, max_query_len=1, angles_ok=True,
                                                max_ctx=S, sms=results["sms"])),
                        sweep_s=time.time() - t0)
+            if args.roped:
+                row["roped"] = time_roped(c, spec, bw, results)
             rows.append(row)
             results["formats"] = rows
             save_json(args, results)
@@ -356,6 +390,62 @@ def run_formats(args, bw, mm, results):
             del c
             torch.cuda.empty_cache()
     return rows
+
+
+def time_roped(c: DecodeCase, spec: str, bw: float, results) -> dict:
+    """The roped-key kernel on the same cache: the defaults and --roped-configs; error against dense SDPA over the
+    keys c_k B_k (no RoPE) and values c_v B_v."""
+    c.setup_roped()
+    ref_out = c.run_naive(rope=False)
+    tried = []
+    for cfg in [LaunchConfig()] + list(ROPED_CONFIGS):
+        try:
+            out = c.run_kernel_roped(cfg)
+            torch.cuda.synchronize()
+            err = rel(out, ref_out)
+            t = bench(lambda: c.run_kernel_roped(cfg))
+        except Exception as e:  # noqa: BLE001  (out of resources etc.)
+            tried.append(dict(cfg=dataclasses.asdict(cfg), error=str(e).splitlines()[0][:160]))
+            print(f"    roped {spec} {cfg}: {tried[-1]['error']}", flush=True)
+            continue
+        tried.append(dict(cfg=dataclasses.asdict(cfg), ms=t, err=err))
+    ok = [x for x in tried if "ms" in x]
+    best = min(ok, key=lambda x: x["ms"]) if ok else None
+    kb = c.kernel_bytes_roped()
+    r = dict(default=tried[0] if "ms" in tried[0] else None, best=best, tried=tried, bytes=kb,
+             bytes_floor_ms=kb / bw * 1e3,
+             plan=str(tk.plan_launch(c.layout, HQ, c.B, c.B, max_query_len=1, angles_ok=False, max_ctx=c.S,
+                                     sms=results["sms"])))
+    if best:
+        d = r["default"]
+        print(f"  {'roped':>15} r={c.layout.rank_k:3d}: dflt {d['ms'] if d else float('nan'):.4f} ms, best "
+              f"{best['ms']:.4f} ms [{cfg_text(best['cfg'])}] err {best['err']:.1e}; floor {r['bytes_floor_ms']:.4f}"
+              " ms", flush=True)
+    return r
+
+
+def print_roped_table(rows):
+    """Pre-RoPE vs roped keys vs dense SDPA, the measured defaults of each (same call, same cache)."""
+    print("| batch x ctx | latent dtype | rank K/V | % of bf16 K/V bytes | dense SDPA ms | pre-RoPE ms | pre-RoPE "
+          "floor ms | pre-RoPE / floor | pre-RoPE vs dense | roped ms | roped floor ms | roped / floor | roped vs dense"
+          " | roped vs pre-RoPE |")
+    print("|" + "---|" * 14)
+    for r in rows:
+        d, rr = r["default"], r.get("roped") or {}
+        rd = rr.get("default")
+        frac = r['row_bytes'] / r['dense_row_bytes']
+        pm = d["ms"] if d else float("nan")
+        rm = rd["ms"] if rd else float("nan")
+        rf = rr.get("bytes_floor_ms", float("nan"))
+        print(f"| {r['B']}x{r['S']} | {r['spec']} | {r['rank']} | {frac:.1%} | {r['dense_ms']:.4f} | {pm:.4f} | "
+              f"{r['bytes_floor_ms']:.4f} | {pm / r['bytes_floor_ms']:.2f} | {r['dense_ms'] / pm:.2f}x | {rm:.4f} | "
+              f"{rf:.4f} | {rm / rf:.2f} | {r['dense_ms'] / rm:.2f}x | {pm / rm:.2f}x |")
+    if any((r.get("roped") or {}).get("best") for r in rows):
+        print("\nroped keys, best of the defaults and --roped-configs:")
+        for r in rows:
+            b = (r.get("roped") or {}).get("best")
+            if b:
+                print(f"  {r['B']}x{r['S']} {r['spec']} r={r['rank']}: {b['ms']:.4f} ms [{cfg_text(b['cfg'])}]")
 
 
 def print_formats_table(rows):
@@ -582,10 +672,14 @@ def main():
                     "kernel 5 times and exit (for ncu)")
     ap.add_argument("--configs", default="", help="--formats: launch options tried instead of the built-in grid, "
                     "e.g. 'maxnreg=168;num_stages=2,maxnreg=168' (LaunchConfig fields)")
+    ap.add_argument("--roped", action="store_true", help="--formats: also time each format in the roped-key mode")
+    ap.add_argument("--roped-configs", default="", help="--roped: launch options tried besides the defaults "
+                    "(as --configs)")
     ap.add_argument("--formats", default="", help=f"latent formats vs dense, e.g. '{DEFAULT_FORMATS}' ('default': "
                     "that list); runs only this sweep")
     args = ap.parse_args()
     CONFIGS[:] = parse_configs(args.configs)
+    ROPED_CONFIGS[:] = parse_configs(args.roped_configs)
     BS = args.block_size
     if args.formats == "default":
         args.formats = DEFAULT_FORMATS
@@ -618,6 +712,12 @@ def main():
                     for spec, ratio in parse_formats(args.formats)
                     for cfg in [LaunchConfig()] + ([] if args.no_sweep else format_configs(spec))
                     for ns in ((cfg.num_splits,) if cfg.num_splits else (1, 2))]
+            if args.roped:
+                jobs += [("roped", 1, int(round(ratio * HD)), int(round(ratio * HD)), spec,
+                          dataclasses.replace(cfg, num_splits=ns))
+                         for spec, ratio in parse_formats(args.formats)
+                         for cfg in [LaunchConfig()] + list(ROPED_CONFIGS)
+                         for ns in ((cfg.num_splits,) if cfg.num_splits else (1, 2))]
             precompile(jobs, args.precompile)
         rows = run_formats(args, bw, mm, results)
         save_json(args, results)
@@ -625,6 +725,10 @@ def main():
         print(f"decode, one Llama-3-8B layer (32 q / 8 kv heads, d=128), gs=1, block size {BS}; "
               f"median ms ({args.timer})")
         print_formats_table(rows)
+        if args.roped:
+            print()
+            print("roped keys vs pre-RoPE vs dense (measured defaults; bytes floor = bytes read / copy bandwidth)")
+            print_roped_table(rows)
         print(f"\nJSON: {args.json}")
         return
     if args.precompile:

@@ -805,3 +805,293 @@ def test_latent_step_replays_in_a_cuda_graph(lat_dtype):
     graph.replay()
     torch.cuda.synchronize()
     _check_step(args, lat, slots, out, before)
+
+
+# ------------------------------------------------------------------------------------------------ roped keys
+# The K latents code the keys after RoPE (reference.latent_attention(..., roped_keys=True)): the caller passes each
+# head's latent query q B_k^T [n, Hq, rank_k] and the kernels score the dequantized K latent tile with it directly
+# (no key rebuild, no RoPE, no cos / sin; a ROPED constexpr of both kernels). Oracle: the fp64 reference.
+
+
+def roped_query(args) -> torch.Tensor:
+    """The latent queries of a case: q B_k^T per query head (reference.head_key_views), rounded to q's dtype."""
+    lay, q = args["layout"], args["q"]
+    views = ref.head_key_views(args["b_k"].float(), lay, q.shape[1])
+    return torch.einsum("nhd,hdr->nhr", q.float(), views).to(q.dtype)
+
+
+def roped_call_args(args, qt, bare=False):
+    """latent_attention's arguments with the latent queries; ``bare``: without the inputs roped keys do not read."""
+    a = dict(args, q=qt)
+    if bare:
+        a.update(b_k=None, bias_k=None, cos_sin_cache=None)
+    return a
+
+
+def ref_out_roped(args, qt) -> torch.Tensor:
+    a = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in args.items()}
+    a["q"] = qt.cpu()
+    out = torch.empty(qt.shape[0], qt.shape[1], a["layout"].head_dim, dtype=torch.float64)
+    return ref.latent_attention(**a, out=out, compute_dtype=torch.float64, roped_keys=True)
+
+
+# (name, latent dtype, seq_lens, q_lens, case kwargs, call kwargs); "bare": b_k, bias_k, cos_sin_cache passed as None
+ROPED_CASES = [
+    # the multi-head decode kernel (gs 1, one query per program): rank_k != rank_v, ranks not powers of two
+    ("decode_bf16", "bfloat16", [1, 37, 70], [1, 1, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=16, rv=24, bs=16),
+     dict(max_query_len=1, bare=True)),
+    ("decode_heads2_split_bias_rank24", "bfloat16", [3, 61, 90], [1, 1, 1],
+     dict(G=4, gs=1, qpk=2, hd=32, rk=24, rv=16, bs=5, bias=True), dict(max_query_len=1, heads=2, num_splits=4,
+                                                                          block_t=16)),
+    ("decode_varlen_lazy_max_tile_rot_ignored", "bfloat16", [3, 61, 90, 40], [1, 1, 2, 1],
+     dict(G=4, gs=1, qpk=2, hd=32, rk=32, rv=16, bs=32, bias=True),
+     dict(heads=2, num_splits=2, block_t=16, lazy_max=True, tile_rotation=True)),
+    ("decode_fp16_fp32_latents", "float32", [26, 19], [1, 1], dict(G=2, gs=1, qpk=1, hd=64, rk=20, rv=16, bs=16,
+                                                                     dtype=torch.float16), dict(max_query_len=1)),
+    ("decode_generic_heads0_p2", "bfloat16", [45, 8, 33], [1, 1, 1], dict(G=2, gs=1, qpk=3, hd=32, rk=20, rv=28,
+                                                                          bs=8, bias=True),
+     dict(max_query_len=1, heads=0, num_splits=2, block_t=16, pieces=2, bare=True)),
+    # integer latents: the original int8 layout (generic kernel, per-token scales on the scores), packed 4-bit as
+    # even / odd nibble tiles (K_SPLIT, also a padded rank 48 of 64), per-value 4-bit (odd rank), int8 / int4
+    ("int8_decode_generic", "int8", [2, 77, 40], [1, 1, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=32, rv=32, bs=16),
+     dict(max_query_len=1, num_splits=2, block_t=32)),
+    ("int4_g32_decode_nibbles", "int4@g32", [3, 70, 130], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=64, rk=64, rv=48,
+                                                                          bs=16, bias=True),
+     dict(max_query_len=1, heads=2, block_t=16, num_splits=2, bare=True)),
+    # 32-token tiles: with 16-token tiles this layout (4-bit V tile of 16 bytes, one head per program, table
+    # RoPE) is wrong on the H200 (triton 3.6) in the pre-RoPE mode too (benchmarks/results/gpu_roped_diag.txt)
+    ("int4_decode_nibbles_rank48", "int4", [5, 66], [1, 1], dict(G=2, gs=1, qpk=3, hd=64, rk=48, rv=32, bs=16),
+     dict(max_query_len=1, block_t=32, lazy_max=True)),
+    ("int4_g32_decode_odd_rank", "int4@g32", [3, 61, 90], [1, 1, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=31, rv=24,
+                                                                          bs=5), dict(max_query_len=1, num_splits=2,
+                                                                                      block_t=16)),
+    ("int8_int4_decode_heads2", "int8/int4", [2, 77, 40], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=24, rv=30,
+                                                                          bs=16),
+     dict(max_query_len=1, heads=2, block_t=16)),
+    # prefill, chunked prefill and mixed batches (generic kernel): GPT-J / partial rotary factors change nothing
+    # (no head-dim permutation of the latent queries), gs 2 (one K latent for the group's KV heads), int layouts
+    ("prefill_chunked_mixed", "bfloat16", [5, 40, 50, 21], [5, 1, 19, 0], dict(G=2, gs=1, qpk=2, hd=32, rk=24, rv=32,
+                                                                               bs=16), dict(bare=True)),
+    ("prefill_gs2_gptj_partial_bias", "bfloat16", [29, 18], [29, 7], dict(G=1, gs=2, qpk=2, hd=32, rk=40, rv=64,
+                                                                          bs=8, bias=True, is_neox=False, rot=16),
+     dict(block_t=16)),
+    ("int8_prefill_gs2", "int8", [33, 12], [9, 12], dict(G=1, gs=2, qpk=1, hd=32, rk=48, rv=24, bs=4, bias=True),
+     dict(block_t=16)),
+    ("int4_g32_prefill_gs2", "int4@g32", [33, 12], [9, 12], dict(G=1, gs=2, qpk=1, hd=32, rk=40, rv=24, bs=4),
+     dict(block_t=16)),
+    ("int2_g32_odd_ranks_prefill", "int2@g32", [29, 18], [29, 7], dict(G=2, gs=1, qpk=2, hd=32, rk=13, rv=22, bs=8),
+     dict(block_t=16)),
+    ("int8_int4_g32_varlen_half_bytes", "int8/int4@g32", [5, 40, 50, 21], [2, 1, 3, 0],
+     dict(G=2, gs=1, qpk=3, hd=32, rk=29, rv=7, bs=16), dict(block_t=16)),
+]
+if CUDA:
+    ROPED_CASES += [
+        ("gpu_llama_bf16_r64", "bfloat16", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64), dict(max_query_len=1, bare=True)),
+        ("gpu_llama_bf16_r32_long", "bfloat16", [16384, 1, 9001, 4097], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32, bs=16), dict(max_query_len=1)),
+        ("gpu_llama_int4_g32_r128", "int4@g32", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(max_query_len=1)),
+        ("gpu_llama_int4_g32_r112_split", "int4@g32", [16384, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=112, rv=112, bs=64), dict(max_query_len=1, num_splits=3)),
+        ("gpu_llama_int8_r128", "int8", [3000, 17], [1, 1], dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64),
+         dict(max_query_len=1)),
+        ("gpu_llama_int8_int4_rk64_rv48", "int8/int4", [2049, 513, 100], [1] * 3,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=48, bs=16), dict(max_query_len=1)),
+        ("gpu_llama_int4_g32_r112_heads2", "int4@g32", [2049, 513, 100], [1] * 3,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=112, rv=112, bs=64), dict(max_query_len=1, heads=2)),
+        ("gpu_llama_prefill_chunked", "bfloat16", [1000, 300, 517], [1000, 1, 77],
+         dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64), dict()),
+        ("gpu_llama_int4_g32_prefill_rk48_rv80", "int4@g32", [1000, 300, 517], [1000, 1, 77],
+         dict(G=8, gs=1, qpk=4, hd=128, rk=48, rv=80, bs=64), dict()),
+        ("gpu_gs2_rank_chunked_int4_g32", "int4@g32", [700, 129], [1, 129],
+         dict(G=2, gs=2, qpk=4, hd=128, rk=162, rv=96, bs=16), dict()),
+        ("gpu_gs2_int8_decode", "int8", [2049, 513, 100], [1] * 3, dict(G=4, gs=2, qpk=4, hd=128, rk=64, rv=64, bs=16),
+         dict(max_query_len=1)),
+    ]
+
+
+@pytest.mark.parametrize("name,lat,seq_lens,q_lens,case_kw,call_kw", ROPED_CASES, ids=[c[0] for c in ROPED_CASES])
+def test_triton_roped_keys_match_reference(name, lat, seq_lens, q_lens, case_kw, call_kw):
+    """Roped keys on the kernels against the fp64 roped-key oracle (same latent queries, same cache bytes); gs 1
+    decode of every layout but the original int8 stays on the multi-head decode kernel."""
+    tk = kernels()
+    args, _ = make_case(seq_lens, q_lens, lat_dtype=lat, **case_kw)
+    qt = roped_query(args)
+    expect = ref_out_roped(args, qt)
+    call_kw = dict(call_kw)
+    bare = call_kw.pop("bare", False)
+    kw, cfg = split_kw(call_kw)
+    if cfg.tile_rotation:  # asked for, and ignored: roped keys have no RoPE in the kernel
+        kw["inv_freq"] = rope_inv_freq(args["cos_sin_cache"].shape[-1]).to(DEV)
+    out = torch.full((qt.shape[0], qt.shape[1], case_kw["hd"]), float("nan"), dtype=qt.dtype, device=DEV)
+    res = tk.latent_attention(**roped_call_args(args, qt, bare), out=out, config=cfg, roped_keys=True, **kw)
+    assert res is out
+    plan = plan_of(args, cfg, kw.get("max_query_len"))
+    if tk.heads_supported(args["layout"], qt.shape[1]) and cfg.heads != 0 and kw.get("max_query_len") == 1:
+        assert plan.kernel == "decode"
+    err = rel_err(out, expect)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+    # without an output buffer: allocated as [n, Hq, head_dim]
+    out2 = tk.latent_attention(**roped_call_args(args, qt, bare), config=cfg, roped_keys=True, **kw)
+    assert out2.shape == out.shape and rel_err(out2, expect) < TOL
+
+
+@pytest.mark.parametrize("lat", ["bfloat16", "int4@g32", "int8"])
+def test_triton_roped_keys_rank_chunks_gs2(lat):
+    """rank_k > 128 (the generic kernel's rank chunks of 128) with roped keys: a decode and a chunk of a prompt."""
+    tk = kernels()
+    args, _ = make_case([300 if CUDA else 70, 41], [1, 17], G=1, gs=2, qpk=2, hd=128, rk=160, rv=32, bs=16,
+                        lat_dtype=lat)
+    qt = roped_query(args)
+    out = tk.latent_attention(**roped_call_args(args, qt), roped_keys=True, config=tk.LaunchConfig(block_t=16))
+    assert rel_err(out, ref_out_roped(args, qt)) < TOL
+
+
+ROPED_REBUILD_CASES = [
+    ("mixed_prefill_decode_chunk", "bfloat16", [40, 37, 50, 21, 9], [40, 1, 19, 0, 1],
+     dict(G=2, gs=1, qpk=2, hd=32, rk=16, rv=24, bs=16), 16, [0, 2]),
+    ("gs2_bias_int4_g32_chunk", "int4@g32", [29, 18, 33], [29, 7, 1], dict(G=1, gs=2, qpk=2, hd=32, rk=40, rv=64, bs=8,
+                                                                           bias=True), 8, [0]),
+    ("int8_ranks_not_multiples_of_8", "int8", [70, 33], [20, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=20, rv=28, bs=32),
+     16, [0]),
+]
+if CUDA:
+    ROPED_REBUILD_CASES += [
+        ("gpu_llama_prompt_decodes_chunk", "bfloat16", [4100, 300, 1000, 4096], [4100, 1, 1000, 1],
+         dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32, bs=64), None, [0]),
+        ("gpu_llama_int4_g32_r112_chunked_prompts", "int4@g32", [8192, 4096, 700, 4096], [2048, 2048, 1, 512],
+         dict(G=8, gs=1, qpk=4, hd=128, rk=112, rv=112, bs=64), None, [0]),
+    ]
+
+
+@pytest.mark.parametrize("name,lat,seq_lens,q_lens,case_kw,min_q,rebuilt", ROPED_REBUILD_CASES,
+                         ids=[c[0] for c in ROPED_REBUILD_CASES])
+def test_triton_roped_keys_long_prompts(name, lat, seq_lens, q_lens, case_kw, min_q, rebuilt):
+    """Roped keys, long prompts: the requests the plan rebuilds attend over their latents by SDPA (latent queries
+    on the key latents, value latents then B_v: dispatch.rebuild_roped_attention), the rest by the kernels."""
+    tk = kernels()
+    args, _ = make_case(seq_lens, q_lens, lat_dtype=lat, **case_kw)
+    qt = roped_query(args)
+    expect = ref_out_roped(args, qt)
+    cfg = tk.LaunchConfig()
+    if min_q is not None:  # small shapes: no minimum (query, key) pairs
+        cfg = tk.LaunchConfig(rebuild_min_queries=min_q, rebuild_min_work=0)
+    out = tk.latent_attention(**roped_call_args(args, qt, bare=True), max_query_len=max(q_lens),
+                              query_start_loc_cpu=args["query_start_loc"].cpu(), config=cfg, roped_keys=True)
+    assert list(plan_of(args, cfg, max(q_lens), long_prompts=True).rebuilt) == rebuilt
+    err = rel_err(out, expect)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
+def test_triton_roped_keys_decode_entry_and_checks():
+    """latent_decode with factors prepared for roped keys (no B_k, no table) == the oracle; wrong query widths and
+    mixing roped factors with a pre-RoPE call are refused with a clear message."""
+    tk = kernels()
+    args, _ = make_case([50, 9], [1, 1], G=2, gs=1, qpk=2, hd=32, rk=24, rv=32, bs=8, bias=True)
+    qt = roped_query(args)
+    f = tk.prepare_factors(args["layout"], None, args["b_v"], None, args["bias_v"], None,
+                           dtype=tk.compute_dtype(qt), roped_keys=True)
+    assert f.bk is None and f.cos is None and f.roped_keys
+    out = tk.latent_decode(qt, args["kv_cache"], args["layout"], args["block_table"], args["seq_lens"], f,
+                           args["scale"], config=tk.LaunchConfig(num_splits=2, block_t=16), roped_keys=True)
+    assert out.shape == args["q"].shape
+    assert rel_err(out, ref_out_roped(args, qt)) < TOL
+    with pytest.raises(ValueError, match="rank_k=24"):  # head-dim queries in roped mode
+        tk.latent_attention(**args, max_query_len=1, roped_keys=True)
+    with pytest.raises(ValueError, match="roped_keys=True"):  # roped factors, pre-RoPE call
+        tk.latent_decode(args["q"], args["kv_cache"], args["layout"], args["block_table"], args["seq_lens"], f,
+                         args["scale"])
+
+
+@pytest.mark.parametrize("lat_dtype", ["bfloat16", "int4@g32", "int8/int4"])
+def test_latent_step_roped_keys_writes_and_attends(lat_dtype):
+    """latent_step with roped keys: this step's rows are encoded and written as in the pre-RoPE mode (the same
+    check), and attention with the latent queries matches the roped-key oracle over the cache as written."""
+    tk = kernels()
+    gen = fresh_gen()
+    seq = [40, 7, 66]
+    args, _ = make_case(seq, [1] * 3, G=2, gs=1, qpk=2, hd=32, rk=32, rv=24, bs=16, lat_dtype=lat_dtype, gen=gen)
+    qt = roped_query(args)
+    lat, slots = _step_inputs(args, [s - 1 for s in seq], gen)
+    before = args["kv_cache"].clone()
+    out = torch.full_like(args["q"], float("nan"))
+    _step_call_roped(tk, roped_call_args(args, qt), lat, slots, out)
+    _check_rows_written(args, lat, slots, before)
+    assert rel_err(out, ref_out_roped(args, qt)) < TOL
+
+
+def _step_call_roped(tk, args, lat, slots, out):
+    """_step_call with roped keys (``args["q"]``: the latent queries)."""
+    a = {k: v for k, v in args.items() if k not in ("q", "kv_cache", "layout")}
+    return tk.latent_step(args["q"], lat, args["kv_cache"], args["layout"], slots, a.pop("block_table"),
+                          a.pop("seq_lens"), a.pop("query_start_loc"), **a, out=out, max_query_len=1, roped_keys=True)
+
+
+def _check_rows_written(args, lat, slots, cache_before):
+    """_check_step's checks of the rows written (given the pre-RoPE oracle's own output, its output check is
+    void)."""
+    _check_step(args, lat, slots, ref_out(args), cache_before)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs")
+@pytest.mark.parametrize("lat_dtype", ["bfloat16", "int4@g32", "int8/int4", "int8"])
+def test_latent_step_roped_keys_replays_in_a_cuda_graph(lat_dtype):
+    """The roped-key decode call captured in a CUDA graph; then the cache contents, the latent queries, this step's
+    latents, the slots and the cached lengths change in place, and the replay computes the new step (oracle: the
+    fp64 roped-key reference)."""
+    tk = kernels()
+    gen = fresh_gen()
+    seq = [700, 64, 1500, 9]
+    args, _ = make_case(seq, [1] * 4, G=8, gs=1, qpk=4, hd=128, rk=64, rv=48, bs=64, lat_dtype=lat_dtype, gen=gen)
+    qt = roped_query(args)
+    rargs = roped_call_args(args, qt, bare=True)
+    lat, slots = _step_inputs(args, [s - 1 for s in seq], gen)
+    out = torch.empty_like(args["q"])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and cache the factors outside the capture
+        for _ in range(2):
+            _step_call_roped(tk, rargs, lat, slots, out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _step_call_roped(tk, rargs, lat, slots, out)
+    # the next step, in place: new latent queries and latents, shorter histories (other slots), rewritten rows
+    new_seq = [699, 33, 1400, 9]
+    lat2, slots2 = _step_inputs(args, [s - 1 for s in new_seq], gen)
+    lat.copy_(lat2)
+    slots.copy_(slots2)
+    args["seq_lens"].copy_(torch.tensor(new_seq, dtype=torch.int32, device=DEV))
+    args["q"].copy_(torch.randn(args["q"].shape, generator=gen).to(args["q"].dtype).to(DEV))
+    qt.copy_(roped_query(args))
+    lay, bs = args["layout"], args["kv_cache"].shape[1]
+    blk = int(args["block_table"][2, 3])
+    ck, cv = torch.randn(bs, lay.groups, lay.rank_k, generator=gen), torch.randn(bs, lay.groups, lay.rank_v,
+                                                                                  generator=gen)
+    ref.write_latents(args["kv_cache"], torch.arange(blk * bs, blk * bs + bs, device=DEV), lay, ck.to(DEV),
+                      cv.to(DEV))
+    before = args["kv_cache"].clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    _check_rows_written(args, lat, slots, before)
+    assert rel_err(out, ref_out_roped(args, qt)) < TOL
+
+
+@pytest.mark.skipif(not CUDA, reason="the GPU path only")
+def test_gpu_roped_keys_never_reach_the_reference(monkeypatch):
+    """Roped keys on CUDA tensors: decode, varlen and prefill batches of every layout run on the kernels."""
+    tk = kernels()
+    cases = []
+    for lat in ("bfloat16", "int8", "int4", "int4@g32", "int8/int4", "int8/int4@g32", "int2", "int2@g32"):
+        for seq_lens, q_lens, gs in (([300, 17, 64], [1, 1, 1], 1), ([300, 40], [3, 40], 1), ([129, 20], [1, 1], 2)):
+            args, _ = make_case(seq_lens, q_lens, G=8 // gs, gs=gs, qpk=4, hd=128, rk=48, rv=40, bs=64, lat_dtype=lat)
+            qt = roped_query(args)
+            cases.append((lat, roped_call_args(args, qt, bare=True), ref_out_roped(args, qt), max(q_lens)))
+
+    def boom(*a, **k):
+        raise AssertionError("reference.latent_attention reached on the GPU")
+    monkeypatch.setattr(ref, "latent_attention", boom)
+    for lat, a, expect, mq in cases:
+        out = tk.latent_attention(**a, max_query_len=mq, roped_keys=True)
+        assert rel_err(out, expect) < TOL, lat

@@ -9,8 +9,7 @@ reference (kernels/reference.py) elsewhere.
 
 With ``roped_keys`` (``keys: roped``) the layer keeps the checkpoint's K projection: per token it emits the roped
 key's latent ``c = RoPE(k) A_k`` (per head group), and attention scores the cached latents with each query head's
-``q B_k^T`` (kernels/reference.py ``roped_keys``): no cached key is rebuilt or rotated. CPU path only so far (a
-CUDA engine refuses it at start-up).
+``q B_k^T`` (kernels/reference.py and the Triton kernels, ``roped_keys``): no cached key is rebuilt or rotated.
 
 With ``sink`` (method ``tcode``) the first token of every sequence is also kept exact: the layer computes that
 token's K and V with the checkpoint's own projections and keeps them in bf16 in a side pool keyed by the
@@ -108,14 +107,12 @@ class LatentAttention(RowAttention):
                 self.bias_kv = layer.qkv_proj.bias.data[layer.q_size:].clone()
         lay = self.layout
         if self.roped_keys:
-            if dev.type == "cuda":
-                raise ValueError(f"{getattr(self, 'layer_name', '')}: keys: roped is served by the CPU reference "
-                                 "path only so far; use keys: pre_rope on GPUs")
             # Q and the checkpoint's K projection, then A_v; the K latent is taken after RoPE (kvc_forward)
             kept, kept_bias = w[: layer.q_size + layer.kv_size].float().cpu(), layer.q_size + layer.kv_size
             gdim = lay.group_size * lay.head_dim
-            self.a_k = a_k.float().view(gdim, lay.groups, lay.rank_k).transpose(0, 1).contiguous().to(dev)
-            self.q_keys = reference.head_key_views(b_k.float(), lay, self.num_heads).contiguous().to(dev)
+            fdt = torch.float32 if dev.type == "cpu" else dt  # the model dtype on GPUs (as B_k / B_v below)
+            self.a_k = a_k.float().view(gdim, lay.groups, lay.rank_k).transpose(0, 1).contiguous().to(fdt).to(dev)
+            self.q_keys = reference.head_key_views(b_k.float(), lay, self.num_heads).contiguous().to(fdt).to(dev)
         else:
             kept, kept_bias = torch.cat([w[: layer.q_size].float().cpu(), a_k.t()]), layer.q_size
         layer.fused_weight = nn.Parameter(torch.cat([kept, a_v.t()]).to(dt).to(dev), requires_grad=False)
@@ -159,19 +156,20 @@ class LatentAttention(RowAttention):
         n = md.num_actual_tokens
         lat = key[:n]
         q = query[:n]
+        if self.roped_keys:  # each query head scores the cached latents directly: q B_k^T
+            q = torch.einsum("nhd,hdr->nhr", q.to(self.q_keys.dtype), self.q_keys)
         if q.is_cuda:  # every layout was checked at start-up (kvc_finalize): no fallback here; capturable decode
             _triton_ops().latent_step(
                 q, lat, cache, layout, md.slot_mapping, md.block_table, md.seq_lens, md.query_start_loc, self.b_k,
                 self.b_v, self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n],
-                inv_freq=self.inv_freq, max_query_len=md.max_query_len, query_start_loc_cpu=md.query_start_loc_cpu)
+                inv_freq=self.inv_freq, max_query_len=md.max_query_len, query_start_loc_cpu=md.query_start_loc_cpu,
+                roped_keys=self.roped_keys)
             return
         g, rk, rv = layout.groups, layout.rank_k, layout.rank_v
         lat_k = lat[:, : g * rk].reshape(n, g, rk)
         lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
         reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
         sink = self._sink_step(value[:n], md) if self.sink else None
-        if self.roped_keys:  # each query head scores the cached latents directly: q B_k^T
-            q = torch.einsum("nhd,hdr->nhr", q.to(self.q_keys.dtype), self.q_keys)
         reference.latent_attention(
             q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
             self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n], sink=sink,

@@ -15,6 +15,11 @@ values stay latent until ``B_v`` is applied once to the softmax-weighted sum. Mo
   device: capturable in CUDA graphs);
   ``dispatch.latent_step`` = encode + write + attention, the backend's whole call on CUDA.
 
+Roped keys (``roped_keys=True`` on :func:`latent_attention`, :func:`latent_decode`, :func:`latent_step`): the K
+latents code the keys after RoPE and ``q`` holds each head's latent query ``q B_k^T [n, Hq, rank_k]``; the kernels
+(a ``ROPED`` constexpr of both) score the dequantized K latent tile against it directly: no key rebuild, no RoPE,
+no cos / sin. Long prompts attend over the latents by SDPA (``dispatch.rebuild_roped_attention``).
+
 Every latent dtype of layout.py is read: float latents, the original int8 layout (generic kernel, per-token
 scales applied to the rebuilt keys and the weights), and packed integer layouts (int4, int2, mixed K/V widths,
 per-token or per-32-value scales), described per K/V part by ``config.row_format`` and dequantized in registers
@@ -26,13 +31,14 @@ from __future__ import annotations
 
 from .config import (REBUILD_MAX_TOKENS, REBUILD_MIN_QUERIES, REBUILD_MIN_WORK, LaunchConfig, check_supported,
                      compute_dtype, decode_defaults, default_splits, heads_supported)
-from .dispatch import (LatentFactors, LaunchPlan, angles_match, cached_factors, latent_attention, latent_decode,
-                       latent_step, plan_launch, prepare_factors, rebuild_candidates)
+from .dispatch import (LatentFactors, LaunchPlan, angles_match, cached_factors, check_roped, latent_attention,
+                       latent_decode, latent_step, plan_launch, prepare_factors, rebuild_candidates,
+                       rebuild_roped_attention)
 from .write import can_encode, encode_rows, write_rows
 
 __all__ = [
     "REBUILD_MAX_TOKENS", "REBUILD_MIN_QUERIES", "REBUILD_MIN_WORK", "LatentFactors", "LaunchConfig", "LaunchPlan",
     "angles_match", "cached_factors", "check_supported", "compute_dtype", "decode_defaults", "default_splits",
     "heads_supported", "latent_attention", "latent_decode", "latent_step", "plan_launch", "prepare_factors",
-    "rebuild_candidates", "write_rows", "can_encode", "encode_rows",
+    "rebuild_candidates", "write_rows", "can_encode", "encode_rows", "check_roped", "rebuild_roped_attention",
 ]

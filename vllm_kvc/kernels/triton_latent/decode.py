@@ -61,6 +61,7 @@ def _latent_decode_heads(
     K_LUT: tl.constexpr,
     V_OFF: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_SOFF: tl.constexpr, V_SPG: tl.constexpr,
     V_LUT: tl.constexpr, K_SPLIT: tl.constexpr, V_SPLIT: tl.constexpr, K_OVER: tl.constexpr, V_OVER: tl.constexpr,
+    ROPED: tl.constexpr = False,
 ):
     """Single-query attention (decode) at group size 1 for NKV KV heads per program.
 
@@ -82,6 +83,10 @@ def _latent_decode_heads(
     tiles, each multiplied with the matching rows of B_k (two dots into the same keys); for V both nibbles of a
     byte go into one tile, 8 columns apart (JOIN; ``acc`` rows in that order, B_v's rows picked to match in the
     epilogue and in the split-KV partials), so the value sum is one dot with 64 or more rows.
+
+    ROPED (roped keys, see reference.latent_attention): q holds each head's latent query ``[.., Hq, RK]`` and the
+    scores are the dequantized K latent tile dotted with it: no B_k, no RoPE, no cos / sin (TILE_ROT must be off).
+    K_SPLIT then dots the even / odd nibble tiles with the even / odd entries of the latent query.
     """
     HALF: tl.constexpr = HD // 2
     NV: tl.constexpr = NKV * RV_P
@@ -132,7 +137,16 @@ def _latent_decode_heads(
 
     # q in B_k's block order (x1 of 8 pairs, x2 of the same 8 pairs, ...): one score dot per head
     qd = (dc // 16) * 8 + dc % 8 + (dc % 16 >= 8).to(tl.int32) * HALF
-    if TILE_ROT:  # keys turn by their offset i in the tile (cos / sin computed once), the queries by -t0 once per
+    if ROPED:  # latent queries [RK_P, M_P] (K_SPLIT: their even and odd entries, [RK_P / 2, M_P] each)
+        if K_SPLIT:
+            q_e = tl.trans(tl.load(q_row[:, None] + 2 * cr2[None, :], mask=row_ok[:, None] & (2 * cr2 < RK)[None, :],
+                                   other=0.0).to(DT))
+            q_o = tl.trans(tl.load(q_row[:, None] + 2 * cr2[None, :] + 1,
+                                   mask=row_ok[:, None] & (2 * cr2 + 1 < RK)[None, :], other=0.0).to(DT))
+        else:
+            q_t = tl.trans(tl.load(q_row[:, None] + cr[None, :], mask=row_ok[:, None] & (cr < RK)[None, :],
+                                   other=0.0).to(DT))
+    elif TILE_ROT:  # keys turn by their offset i in the tile (cos / sin computed once), the queries by -t0 once per
         # tile (q . R(t0) R(i) k = (R(-t0) q) . (R(i) k)); each query element's pair partner, signed: the rotated
         # query is q * cos + q_partner * sin elementwise
         cos_k, sin_k = cos_sin_of(tt.to(tl.float32)[:, None] * tl.load(invf_ptr + dp)[None, :], PACKED)
@@ -155,7 +169,7 @@ def _latent_decode_heads(
             blk = blk_nxt
             blk_nxt = tile_blocks(bt_row, t0 + BLOCK_T, tt, hi_t, BS, BLOCK_T)
             t_ok, row_off = tile_rows(blk, t0, tt, t_stop, stride_cb, stride_cs, phase == 1, OFF64, BS, BLOCK_T)
-            if not TILE_ROT:  # cos / sin of the tile's positions, shared by the NKV heads
+            if (not TILE_ROT) and (not ROPED):  # cos / sin of the tile's positions, shared by the NKV heads
                 cos_k, sin_k = load_cos_sin(cos_ptr, sin_ptr, t[:, None] * stride_cos + dp[None, :], t_ok,
                                             phase == 1, not PACKED)
             s = tl.zeros([BLOCK_T, M_P], tl.float32)
@@ -164,11 +178,14 @@ def _latent_decode_heads(
                     ke, ko = load_nibbles(cache_ptr, row_off, t_ok, g0 + h, RK, (g0 + h) * K_SPG, K_SPG, 1,
                                           RK_P, RK, K_OFF, K_QG, K_SOFF, SCALE16, phase == 1, BLOCK_T, DT,
                                           PACKED, K_OVER)
-                    b_e = tl.load(bk_ptr + ((g0 + h) * RK + 2 * cr2[:, None]) * HD + dc[None, :],
-                                  mask=(2 * cr2 < RK)[:, None], other=0.0)
-                    b_o = tl.load(bk_ptr + ((g0 + h) * RK + 2 * cr2[:, None] + 1) * HD + dc[None, :],
-                                  mask=(2 * cr2 + 1 < RK)[:, None], other=0.0)
-                    kk = tl.dot(ko, b_o, tl.dot(ke, b_e))
+                    if ROPED:
+                        sc = tl.dot(ko, q_o, tl.dot(ke, q_e))
+                    else:
+                        b_e = tl.load(bk_ptr + ((g0 + h) * RK + 2 * cr2[:, None]) * HD + dc[None, :],
+                                      mask=(2 * cr2 < RK)[:, None], other=0.0)
+                        b_o = tl.load(bk_ptr + ((g0 + h) * RK + 2 * cr2[:, None] + 1) * HD + dc[None, :],
+                                      mask=(2 * cr2 + 1 < RK)[:, None], other=0.0)
+                        kk = tl.dot(ko, b_o, tl.dot(ke, b_e))
                 elif QUANT:
                     ck = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, (g0 + h) * RK, RK, (g0 + h) * K_SPG, K_SPG,
                                       1, RK_P, RK, K_OFF, K_BITS, K_QG, K_SOFF, K_LUT, SCALE16, phase == 1,
@@ -176,28 +193,33 @@ def _latent_decode_heads(
                 else:
                     ck = load_tile(cache_ptr + row_off[:, None] + (g0 + h) * RK + cr[None, :], t_ok, cr < RK,
                                    (phase == 1) or (RK != RK_P), False).to(DT)
-                if not K_SPLIT:
-                    bi = tl.load(bk_ptr + ((g0 + h) * RK + cr[:, None]) * HD + dc[None, :],
-                                 mask=(cr < RK)[:, None], other=0.0)
-                    kk = tl.dot(ck, bi)
-                k1, k2 = split_pairs(kk, BLOCK_T, HALF)
-                if HAS_BK:
-                    k1 += tl.load(bias1_ptr + (g0 + h) * HALF + dp)[None, :]
-                    k2 += tl.load(bias2_ptr + (g0 + h) * HALF + dp)[None, :]
-                if TILE_ROT:
-                    if h == 0:  # this tile's queries, turned back by the tile's first position. Computed after the
-                        # first rebuild: Triton 3.6 fences the shared-memory copy right before the dot, and the
-                        # barrier that must follow that fence is only inserted when no earlier barrier (the
-                        # rebuild's) sits between the copy and the dot. (t0 * 1.0: fp32, and a plain int in the
-                        # interpreter)
-                        c0, s0 = cos_sin_of((t0 * 1.0) * invf_q, PACKED, True)
-                        q_t = tl.trans((q_own * c0 + q_par * s0).to(DT))
-                if PACKED:  # packed bf16x2 math (cos / sin stay bf16)
-                    r1, r2 = rope_bf16x2(k1.to(DT), k2.to(DT), cos_k, sin_k)
+                if ROPED:  # the latent tile scored as it is: no B_k, no RoPE
+                    if not K_SPLIT:
+                        sc = tl.dot(ck, q_t)
+                    s = tl.where((hrow == h)[None, :], sc, s)
                 else:
-                    r1 = (k1 * cos_k - k2 * sin_k).to(DT)
-                    r2 = (k2 * cos_k + k1 * sin_k).to(DT)
-                s = tl.where((hrow == h)[None, :], tl.dot(join_pairs(r1, r2, BLOCK_T, HALF), q_t), s)
+                    if not K_SPLIT:
+                        bi = tl.load(bk_ptr + ((g0 + h) * RK + cr[:, None]) * HD + dc[None, :],
+                                     mask=(cr < RK)[:, None], other=0.0)
+                        kk = tl.dot(ck, bi)
+                    k1, k2 = split_pairs(kk, BLOCK_T, HALF)
+                    if HAS_BK:
+                        k1 += tl.load(bias1_ptr + (g0 + h) * HALF + dp)[None, :]
+                        k2 += tl.load(bias2_ptr + (g0 + h) * HALF + dp)[None, :]
+                    if TILE_ROT:
+                        if h == 0:  # this tile's queries, turned back by the tile's first position. Computed after the
+                            # first rebuild: Triton 3.6 fences the shared-memory copy right before the dot, and the
+                            # barrier that must follow that fence is only inserted when no earlier barrier (the
+                            # rebuild's) sits between the copy and the dot. (t0 * 1.0: fp32, and a plain int in the
+                            # interpreter)
+                            c0, s0 = cos_sin_of((t0 * 1.0) * invf_q, PACKED, True)
+                            q_t = tl.trans((q_own * c0 + q_par * s0).to(DT))
+                    if PACKED:  # packed bf16x2 math (cos / sin stay bf16)
+                        r1, r2 = rope_bf16x2(k1.to(DT), k2.to(DT), cos_k, sin_k)
+                    else:
+                        r1 = (k1 * cos_k - k2 * sin_k).to(DT)
+                        r2 = (k2 * cos_k + k1 * sin_k).to(DT)
+                    s = tl.where((hrow == h)[None, :], tl.dot(join_pairs(r1, r2, BLOCK_T, HALF), q_t), s)
 
             if V_SPLIT:
                 vv = load_nibbles(cache_ptr, row_off, t_ok, g0, RV, g0 * V_SPG, V_SPG, NKV, RV_P, RV,
@@ -260,9 +282,12 @@ def _latent_decode_heads(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-def packed_rope_ok(f, tile_rotation: bool) -> bool:
+def packed_rope_ok(f, tile_rotation: bool, roped: bool = False) -> bool:
     """The packed bf16 RoPE (inline PTX) needs bf16 operands, a GPU (the interpreter cannot run inline assembly)
-    and bf16 cos / sin (the table's, or computed: tile rotation)."""
+    and bf16 cos / sin (the table's, or computed: tile rotation). Roped keys (no RoPE in the kernel): the flag
+    only selects the bf16 inline-PTX 4-bit decoding, which needs bf16 operands and a GPU."""
+    if roped:
+        return not interpreting() and f.dtype == torch.bfloat16
     return (not interpreting() and f.dtype == torch.bfloat16
             and (tile_rotation or f.cos.dtype == torch.bfloat16))
 
@@ -294,7 +319,7 @@ def _pdl_ok(device: torch.device) -> bool:
 
 
 def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scale: float, out, cfg,
-                  tile_rotation: bool):
+                  tile_rotation: bool, roped: bool = False):
     """Launch :func:`_latent_decode_heads` (one query per program, ``cfg.heads`` KV heads; gs == 1, float
     latents) with the resolved config ``cfg``, and the reduce for split-KV.
 
@@ -303,21 +328,30 @@ def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scal
     programs where a weight could exceed 2^64 (a softmax row sum above it); the second runs only the flagged
     programs again with the running max (the others return at once). On sm_90+ the second is a programmatic
     dependent launch: it starts while the first finishes and waits for it in the kernel (``gdc_wait``).
-    Compiling for too few resources retries with fewer stages, then fewer heads per program."""
+    Compiling for too few resources retries with fewer stages, then fewer heads per program.
+    ``roped``: roped keys (``q`` holds the latent queries ``[n, Hq, rank_k]``; no B_k, RoPE or cos / sin)."""
     layout = f.layout
-    n_tok, hq, hd = q.shape
+    n_tok, hq = q.shape[:2]
+    hd = layout.head_dim
     G = layout.groups
     qpk = hq // layout.num_kv_heads
     nkv = pick_heads(layout, cfg.heads)
-    q, out = prepare_io(q, kv_cache, f, out)
+    q, out = prepare_io(q, kv_cache, f, out, roped)
     if n_tok == 0:
         return out
     rk_p = max(16, next_pow2(layout.rank_k))
     rv_p = max(16, next_pow2(layout.rank_v))
     num_splits, num_stages = cfg.num_splits, cfg.num_stages
-    dummy = f.bk
+    if roped:  # no key factors, no RoPE: B_v stands in for the unused pointers (and gives the operand dtype)
+        tile_rotation = False
+        dummy = bk = f.bv
+        cos = sin = f.bv
+        stride_cos = 0
+    else:
+        dummy, bk = f.bk, f.bk_blk
+        cos, sin, stride_cos = f.cos, f.sin, f.cos.stride(0)
     pm, pl, pacc = split_partials(q, num_splits, rv_p, dummy)
-    packed = packed_rope_ok(f, tile_rotation)
+    packed = packed_rope_ok(f, tile_rotation, roped)
     pdl = cfg.lazy_max and _pdl_ok(q.device)
     qkw = quant_kwargs(layout, kv_cache)
     lut = level_tables(q.device) if qkw["QUANT"] else dummy
@@ -336,18 +370,21 @@ def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scal
                     kv_cache, kv_cache.stride(0), kv_cache.stride(1),
                     block_table, block_table.stride(0),
                     seq_lens, qsl, seq_lens.shape[0],
-                    f.bk_blk, f.bias1 if f.bias1 is not None else dummy, f.bias2 if f.bias2 is not None else dummy,
-                    f.cos, f.sin, f.cos.stride(0), f.inv_freq if tile_rotation else dummy,
+                    bk, f.bias1 if f.bias1 is not None and not roped else dummy,
+                    f.bias2 if f.bias2 is not None and not roped else dummy,
+                    cos, sin, stride_cos, f.inv_freq if tile_rotation else dummy,
                     f.bv, f.bias_v if f.bias_v is not None else dummy,
                     out, out.stride(0), out.stride(1),
                     pm, pl, pacc,
                     float(scale) * LOG2E, num_splits, flags, lut,
                     G=G, QPK=qpk, HD=hd, RK=layout.rank_k, RK_P=rk_p, RV=layout.rank_v, RV_P=rv_p, NKV=nkv,
                     M_P=max(16, next_pow2(nkv * qpk)), BS=kv_cache.shape[1], BLOCK_T=cfg.block_t,
-                    SPLIT=num_splits > 1, DCH=dch, HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None,
+                    SPLIT=num_splits > 1, DCH=dch, HAS_BK=f.bias1 is not None and not roped,
+                    HAS_BV=f.bias_v is not None,
                     DIRECT=direct, OFF64=needs_off64(kv_cache), PACKED=packed, TILE_ROT=tile_rotation, LAZY=lazy,
                     PDL=pdl, launch_pdl=pdl and lazy == 2, num_warps=cfg.num_warps, num_stages=num_stages, **qkw,
                     K_SPLIT=k_split, V_SPLIT=v_split, K_OVER=k_over, V_OVER=v_over,
+                    **({"ROPED": True} if roped else {}),
                     **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
                 )
             break

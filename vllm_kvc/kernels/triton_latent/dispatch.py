@@ -46,19 +46,23 @@ class LatentFactors:
 
     GPT-J (interleaved) style and partial rotary are handled by permuting the head dims of ``B_k``, ``bias_k``
     and ``q`` the same way (a dot product does not change under a common permutation) and padding cos/sin with
-    1/0 for dims that are not rotated."""
+    1/0 for dims that are not rotated.
+
+    Roped keys (``roped_keys``): the kernels read no key factor and no RoPE table, so ``bk``, ``bk_blk``, the key
+    biases, ``cos``, ``sin``, ``perm`` and ``inv_freq`` are None."""
     layout: LatentLayout
     dtype: torch.dtype  # compute dtype of the tensor-core operands
-    bk: torch.Tensor  # [G, gs, rank_k, hd]: B_k with each head's RoPE pairs side by side (x1_0, x2_0, x1_1, ...)
+    bk: torch.Tensor | None  # [G, gs, rank_k, hd]: B_k with each head's RoPE pairs side by side (x1_0, x2_0, ...)
     bias1: torch.Tensor | None  # [G, gs, hd/2] fp32: bias_k of the x1 / x2 members of the pairs
     bias2: torch.Tensor | None
     bv: torch.Tensor  # [G, rank_v, gs*hd]
     bias_v: torch.Tensor | None  # [G*gs*hd] fp32
-    cos: torch.Tensor  # [max_pos, hd/2]; 1 / 0 for dims that are not rotated
-    sin: torch.Tensor
+    cos: torch.Tensor | None  # [max_pos, hd/2]; 1 / 0 for dims that are not rotated
+    sin: torch.Tensor | None
     perm: torch.Tensor | None  # head-dim permutation applied to q (None: identity)
     bk_blk: torch.Tensor | None = None  # B_k in blocks of 8 RoPE pairs, for the decode kernel (split_pairs)
     inv_freq: torch.Tensor | None = None  # [hd/2] fp32 (0 for dims not rotated) if it reproduces the cos/sin table
+    roped_keys: bool = False  # prepared for roped keys only (no key factors)
 
 
 def angles_match(cos_sin_cache: torch.Tensor, inv_freq: torch.Tensor) -> bool:
@@ -77,10 +81,17 @@ def angles_match(cos_sin_cache: torch.Tensor, inv_freq: torch.Tensor) -> bool:
 
 
 def prepare_factors(layout: LatentLayout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox: bool = True,
-                    dtype: torch.dtype = torch.bfloat16, inv_freq: torch.Tensor | None = None) -> LatentFactors:
+                    dtype: torch.dtype = torch.bfloat16, inv_freq: torch.Tensor | None = None,
+                    roped_keys: bool = False) -> LatentFactors:
+    """The factors rearranged for the kernels. ``roped_keys``: only B_v and bias_v are used (``b_k``, ``bias_k``,
+    ``cos_sin_cache`` and ``inv_freq`` may be None); such factors serve roped-key launches only."""
     G, gs, hd, rk, rv = layout.groups, layout.group_size, layout.head_dim, layout.rank_k, layout.rank_v
     if hd % 2 or hd & (hd - 1) or hd < 32:
         raise ValueError(f"head_dim={hd}: the kernels need a power of two >= 32")
+    if roped_keys:
+        bv = b_v.reshape(G, rv, gs * hd).to(dtype).contiguous()
+        bvb = None if bias_v is None else bias_v.reshape(-1).float().contiguous()
+        return LatentFactors(layout, dtype, None, None, None, bv, bvb, None, None, None, roped_keys=True)
     half = hd // 2
     rot = cos_sin_cache.shape[-1]
     perm = _rope_perm(hd, rot, is_neox)
@@ -129,11 +140,16 @@ def _tkey(t):
     return (id(t), t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
 
 
-def cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dtype, inv_freq=None) -> LatentFactors:
+def cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dtype, inv_freq=None,
+                   roped_keys: bool = False) -> LatentFactors:
     """prepare_factors, memoised per (tensor identity, version): weak references guard against a freed tensor's
-    address and id being reused by a new one; in-place updates bump ``_version``."""
+    address and id being reused by a new one; in-place updates bump ``_version``. Roped keys: keyed on B_v and
+    bias_v alone (the other tensors are not read)."""
+    if roped_keys:
+        b_k = bias_k = cos_sin_cache = inv_freq = None
+        is_neox = True
     ts = (b_k, b_v, bias_k, bias_v, cos_sin_cache, inv_freq)
-    key = (layout, is_neox, dtype) + tuple(_tkey(t) for t in ts)
+    key = (layout, is_neox, dtype, roped_keys) + tuple(_tkey(t) for t in ts)
     hit = _FACTOR_CACHE.get(key)
     if hit is not None:
         refs, f = hit
@@ -141,7 +157,7 @@ def cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dty
             return f
     if len(_FACTOR_CACHE) > 256:
         _FACTOR_CACHE.clear()
-    f = prepare_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dtype, inv_freq)
+    f = prepare_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, dtype, inv_freq, roped_keys)
     _FACTOR_CACHE[key] = (tuple(None if t is None else weakref.ref(t) for t in ts), f)
     return f
 
@@ -233,16 +249,17 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
 
 
 # ------------------------------------------------------------------------------------------------ entry points
-def _run_plan(plan: LaunchPlan, q, kv_cache, f: LatentFactors, block_table, seq_lens, query_start_loc, scale, out):
+def _run_plan(plan: LaunchPlan, q, kv_cache, f: LatentFactors, block_table, seq_lens, query_start_loc, scale, out,
+              roped: bool = False):
     """Launch the kernel of a plan (no rebuilt requests) over the whole batch."""
     cfg = plan.config
     if plan.kernel == "decode":
         qsl = seq_lens if plan.direct else query_start_loc
         return launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, plan.direct, scale, out, cfg,
-                             plan.tile_rotation)
+                             plan.tile_rotation and not roped, roped)
     if plan.direct:
         return launch_generic(q, kv_cache, f, block_table, seq_lens, seq_lens, seq_lens, q.shape[0], 1, True,
-                              scale, out, cfg)
+                              scale, out, cfg, roped)
     block_q = cfg.block_q
     R = seq_lens.shape[0]
     while True:
@@ -255,25 +272,77 @@ def _run_plan(plan: LaunchPlan, q, kv_cache, f: LatentFactors, block_table, seq_
             n_grid0 = -(-q.shape[0] // block_q) + R
         try:
             return launch_generic(q, kv_cache, f, block_table, seq_lens, query_start_loc, tile_start, n_grid0,
-                                  block_q, False, scale, out, cfg)
+                                  block_q, False, scale, out, cfg, roped)
         except OutOfResources:  # raised when compiling, before anything runs: retry with smaller query tiles
             if block_q == 1:
                 raise
             block_q //= 2
 
 
+def check_roped(q: torch.Tensor, layout: LatentLayout, roped_keys: bool, factors: LatentFactors | None = None,
+                sink=None) -> None:
+    """Validate a call's key mode: roped keys take latent queries ``[n, Hq, rank_k]`` (ValueError otherwise, and
+    with an exact first token); factors prepared for roped keys serve roped-key calls only."""
+    if roped_keys:
+        if q.dim() != 3 or q.shape[-1] != layout.rank_k:
+            raise ValueError(f"roped keys: q must hold latent queries [num_tokens, Hq, rank_k={layout.rank_k}] "
+                             f"(q B_k^T per head, reference.head_key_views), got {tuple(q.shape)}")
+        if sink is not None:
+            raise ValueError("roped keys and an exact first token (sink) do not combine")
+    elif factors is not None and factors.roped_keys:
+        raise ValueError("these factors were prepared for roped keys (no B_k): pass roped_keys=True")
+
+
 def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, factors: LatentFactors, scale: float, out: torch.Tensor | None = None,
-                  *, config: LaunchConfig | None = None, max_seq_len: int | None = None) -> torch.Tensor:
-    """Decode fast entry: ``q [R, Hq, hd]`` holds exactly one query (the last token) of each of the R requests.
+                  *, config: LaunchConfig | None = None, max_seq_len: int | None = None,
+                  roped_keys: bool = False) -> torch.Tensor:
+    """Decode fast entry: ``q [R, Hq, hd]`` holds exactly one query (the last token) of each of the R requests
+    (roped keys: the latent queries ``[R, Hq, rank_k]``, see :func:`latent_attention`).
 
     Without host synchronisation; ``max_seq_len`` (host int, optional) only sharpens the split-KV choice."""
     check_supported(layout)
+    check_roped(q, layout, roped_keys, factors)
     R = q.shape[0]
     plan = plan_launch(layout, q.shape[1], R, R, max_query_len=1, config=config,
-                       angles_ok=factors.inv_freq is not None,
+                       angles_ok=factors.inv_freq is not None and not roped_keys,
                        max_ctx=max_seq_len or block_table.shape[1] * kv_cache.shape[1], sms=num_sms(q.device))
-    return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, None, scale, out)
+    return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, None, scale, out, roped_keys)
+
+
+def rebuild_roped_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout, block_row: torch.Tensor,
+                            seq_len: int, b_v: torch.Tensor, bias_v, scale: float,
+                            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Roped keys' long-prompt path (the counterpart of :func:`reference.rebuild_attention`): one request's latent
+    queries ``q [nq, Hq, rank_k]`` (its last nq positions) attend causally over its key latents by torch's
+    scaled_dot_product_attention, with the value latents as values (one KV head per head group, GQA over the
+    group's query heads); ``B_v`` and ``bias_v`` are then applied per query head -> ``[nq, Hq, head_dim]``.
+    Nothing is rebuilt: keys need no RoPE in this mode, and the values stay latent through the weighted sum.
+    Head dims are zero-padded to one common multiple of 8 (what the fused SDPA kernels take)."""
+    nq, hq, rk = q.shape
+    ck, cv = layout.unpack(reference.gather_rows(kv_cache, block_row, seq_len), compute_dtype)  # [s, G, r]
+    e = -(-max(rk, layout.rank_v) // 8) * 8
+
+    def heads(x):  # [s, G, r] / [nq, Hq, r] -> [1, heads, tokens, e] in q's dtype
+        x = x.to(q.dtype)
+        if x.shape[-1] < e:
+            x = torch.nn.functional.pad(x, (0, e - x.shape[-1]))
+        return x.transpose(0, 1)[None]
+
+    if nq == seq_len:
+        mask, causal = None, True
+    else:  # the queries are the last nq positions (SDPA's boolean masks mark what is visible)
+        mask, causal = ~reference.visibility_mask([seq_len], nq, seq_len, True, q.device)[0], False
+    u = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(ck), heads(cv), attn_mask=mask,
+                                                         is_causal=causal, scale=scale,
+                                                         enable_gqa=hq != layout.groups)
+    u = u[0, :, :, : layout.rank_v]  # [Hq, nq, rank_v]
+    _, bv_heads = reference.head_factor_views(b_v.to(q.dtype), layout, hq)  # [Hq, rank_v, hd]
+    o = torch.matmul(u, bv_heads).transpose(0, 1)  # [nq, Hq, hd]
+    if bias_v is not None:
+        o = o + bias_v.to(o.dtype).view(layout.num_kv_heads, layout.head_dim).repeat_interleave(
+            hq // layout.num_kv_heads, 0)
+    return o
 
 
 def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
@@ -282,9 +351,15 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      cos_sin_cache: torch.Tensor, scale: float, is_neox: bool = True,
                      out: torch.Tensor | None = None, *, max_query_len: int | None = None,
                      query_start_loc_cpu: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None,
-                     config: LaunchConfig | None = None, factors: LatentFactors | None = None) -> torch.Tensor:
+                     config: LaunchConfig | None = None, factors: LatentFactors | None = None,
+                     roped_keys: bool = False) -> torch.Tensor:
     """Varlen causal attention over latent paged KV; same arguments and result as the reference
     (:func:`vllm_kvc.kernels.reference.latent_attention`, whose docstring gives the conventions).
+
+    ``roped_keys``: the K latents code the roped keys and ``q`` holds each head's latent query ``q B_k^T``
+    ``[num_tokens, Hq, rank_k]`` (reference.head_key_views); scores are ``scale * q . c_k`` and ``b_k``,
+    ``bias_k``, ``cos_sin_cache``, ``is_neox`` and ``inv_freq`` are not read (may be None). The output is
+    ``[num_tokens, Hq, head_dim]``. Long prompts attend over the latents by SDPA (:func:`rebuild_roped_attention`).
 
     No host synchronisation, except for long prompts: where ``max_query_len`` and ``query_start_loc_cpu`` (the
     host copy of ``query_start_loc``) are given and a request has enough queries, the cached lengths of those
@@ -293,11 +368,12 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     frequencies) lets the decode kernel compute cos / sin itself where it reproduces ``cos_sin_cache``
     (:func:`angles_match`). ``config``: launch options (None: the measured defaults)."""
     check_supported(layout)
+    check_roped(q, layout, roped_keys, factors)
     R = seq_lens.shape[0]
     cfg = config or LaunchConfig()
     if factors is None:
         factors = cached_factors(layout, b_k, b_v, bias_k, bias_v, cos_sin_cache, is_neox, compute_dtype(q),
-                                 inv_freq)
+                                 inv_freq, roped_keys)
     query_lens = lens = None
     if query_start_loc_cpu is not None and max_query_len is not None and max_query_len >= cfg.rebuild_min_queries:
         qsl = query_start_loc_cpu.tolist()
@@ -305,22 +381,29 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
         cand = rebuild_candidates(query_lens, cfg)
         lens = dict(zip(cand, seq_lens[cand].tolist() if cand else []))
     plan = plan_launch(layout, q.shape[1], q.shape[0], R, max_query_len=max_query_len, config=cfg,
-                       angles_ok=factors.inv_freq is not None, max_ctx=block_table.shape[1] * kv_cache.shape[1],
-                       sms=num_sms(q.device), query_lens=query_lens, seq_lens=lens)
+                       angles_ok=factors.inv_freq is not None and not roped_keys,
+                       max_ctx=block_table.shape[1] * kv_cache.shape[1], sms=num_sms(q.device),
+                       query_lens=query_lens, seq_lens=lens)
     if not plan.rebuilt:
-        return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, query_start_loc, scale, out)
+        return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, query_start_loc, scale, out,
+                         roped_keys)
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        shape = (q.shape[0], q.shape[1], layout.head_dim) if roped_keys else q.shape
+        out = torch.empty(shape, dtype=q.dtype, device=q.device)
     for r in plan.rebuilt:
-        out[qsl[r]:qsl[r + 1]] = reference.rebuild_attention(
-            q[qsl[r]:qsl[r + 1]], kv_cache, layout, block_table[r], lens[r], b_k, b_v, bias_k, bias_v,
-            cos_sin_cache, scale, is_neox)
+        if roped_keys:
+            out[qsl[r]:qsl[r + 1]] = rebuild_roped_attention(q[qsl[r]:qsl[r + 1]], kv_cache, layout, block_table[r],
+                                                             lens[r], b_v, bias_v, scale)
+        else:
+            out[qsl[r]:qsl[r + 1]] = reference.rebuild_attention(
+                q[qsl[r]:qsl[r + 1]], kv_cache, layout, block_table[r], lens[r], b_k, b_v, bias_k, bias_v,
+                cos_sin_cache, scale, is_neox)
     if plan.kept:  # the others (decodes, short chunks) as one batch through the kernels
         rows = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in plan.kept]).to(q.device)
         idx = torch.tensor(plan.kept, device=q.device)
         sub_qsl = torch.tensor([0] + [query_lens[r] for r in plan.kept]).cumsum(0).to(q.device, query_start_loc.dtype)
         out[rows] = _run_plan(plan, q[rows], kv_cache, factors, block_table[idx], seq_lens[idx], sub_qsl, scale,
-                              None)
+                              None, roped_keys)
     return out
 
 
@@ -329,14 +412,16 @@ def latent_step(q: torch.Tensor, lat: torch.Tensor, kv_cache: torch.Tensor, layo
                 query_start_loc: torch.Tensor, b_k: torch.Tensor, b_v: torch.Tensor, bias_k, bias_v,
                 cos_sin_cache: torch.Tensor, scale: float, is_neox: bool = True, out: torch.Tensor | None = None, *,
                 max_query_len: int | None = None, query_start_loc_cpu: torch.Tensor | None = None,
-                inv_freq: torch.Tensor | None = None, config: LaunchConfig | None = None) -> torch.Tensor:
+                inv_freq: torch.Tensor | None = None, config: LaunchConfig | None = None,
+                roped_keys: bool = False) -> torch.Tensor:
     """One call of the latent backend on CUDA (what ``LatentAttention.kvc_attend`` runs): this step's latent rows
     ``lat [N, width]`` (K latents of every group, then V latents) are encoded into cache rows (layout.py) and
     written at ``slot_mapping`` (padding slots < 0 skipped; packed integer rows by the fused encoder,
     ``write.encode_rows``), then :func:`latent_attention` over the paged cache.
 
     Decode batches (``max_query_len == 1``) read nothing on the host and allocate only from the caching
-    allocator, so vLLM can capture them in CUDA graphs (the backend declares ``UNIFORM_SINGLE_TOKEN_DECODE``)."""
+    allocator, so vLLM can capture them in CUDA graphs (the backend declares ``UNIFORM_SINGLE_TOKEN_DECODE``).
+    ``roped_keys``: see :func:`latent_attention` (``q`` holds the latent queries; the rows are written alike)."""
     n = lat.shape[0]
     if can_encode(layout):  # packed integer rows: one fused encoder kernel per K / V part
         encode_rows(kv_cache, slot_mapping[:n], layout, lat)
@@ -347,4 +432,5 @@ def latent_step(q: torch.Tensor, lat: torch.Tensor, kv_cache: torch.Tensor, layo
         write_rows(kv_cache, slot_mapping[:n], layout.pack(lat_k, lat_v))
     return latent_attention(q, kv_cache, layout, block_table, seq_lens, query_start_loc, b_k, b_v, bias_k, bias_v,
                             cos_sin_cache, scale, is_neox, out=out, max_query_len=max_query_len,
-                            query_start_loc_cpu=query_start_loc_cpu, inv_freq=inv_freq, config=config)
+                            query_start_loc_cpu=query_start_loc_cpu, inv_freq=inv_freq, config=config,
+                            roped_keys=roped_keys)

@@ -71,7 +71,7 @@ def _latent_attn_fwd(
     K_OFF: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_SOFF: tl.constexpr, K_SPG: tl.constexpr,
     K_LUT: tl.constexpr,
     V_OFF: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_SOFF: tl.constexpr, V_SPG: tl.constexpr,
-    V_LUT: tl.constexpr,
+    V_LUT: tl.constexpr, ROPED: tl.constexpr = False,
 ):
     """One program: (query tile, head group, KV split). Keys are rebuilt per KV tile by a dot in interleaved
     column order (x1_0, x2_0, x1_1, ...): ``bk_ptr`` holds B_k as [G, gs, rank_k, hd] in that order, so RoPE's
@@ -79,7 +79,11 @@ def _latent_attn_fwd(
     scores are q1.r1 + q2.r2 (two dots; q is read as its x1 and x2 halves). NH = 2 rebuilds the columns in two
     pieces (fewer live registers, more dots). DIRECT: program pid serves request pid, whose single query is
     token pid; otherwise program pid serves query tile pid of the varlen batch (``tile_start``: each request's
-    first tile)."""
+    first tile).
+
+    ROPED (roped keys, see reference.latent_attention): q holds each head's latent query ``[.., Hq, RK]``; the
+    group's K latent tile (dequantized; int8: its per-token scales multiply the scores' rows) is dotted with the
+    latent queries of all rows of the group, in rank chunks of RCH: no B_k, no RoPE, no cos / sin (NH ignored)."""
     HALF: tl.constexpr = HD // 2
     HG: tl.constexpr = GS * QPK
     NRC: tl.constexpr = (RK + RCH - 1) // RCH
@@ -134,14 +138,18 @@ def _latent_attn_fwd(
     bt_row = bt_ptr + r.to(tl.int64) * stride_bt
 
     # loop invariants (named per piece: Triton has no lists of tensors)
-    if GS == 1:
+    if ROPED:
+        if NRC == 1:  # the latent queries of every row [RCH, M_P]
+            qk_t = tl.trans(tl.load(q_row[:, None] + cr[None, :], mask=row_ok[:, None] & (cr < RK)[None, :],
+                                    other=0.0).to(DT))
+    elif GS == 1:
         q1t_a = tl.trans(tl.load(q_row[:, None] + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
         q2t_a = tl.trans(tl.load(q_row[:, None] + HALF + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
         if NH == 2:
             q1t_b = tl.trans(tl.load(q_row[:, None] + PW + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
             q2t_b = tl.trans(tl.load(q_row[:, None] + HALF + PW + dp[None, :], mask=row_ok[:, None],
                                      other=0.0).to(DT))
-    if HOIST_B:
+    if HOIST_B and not ROPED:
         bmask = (cr < RK)[:, None]
         bih_a = tl.load(bk_ptr + (g * RK + cr[:, None]) * HD + dc[None, :], mask=bmask, other=0.0)
         if NH == 2:
@@ -179,14 +187,12 @@ def _latent_attn_fwd(
                                     (phase == 1) or (RK != RCH), INT8).to(DT)
 
             s = tl.zeros([BLOCK_T, M_P], tl.float32)
-            for j in tl.static_range(GS):
-                for hp in tl.static_range(NH):
-                    # rebuild columns [hp * 2PW, (hp + 1) * 2PW) of kv head j: RoPE pairs hp*PW .. (hp+1)*PW - 1
-                    kk = tl.zeros([BLOCK_T, 2 * PW], tl.float32)
-                    for c in tl.static_range(NRC):
-                        if NRC == 1:
-                            ck = ck1
-                        elif QUANT:  # chunk c: values c*RCH .. of the group (scales from that value on)
+            if ROPED:  # scores straight from the key latents, rank chunk by rank chunk
+                for c in tl.static_range(NRC):
+                    if NRC == 1:
+                        s = tl.dot(ck1, qk_t, s)
+                    else:
+                        if QUANT:
                             ck = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RK + c * RCH, RK,
                                               g * K_SPG + (0 if K_QG == 0 else (c * RCH) // K_QG), K_SPG, 1, RCH,
                                               (RK - c * RCH) if (RK - c * RCH) < RCH else RCH, K_OFF, K_BITS,
@@ -194,45 +200,67 @@ def _latent_attn_fwd(
                         else:
                             ck = load_tile(cache_ptr + row_off[:, None] + (g * RK + c * RCH) + cr[None, :], t_ok,
                                            (c * RCH + cr) < RK, True, INT8).to(DT)
-                        if HOIST_B:
-                            if hp == 0:
-                                bi = bih_a
+                        qc = tl.trans(tl.load(q_row[:, None] + c * RCH + cr[None, :],
+                                              mask=row_ok[:, None] & ((c * RCH + cr) < RK)[None, :],
+                                              other=0.0).to(DT))
+                        s = tl.dot(ck, qc, s)
+                if INT8:
+                    s = s * sk[:, None]
+            else:
+                for j in tl.static_range(GS):
+                    for hp in tl.static_range(NH):
+                        # rebuild columns [hp * 2PW, (hp + 1) * 2PW) of kv head j: RoPE pairs hp*PW .. (hp+1)*PW - 1
+                        kk = tl.zeros([BLOCK_T, 2 * PW], tl.float32)
+                        for c in tl.static_range(NRC):
+                            if NRC == 1:
+                                ck = ck1
+                            elif QUANT:  # chunk c: values c*RCH .. of the group (scales from that value on)
+                                ck = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RK + c * RCH, RK,
+                                                  g * K_SPG + (0 if K_QG == 0 else (c * RCH) // K_QG), K_SPG, 1, RCH,
+                                                  (RK - c * RCH) if (RK - c * RCH) < RCH else RCH, K_OFF, K_BITS,
+                                                  K_QG, K_SOFF, K_LUT, SCALE16, True, BLOCK_T).to(DT)
                             else:
-                                bi = bih_b
+                                ck = load_tile(cache_ptr + row_off[:, None] + (g * RK + c * RCH) + cr[None, :], t_ok,
+                                               (c * RCH + cr) < RK, True, INT8).to(DT)
+                            if HOIST_B:
+                                if hp == 0:
+                                    bi = bih_a
+                                else:
+                                    bi = bih_b
+                            else:
+                                bi = tl.load(bk_ptr + ((g * GS + j) * RK + c * RCH + cr[:, None]) * HD + hp * 2 * PW
+                                             + dc[None, :], mask=((c * RCH + cr) < RK)[:, None], other=0.0)
+                            kk = tl.dot(ck, bi, kk)
+                        if INT8:
+                            kk = kk * sk[:, None]
+                        k1, k2 = tl.split(tl.reshape(kk, [BLOCK_T, PW, 2]))
+                        if HAS_BK:
+                            k1 += tl.load(bias1_ptr + (g * GS + j) * HALF + hp * PW + dp)[None, :]
+                            k2 += tl.load(bias2_ptr + (g * GS + j) * HALF + hp * PW + dp)[None, :]
+                        cptrs = t[:, None] * stride_cos + hp * PW + dp[None, :]
+                        if phase == 1:
+                            cosv = tl.load(cos_ptr + cptrs, mask=t_ok[:, None], other=0.0).to(tl.float32)
+                            sinv = tl.load(sin_ptr + cptrs, mask=t_ok[:, None], other=0.0).to(tl.float32)
                         else:
-                            bi = tl.load(bk_ptr + ((g * GS + j) * RK + c * RCH + cr[:, None]) * HD + hp * 2 * PW
-                                         + dc[None, :], mask=((c * RCH + cr) < RK)[:, None], other=0.0)
-                        kk = tl.dot(ck, bi, kk)
-                    if INT8:
-                        kk = kk * sk[:, None]
-                    k1, k2 = tl.split(tl.reshape(kk, [BLOCK_T, PW, 2]))
-                    if HAS_BK:
-                        k1 += tl.load(bias1_ptr + (g * GS + j) * HALF + hp * PW + dp)[None, :]
-                        k2 += tl.load(bias2_ptr + (g * GS + j) * HALF + hp * PW + dp)[None, :]
-                    cptrs = t[:, None] * stride_cos + hp * PW + dp[None, :]
-                    if phase == 1:
-                        cosv = tl.load(cos_ptr + cptrs, mask=t_ok[:, None], other=0.0).to(tl.float32)
-                        sinv = tl.load(sin_ptr + cptrs, mask=t_ok[:, None], other=0.0).to(tl.float32)
-                    else:
-                        cosv = tl.load(cos_ptr + cptrs).to(tl.float32)
-                        sinv = tl.load(sin_ptr + cptrs).to(tl.float32)
-                    r1 = (k1 * cosv - k2 * sinv).to(DT)
-                    r2 = (k2 * cosv + k1 * sinv).to(DT)
-                    if GS == 1:
-                        if hp == 0:
-                            q1t = q1t_a
-                            q2t = q2t_a
+                            cosv = tl.load(cos_ptr + cptrs).to(tl.float32)
+                            sinv = tl.load(sin_ptr + cptrs).to(tl.float32)
+                        r1 = (k1 * cosv - k2 * sinv).to(DT)
+                        r2 = (k2 * cosv + k1 * sinv).to(DT)
+                        if GS == 1:
+                            if hp == 0:
+                                q1t = q1t_a
+                                q2t = q2t_a
+                            else:
+                                q1t = q1t_b
+                                q2t = q2t_b
                         else:
-                            q1t = q1t_b
-                            q2t = q2t_b
-                    else:
-                        qm = (row_ok & (kvj == j))[:, None]
-                        q1 = tl.load(q_row[:, None] + hp * PW + dp[None, :], mask=qm, other=0.0).to(tl.float32)
-                        q2 = tl.load(q_row[:, None] + HALF + hp * PW + dp[None, :], mask=qm, other=0.0).to(tl.float32)
-                        q1t = tl.trans(q1.to(DT))
-                        q2t = tl.trans(q2.to(DT))
-                    s = tl.dot(r1, q1t, s)
-                    s = tl.dot(r2, q2t, s)
+                            qm = (row_ok & (kvj == j))[:, None]
+                            q1 = tl.load(q_row[:, None] + hp * PW + dp[None, :], mask=qm, other=0.0).to(tl.float32)
+                            q2 = tl.load(q_row[:, None] + HALF + hp * PW + dp[None, :], mask=qm, other=0.0).to(tl.float32)
+                            q1t = tl.trans(q1.to(DT))
+                            q2t = tl.trans(q2.to(DT))
+                        s = tl.dot(r1, q1t, s)
+                        s = tl.dot(r2, q2t, s)
 
             s = s * qk_scale
             if QUANT:
@@ -302,14 +330,16 @@ def _latent_reduce(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-def prepare_io(q, kv_cache, f, out):
-    """q in the factors' head-dim order with unit last stride, and the output buffer (allocated if None)."""
-    if f.perm is not None:
+def prepare_io(q, kv_cache, f, out, roped: bool = False):
+    """q in the factors' head-dim order with unit last stride, and the output buffer (allocated if None).
+    Roped keys: q holds latent queries (no head-dim order to follow); the output is ``[n, Hq, head_dim]``."""
+    if f.perm is not None and not roped:
         q = q.index_select(-1, f.perm)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        shape = (q.shape[0], q.shape[1], f.layout.head_dim) if roped else q.shape
+        out = torch.empty(shape, dtype=q.dtype, device=q.device)
     assert out.stride(-1) == 1
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache rows must be contiguous")
@@ -346,15 +376,17 @@ def launch_reduce(pm, pl, pacc, f, out, num_splits: int, gs: int, qpk: int, dumm
 
 
 def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_grid0: int, block_q: int,
-                   direct: bool, scale: float, out, cfg):
-    """Launch :func:`_latent_attn_fwd` (and the reduce for split-KV) with the resolved config ``cfg``."""
+                   direct: bool, scale: float, out, cfg, roped: bool = False):
+    """Launch :func:`_latent_attn_fwd` (and the reduce for split-KV) with the resolved config ``cfg``.
+    ``roped``: roped keys (``q`` holds the latent queries ``[n, Hq, rank_k]``; no B_k, RoPE or cos / sin)."""
     layout = f.layout
-    n_tok, hq, hd = q.shape
+    n_tok, hq = q.shape[:2]
+    hd = layout.head_dim
     G, gs = layout.groups, layout.group_size
     if hq % layout.num_kv_heads:
         raise ValueError(f"{hq} query heads, {layout.num_kv_heads} KV heads")
     qpk = hq // layout.num_kv_heads
-    q, out = prepare_io(q, kv_cache, f, out)
+    q, out = prepare_io(q, kv_cache, f, out, roped)
     rk_p = max(16, next_pow2(layout.rank_k))
     rv_p = max(16, next_pow2(layout.rank_v))
     dch = hd
@@ -363,7 +395,11 @@ def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_gri
     pieces = cfg.pieces if hd // 2 // cfg.pieces >= 16 else 1  # tl.dot needs K >= 16 (hd / 2 / pieces)
     if n_tok == 0:
         return out
-    dummy = f.bk
+    if roped:  # no key factors, no RoPE: B_v stands in for the unused pointers (and gives the operand dtype)
+        dummy = bk = cos = sin = f.bv
+        stride_cos, bias1, bias2, pieces = 0, None, None, 1
+    else:
+        dummy, bk, cos, sin, stride_cos, bias1, bias2 = f.bk, f.bk, f.cos, f.sin, f.cos.stride(0), f.bias1, f.bias2
     pm, pl, pacc = split_partials(q, cfg.num_splits, rv_p, dummy)
     qkw = quant_kwargs(layout, kv_cache)
     lut = level_tables(q.device) if qkw["QUANT"] else dummy
@@ -375,8 +411,8 @@ def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_gri
                 kv_cache, kv_cache.stride(0), kv_cache.stride(1),
                 block_table, block_table.stride(0),
                 seq_lens, qsl, tile_start, seq_lens.shape[0],
-                f.bk, f.bias1 if f.bias1 is not None else dummy, f.bias2 if f.bias2 is not None else dummy,
-                f.cos, f.sin, f.cos.stride(0),
+                bk, bias1 if bias1 is not None else dummy, bias2 if bias2 is not None else dummy,
+                cos, sin, stride_cos,
                 f.bv, f.bias_v if f.bias_v is not None else dummy,
                 out, out.stride(0), out.stride(1),
                 pm, pl, pacc,
@@ -386,9 +422,10 @@ def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_gri
                 WIDTH=layout.width, BS=kv_cache.shape[1], BLOCK_T=cfg.block_t, BLOCK_Q=block_q,
                 M_P=max(16, next_pow2(block_q * gs * qpk)), SPLIT=cfg.num_splits > 1, DCH=dch,
                 INT8=layout.is_int8,
-                HAS_BK=f.bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct,
+                HAS_BK=bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct,
                 OFF64=needs_off64(kv_cache),
                 NH=pieces, num_warps=cfg.num_warps, num_stages=num_stages, **qkw,
+                **({"ROPED": True} if roped else {}),
             )
             break
         except OutOfResources:  # raised when compiling, before anything runs
