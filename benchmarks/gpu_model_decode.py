@@ -2,6 +2,7 @@
 holding as many 8k-token sequences as fit in one fixed KV budget, timed under CUDA graphs.
 
     PYTHONPATH=. python benchmarks/gpu_model_decode.py [--kv-gib 64] [--context 8192] [--formats default]
+                                                       [--formats dense,bfloat16:64,bfloat16:64:roped,...]
                                                        [--json $OUT/gpu_model_decode.json]
 
 vLLM cannot be installed on the GPU machine, so this stands in for a GPU vLLM run: a decoder with the shapes of
@@ -19,7 +20,13 @@ Per format: the largest batch whose caches fit ``--kv-gib`` at ``--context`` tok
 full: the step reads ``context`` cached tokens and writes one), the whole step (32 layers + final norm + LM head)
 captured in one CUDA graph, the median of ``--reps`` replays, tokens/s = batch / step time, and the attention
 calls alone (their own graph) for the share of the step. Formats: ``dense`` or ``<latent dtype>:<rank>`` (rank of
-K and of V per head group, group size 1).
+K and of V per head group, group size 1), optionally ``<latent dtype>:<rank>:roped`` (before any '|').
+
+``:roped``: the roped-key mode (``keys: roped``), as glue/latent.py runs it: the fused matmul gives Q, the full K
+projection and the V latents (``x A_v``); RoPE on q and k; the K latent ``c_k = RoPE(k) A_k`` per head group
+(random ``A_k [gdim, rank_k]``); each query head's latent query ``q_t = q_h B_k^T`` on its KV head's rows of B_k
+(``reference.head_key_views``); then ``latent_step(..., roped_keys=True)``. Its attention time (the attention
+calls alone) counts k's RoPE, the A_k projection and the q_t einsum, as the dense baseline's counts k's RoPE.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from vllm_kvc.kernels import reference  # noqa: E402
 from vllm_kvc.kernels import triton_latent as tk  # noqa: E402
 from vllm_kvc.layout import LatentLayout  # noqa: E402
 
@@ -76,6 +84,13 @@ class Shared:
         self.lm = w(VOCAB, HIDDEN)
 
 
+def split_roped(spec: str) -> tuple[str, bool]:
+    """'bfloat16:64:roped' -> ('bfloat16:64', True); any other format -> (spec, False)."""
+    if spec.endswith(":roped"):
+        return spec[: -len(":roped")], True
+    return spec, False
+
+
 def parse_format(spec: str):
     if spec == "dense":
         return None
@@ -94,9 +109,13 @@ class Model:
 
     config = None  # LaunchConfig of the latent calls (main sets it per format)
 
-    def __init__(self, shared: Shared, layout, batch: int, context: int, gen):
-        self.s, self.layout, self.B, self.S = shared, layout, batch, context
-        width = HKV * 2 * HD if layout is None else layout.width
+    def __init__(self, shared: Shared, layout, batch: int, context: int, gen, roped: bool = False):
+        self.s, self.layout, self.B, self.S, self.roped = shared, layout, batch, context, roped
+        if roped and layout is None:
+            raise ValueError("roped keys need a latent format")
+        # roped keys: the full K projection then the V latents (A_k is applied after RoPE, in attention())
+        width = (HKV * 2 * HD if layout is None else
+                 HKV * HD + layout.groups * layout.rank_v if roped else layout.width)
         self.wqkv = [(torch.randn(HQ * HD + width, HIDDEN, device=DEV, generator=gen, dtype=torch.bfloat16)
                       / math.sqrt(HIDDEN)) for _ in range(LAYERS)]
         self.cos_sin, self.inv_freq = rope_tables(context + 8)
@@ -114,6 +133,11 @@ class Model:
                     .to(torch.bfloat16) for _ in range(LAYERS)]
         self.b_v = [(torch.randn(L.groups, L.rank_v, HD, device=DEV, generator=gen) / math.sqrt(L.rank_v))
                     .to(torch.bfloat16) for _ in range(LAYERS)]
+        if roped:  # A_k per group [G, gdim, rank_k]; per query head its KV head's B_k rows [Hq, hd, rank_k]
+            gdim = L.group_size * HD
+            self.a_k = [(torch.randn(L.groups, gdim, L.rank_k, device=DEV, generator=gen) / math.sqrt(gdim))
+                        .to(torch.bfloat16) for _ in range(LAYERS)]
+            self.q_keys = [reference.head_key_views(bk, L, HQ).contiguous() for bk in self.b_k]
         nblk = -(-context // BLOCK)
         self.block_table = torch.randperm(batch * nblk, device=DEV, generator=gen).to(torch.int32).view(batch, nblk)
         self.seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEV)
@@ -145,6 +169,17 @@ class Model:
             o = F.scaled_dot_product_attention(q.view(B, HKV, QPK, HD), self.k[i], self.v[i], scale=HD ** -0.5)
             self.attn_out.copy_(o.view(B, HQ, HD))
             return self.attn_out
+        if self.roped:  # glue/latent.py kvc_forward + kvc_attend, roped_keys
+            L = self.layout
+            k, lat_v = kv.split([HKV * HD, L.groups * L.rank_v], -1)
+            k = rope(k.reshape(B, HKV, HD), self.cos_sin, self.pos)
+            lat_k = torch.einsum("ngd,gdr->ngr", k.reshape(B, L.groups, L.group_size * HD), self.a_k[i])
+            lat = torch.cat([lat_k.flatten(1), lat_v], -1)
+            q_t = torch.einsum("nhd,hdr->nhr", q, self.q_keys[i])
+            return tk.latent_step(q_t, lat, self.cache[i], L, self.slots, self.block_table, self.seq_lens,
+                                  self.qsl, self.b_k[i], self.b_v[i], None, None, self.cos_sin, HD ** -0.5, True,
+                                  out=self.attn_out, max_query_len=1, query_start_loc_cpu=self.qsl_cpu,
+                                  inv_freq=self.inv_freq, config=self.config, roped_keys=True)
         return tk.latent_step(q, kv, self.cache[i], self.layout, self.slots, self.block_table, self.seq_lens,
                               self.qsl, self.b_k[i], self.b_v[i], None, None, self.cos_sin, HD ** -0.5, True,
                               out=self.attn_out, max_query_len=1, query_start_loc_cpu=self.qsl_cpu,
@@ -215,11 +250,12 @@ def main():
     dense_bpt = bytes_per_token(None)
     for spec in formats:
         fmt, _, cfg_text = spec.partition("|")  # 'int4@g32:112|maxnreg=168+tile_rotation=0': launch options
+        fmt, roped = split_roped(fmt)  # 'bfloat16:64:roped': roped keys
         layout = parse_format(fmt)
         bpt = bytes_per_token(layout)
         per_seq = bpt * LAYERS * (-(-a.context // BLOCK) * BLOCK)
         batch = min(a.max_batch, int(a.kv_gib * 2 ** 30 // per_seq))
-        m = Model(shared, layout, batch, a.context, gen)
+        m = Model(shared, layout, batch, a.context, gen, roped)
         if cfg_text:
             m.config = tk.LaunchConfig(**{k: (v == "1") if k in ("tile_rotation", "lazy_max") else int(v)
                                           for k, v in (x.split("=") for x in cfg_text.split("+"))})
@@ -228,11 +264,15 @@ def main():
         run = dict(format=spec, bytes_per_token_layer=bpt, fraction_of_bf16=bpt / dense_bpt, batch=batch,
                    kv_gib_used=batch * per_seq / 2 ** 30, step_ms=step_ms, attention_ms=attn_ms,
                    tokens_per_s=batch / step_ms * 1e3)
+        if roped:
+            run["keys"] = "roped"
         res["runs"].append(run)
         print(f"{spec:>16}: {bpt / dense_bpt:6.1%} of bf16, batch {batch:4d}, step {step_ms:7.2f} ms "
               f"(attention {attn_ms:6.2f} ms), {run['tokens_per_s']:8.0f} tokens/s", flush=True)
         del m
         torch.cuda.empty_cache()
+        with open(a.json, "w") as f:  # the runs so far (a call stopped at its limit keeps them)
+            json.dump(res, f, indent=1)
     base = next((r for r in res["runs"] if r["format"] == "dense"), None)
     print("\n| format | % of bf16 KV bytes | sequences in budget | step ms | attention ms | tokens/s | vs dense |")
     print("|---|---|---|---|---|---|---|")
