@@ -55,7 +55,7 @@ class LowRankFields(Strict):
     keys: Literal["pre_rope", "roped"] = Field(
         "pre_rope", description="pre_rope: key latents of the projection input, rebuilt and rotated at every step; "
                                 "roped: latents of the roped keys in a query-weighted basis, scored in the latent "
-                                "(no key rebuild; CPU path only so far)")
+                                "(no key rebuild or RoPE at attention)")
 
     @property
     def k_ratio(self) -> float:
