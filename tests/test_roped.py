@@ -82,3 +82,14 @@ def test_emulation_scores_the_roped_latent(model_dir, tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"))
     assert not torch.allclose(logits("float32", tmp_path / "bad.safetensors"), want, atol=1e-2)
     torch.testing.assert_close(model(ids).logits, want)  # undone
+
+
+def test_allocator_refuses_roped_keys():
+    import pytest
+
+    from vllm_kvc.settings import ConfigError
+
+    base = CompressionConfig(method="lowrank", group_size=3, keys="roped")
+    with pytest.raises(ConfigError) as e:
+        get_method("lowrank").allocate("/nonexistent", base, 23040, memory=0.25)
+    assert e.value.field == "compression.keys" and "pre_rope" in str(e.value)

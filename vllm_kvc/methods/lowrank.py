@@ -194,6 +194,10 @@ class LowRank(Method):
 
         from vllm_kvc.allocate import allocate_for_budget, allocate_quality
 
+        if getattr(base, "keys", "pre_rope") != "pre_rope":
+            raise ConfigError("compression.keys", f"{base.keys!r}: the allocator prices pre-RoPE key ranks and "
+                                                  "widths; expected keys: pre_rope (roped keys are served at full "
+                                                  "rank: set latent_dtype_k / latent_dtype_v instead)")
         if memory is not None:
             alloc = allocate_for_budget(model_dir, base, memory, baseline_bytes)
         else:
