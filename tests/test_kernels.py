@@ -215,6 +215,19 @@ def plan_of(args, cfg, max_query_len=None, inv_freq=None, long_prompts=False):
                           query_lens=[qsl[r + 1] - qsl[r] for r in range(R)] if long_prompts else None,
                           seq_lens=args["seq_lens"].tolist() if long_prompts else None)
 
+def test_plan_gives_nibble_tiles_32_tokens():
+    """Decode plans of layouts read as even / odd nibble tiles never use 16-token tiles (wrong results on the H200
+    with triton 3.6); other layouts keep the tiles they ask for."""
+    tk = kernels()
+    nib = LatentLayout(2, 1, 64, 48, 32, "int4")
+    bf = LatentLayout(2, 1, 64, 48, 32, "bfloat16")
+    for lay, want in ((nib, 32), (bf, 16)):
+        plan = tk.plan_launch(lay, 6, 2, 2, max_query_len=1, config=tk.LaunchConfig(block_t=16))
+        assert plan.kernel == "decode" and plan.config.block_t == want, (lay.dtype, plan)
+    plan = tk.plan_launch(nib, 6, 2, 2, max_query_len=1, config=tk.LaunchConfig(block_t=64))
+    assert plan.config.block_t == 64
+
+
 # (name, seq_lens, q_lens, case kwargs, call kwargs); small enough for the CPU interpreter
 CASES = [
     ("decode_gs1", [1, 37, 70], [1, 1, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=16, rv=24, bs=16), dict(max_query_len=1)),
@@ -858,10 +871,11 @@ ROPED_CASES = [
     ("int4_g32_decode_nibbles", "int4@g32", [3, 70, 130], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=64, rk=64, rv=48,
                                                                           bs=16, bias=True),
      dict(max_query_len=1, heads=2, block_t=16, num_splits=2, bare=True)),
-    # 32-token tiles: with 16-token tiles this layout (4-bit V tile of 16 bytes, one head per program, table
-    # RoPE) is wrong on the H200 (triton 3.6) in the pre-RoPE mode too (benchmarks/results/gpu_roped_diag.txt)
+    # 16-token tiles asked for: with them this layout (4-bit V tile of 16 bytes, one head per program, table RoPE)
+    # was wrong on the H200 (triton 3.6) in the pre-RoPE mode too (benchmarks/results/gpu_roped_diag.txt); the
+    # launch plan now gives nibble layouts 32-token tiles at least (test_plan_gives_nibble_tiles_32_tokens)
     ("int4_decode_nibbles_rank48", "int4", [5, 66], [1, 1], dict(G=2, gs=1, qpk=3, hd=64, rk=48, rv=32, bs=16),
-     dict(max_query_len=1, block_t=32, lazy_max=True)),
+     dict(max_query_len=1, block_t=16, lazy_max=True)),
     ("int4_g32_decode_odd_rank", "int4@g32", [3, 61, 90], [1, 1, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=31, rv=24,
                                                                           bs=5), dict(max_query_len=1, num_splits=2,
                                                                                       block_t=16)),

@@ -19,7 +19,7 @@ from vllm_kvc.layout import LatentLayout
 
 from .config import (LaunchConfig, check_supported, compute_dtype, decode_defaults, default_splits, heads_supported,
                      next_pow2, num_sms, pick_heads)
-from .decode import launch_decode
+from .decode import launch_decode, nibble_split
 from .prefill import launch_generic
 from .write import can_encode, encode_rows, write_rows
 
@@ -223,6 +223,11 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
                                                          "tile_rotation", "lazy_max") if getattr(cfg, k) is None})
     if use_decode:
         nkv = pick_heads(layout, cfg.heads)
+        if cfg.block_t < 32 and any(nibble_split(layout, max(16, next_pow2(layout.rank_k)),
+                                                 max(16, next_pow2(layout.rank_v)))):
+            # even / odd nibble tiles with 16-token tiles compute wrong results on the H200 (triton 3.6;
+            # benchmarks/results/gpu_roped_diag.txt): such layouts take 32-token tiles at least
+            cfg = replace(cfg, block_t=32)
         if cfg.num_splits is None:
             cfg = replace(cfg, num_splits=default_splits(num_tokens * (layout.groups // nkv), max_ctx, cfg.block_t,
                                                          sms))
