@@ -782,25 +782,33 @@ def test_latent_step_writes_and_attends(lat_dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs")
+@pytest.mark.parametrize("roped", [False, True], ids=["pre_rope", "roped"])
 @pytest.mark.parametrize("lat_dtype", ["bfloat16", "int4@g32", "int8/int4", "int8"])
-def test_latent_step_replays_in_a_cuda_graph(lat_dtype):
-    """The decode call is captured in a CUDA graph; then the cache contents, the query, this step's latents, the
-    slots and the cached lengths change in place, and the replay computes the new step (oracle: fp64 reference)."""
+def test_latent_step_replays_in_a_cuda_graph(lat_dtype, roped):
+    """The decode call is captured in a CUDA graph; then the cache contents, the query (roped keys: the latent
+    queries), this step's latents, the slots and the cached lengths change in place, and the replay computes the
+    new step (oracle: the fp64 reference of the key mode)."""
     tk = kernels()
     gen = fresh_gen()
     seq = [700, 64, 1500, 9]
-    args, _ = make_case(seq, [1] * 4, G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64, lat_dtype=lat_dtype, gen=gen)
+    args, _ = make_case(seq, [1] * 4, G=8, gs=1, qpk=4, hd=128, rk=64, rv=48 if roped else 64, bs=64,
+                        lat_dtype=lat_dtype, gen=gen)
+    if roped:
+        qt = roped_query(args)
+        call_args, step = roped_call_args(args, qt, bare=True), _step_call_roped
+    else:
+        call_args, step = args, _step_call
     lat, slots = _step_inputs(args, [s - 1 for s in seq], gen)
     out = torch.empty_like(args["q"])
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile and cache the factors outside the capture
         for _ in range(2):
-            _step_call(tk, args, lat, slots, out)
+            step(tk, call_args, lat, slots, out)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _step_call(tk, args, lat, slots, out)
+        step(tk, call_args, lat, slots, out)
     # the next step, in place: new query and latents, shorter histories (other slots), rewritten cache rows
     new_seq = [699, 33, 1400, 9]
     lat2, slots2 = _step_inputs(args, [s - 1 for s in new_seq], gen)
@@ -808,6 +816,8 @@ def test_latent_step_replays_in_a_cuda_graph(lat_dtype):
     slots.copy_(slots2)
     args["seq_lens"].copy_(torch.tensor(new_seq, dtype=torch.int32, device=DEV))
     args["q"].copy_(torch.randn(args["q"].shape, generator=gen).to(args["q"].dtype).to(DEV))
+    if roped:
+        qt.copy_(roped_query(args))
     lay, bs = args["layout"], args["kv_cache"].shape[1]
     blk = int(args["block_table"][2, 3])
     ck, cv = torch.randn(bs, lay.groups, lay.rank_k, generator=gen), torch.randn(bs, lay.groups, lay.rank_v,
@@ -817,7 +827,11 @@ def test_latent_step_replays_in_a_cuda_graph(lat_dtype):
     before = args["kv_cache"].clone()
     graph.replay()
     torch.cuda.synchronize()
-    _check_step(args, lat, slots, out, before)
+    if roped:
+        _check_rows_written(args, lat, slots, before)
+        assert rel_err(out, ref_out_roped(args, qt)) < TOL
+    else:
+        _check_step(args, lat, slots, out, before)
 
 
 # ------------------------------------------------------------------------------------------------ roped keys
@@ -1046,50 +1060,6 @@ def _check_rows_written(args, lat, slots, cache_before):
     """_check_step's checks of the rows written (given the pre-RoPE oracle's own output, its output check is
     void)."""
     _check_step(args, lat, slots, ref_out(args), cache_before)
-
-
-@pytest.mark.skipif(not CUDA, reason="CUDA graphs")
-@pytest.mark.parametrize("lat_dtype", ["bfloat16", "int4@g32", "int8/int4", "int8"])
-def test_latent_step_roped_keys_replays_in_a_cuda_graph(lat_dtype):
-    """The roped-key decode call captured in a CUDA graph; then the cache contents, the latent queries, this step's
-    latents, the slots and the cached lengths change in place, and the replay computes the new step (oracle: the
-    fp64 roped-key reference)."""
-    tk = kernels()
-    gen = fresh_gen()
-    seq = [700, 64, 1500, 9]
-    args, _ = make_case(seq, [1] * 4, G=8, gs=1, qpk=4, hd=128, rk=64, rv=48, bs=64, lat_dtype=lat_dtype, gen=gen)
-    qt = roped_query(args)
-    rargs = roped_call_args(args, qt, bare=True)
-    lat, slots = _step_inputs(args, [s - 1 for s in seq], gen)
-    out = torch.empty_like(args["q"])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and cache the factors outside the capture
-        for _ in range(2):
-            _step_call_roped(tk, rargs, lat, slots, out)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _step_call_roped(tk, rargs, lat, slots, out)
-    # the next step, in place: new latent queries and latents, shorter histories (other slots), rewritten rows
-    new_seq = [699, 33, 1400, 9]
-    lat2, slots2 = _step_inputs(args, [s - 1 for s in new_seq], gen)
-    lat.copy_(lat2)
-    slots.copy_(slots2)
-    args["seq_lens"].copy_(torch.tensor(new_seq, dtype=torch.int32, device=DEV))
-    args["q"].copy_(torch.randn(args["q"].shape, generator=gen).to(args["q"].dtype).to(DEV))
-    qt.copy_(roped_query(args))
-    lay, bs = args["layout"], args["kv_cache"].shape[1]
-    blk = int(args["block_table"][2, 3])
-    ck, cv = torch.randn(bs, lay.groups, lay.rank_k, generator=gen), torch.randn(bs, lay.groups, lay.rank_v,
-                                                                                  generator=gen)
-    ref.write_latents(args["kv_cache"], torch.arange(blk * bs, blk * bs + bs, device=DEV), lay, ck.to(DEV),
-                      cv.to(DEV))
-    before = args["kv_cache"].clone()
-    graph.replay()
-    torch.cuda.synchronize()
-    _check_rows_written(args, lat, slots, before)
-    assert rel_err(out, ref_out_roped(args, qt)) < TOL
 
 
 @pytest.mark.skipif(not CUDA, reason="the GPU path only")
