@@ -333,6 +333,24 @@ def format_configs(spec: str) -> list[LaunchConfig]:
     return [LaunchConfig(heads=h, num_stages=st, num_splits=s) for h in (1, 2) for st in (2, 3) for s in (1, 2)]
 
 
+def try_configs(run, ref_out, configs, label: str) -> list[dict]:
+    """``run(cfg)`` under each launch configuration: {cfg, ms, err} (median ms, error vs ``ref_out``), or {cfg,
+    error} where it fails (out of resources etc.)."""
+    tried = []
+    for cfg in configs:
+        try:
+            out = run(cfg)
+            torch.cuda.synchronize()
+            err = rel(out, ref_out)
+            t = bench(lambda: run(cfg))
+        except Exception as e:  # noqa: BLE001  (out of resources etc.)
+            tried.append(dict(cfg=dataclasses.asdict(cfg), error=str(e).splitlines()[0][:160]))
+            print(f"    {label} {cfg}: {tried[-1]['error']}", flush=True)
+            continue
+        tried.append(dict(cfg=dataclasses.asdict(cfg), ms=t, err=err))
+    return tried
+
+
 def run_formats(args, bw, mm, results):
     """Every latent format of the plan (gs = 1, Llama-3-8B layer) against dense bf16 SDPA in the same call: the
     defaults and the best of :func:`format_configs`, each with its bytes floor (its own row bytes)."""
@@ -352,18 +370,8 @@ def run_formats(args, bw, mm, results):
             c = DecodeCase(B, S, 1, r, r, spec)
             ref_out = c.run_naive()
             t0 = time.time()
-            tried = []
-            for cfg in [LaunchConfig()] + ([] if args.no_sweep else format_configs(spec)):
-                try:
-                    out = c.run_kernel(cfg)
-                    torch.cuda.synchronize()
-                    err = rel(out, ref_out)
-                    t = bench(lambda: c.run_kernel(cfg))
-                except Exception as e:  # noqa: BLE001  (out of resources etc.)
-                    tried.append(dict(cfg=dataclasses.asdict(cfg), error=str(e).splitlines()[0][:160]))
-                    print(f"    {spec} {cfg}: {tried[-1]['error']}", flush=True)
-                    continue
-                tried.append(dict(cfg=dataclasses.asdict(cfg), ms=t, err=err))
+            tried = try_configs(c.run_kernel, ref_out, [LaunchConfig()] + ([] if args.no_sweep
+                                                                           else format_configs(spec)), spec)
             ok = [x for x in tried if "ms" in x]
             best = min(ok, key=lambda x: x["ms"]) if ok else None
             dflt = tried[0] if "ms" in tried[0] else None
@@ -397,18 +405,7 @@ def time_roped(c: DecodeCase, spec: str, bw: float, results) -> dict:
     keys c_k B_k (no RoPE) and values c_v B_v."""
     c.setup_roped()
     ref_out = c.run_naive(rope=False)
-    tried = []
-    for cfg in [LaunchConfig()] + list(ROPED_CONFIGS):
-        try:
-            out = c.run_kernel_roped(cfg)
-            torch.cuda.synchronize()
-            err = rel(out, ref_out)
-            t = bench(lambda: c.run_kernel_roped(cfg))
-        except Exception as e:  # noqa: BLE001  (out of resources etc.)
-            tried.append(dict(cfg=dataclasses.asdict(cfg), error=str(e).splitlines()[0][:160]))
-            print(f"    roped {spec} {cfg}: {tried[-1]['error']}", flush=True)
-            continue
-        tried.append(dict(cfg=dataclasses.asdict(cfg), ms=t, err=err))
+    tried = try_configs(c.run_kernel_roped, ref_out, [LaunchConfig()] + list(ROPED_CONFIGS), f"roped {spec}")
     ok = [x for x in tried if "ms" in x]
     best = min(ok, key=lambda x: x["ms"]) if ok else None
     kb = c.kernel_bytes_roped()
