@@ -30,7 +30,7 @@ serve: setup
 	$(VENV)/bin/vllm-kvc serve --config $(CONFIG)
 
 test: setup tools
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests

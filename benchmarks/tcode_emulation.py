@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_kvc import bitalloc, tcode  # noqa: E402
+from vllm_kvc import tcode  # noqa: E402
 
 
 def main() -> None:
@@ -41,20 +41,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from vllm_kvc.emulate import perplexity
     from vllm_kvc.evaluate import eval_chunks
-    from vllm_kvc.methods import build_plan, get_method
-    from vllm_kvc.plan import dense_bytes_per_token, format_segments
+    from vllm_kvc.methods import build_plan
+    from vllm_kvc.plan import dense_bytes_per_token, format_segments, segment_spec
     from vllm_kvc.validate import check_file
 
     c = check_file(a.config, check_engine=False)
     base = c.deployment.compression.model_validate({"group_size": c.deployment.compression.group_size,
                                                     "calibration": c.deployment.compression.calibration.model_dump(),
                                                     "method": "tcode"})
-    method = get_method("tcode")
     model = AutoModelForCausalLM.from_pretrained(c.model_dir, dtype=torch.float32).eval()
     chunks = eval_chunks(c.model_dir, a.corpus, a.tokens, a.seq_len)
     with torch.no_grad():
@@ -65,32 +63,11 @@ def main() -> None:
         comp = base.model_validate({**base.model_dump(), "tcode": {"segments": {
             "k": [format_segments(s) for s in sk], "v": [format_segments(s) for s in sv]}}})
         plan = build_plan(comp, c.shape)
-        _, path = method.prepare(c.model_dir, comp, c.shape)
+        tensors = tcode.factors(stats, sk, sv)  # what method.prepare caches for the deployment
+        specs = [segment_spec(k, v) for k, v in zip(sk, sv)]
         for var in a.variants:
-            undo = []
-            with safe_open(str(path), framework="pt") as f:
-                for i, layer in enumerate(model.model.layers):
-                    segs = (sk[i], sv[i])
-                    for kind, proj in ((0, layer.self_attn.k_proj), (1, layer.self_attn.v_proj)):
-                        if (var == "k" and kind == 1) or (var == "v" and kind == 0):
-                            continue
-                        name = "kv"[kind]
-                        fa, fb = f.get_tensor(f"{i}.a_{name}").float(), f.get_tensor(f"{i}.b_{name}").float()
-
-                        def hook(mod, args, out, fa=fa, fb=fb, segs=segs[kind]):
-                            lat = (args[0].float() @ fa).reshape(*args[0].shape[:-1], fb.shape[0], -1)
-                            parts, off = [], 0
-                            for w, bits in segs:
-                                b = 4 if (var == "no2" and bits == 2) else 16 if var == "exactkept" else bits
-                                parts.append(bitalloc.roundtrip_bits(lat[..., off:off + w], b, 0))
-                                off += w
-                            y = torch.einsum("...gr,grd->...gd", torch.cat(parts, -1), fb).reshape(out.shape)
-                            y = y.to(out.dtype)
-                            if a.sinks:
-                                y[..., :a.sinks, :] = out[..., :a.sinks, :]
-                            return y
-
-                        undo.append(proj.register_forward_hook(hook).remove)
+            read = {"no2": lambda b: 4 if b == 2 else b, "exactkept": lambda b: 16}.get(var)
+            undo = tcode.install(model, tensors, specs, a.sinks, {"k": (0,), "v": (1,)}.get(var, (0, 1)), read)
             with torch.no_grad():
                 ppl = perplexity(model, chunks)
             for u in undo:

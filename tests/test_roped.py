@@ -1,6 +1,7 @@
 """Keys cached after RoPE and scored in the latent (``keys: roped``): factors, the transformers emulation, the
 config. The vLLM path: tests/test_core_vllm.py (full rank, greedy equal to the baseline); the reference
 attention: tests/test_kernels.py (``roped_keys``)."""
+import pytest
 import torch
 
 from vllm_kvc.calibrate import roped_key_factors
@@ -93,3 +94,16 @@ def test_allocator_refuses_roped_keys():
     with pytest.raises(ConfigError) as e:
         get_method("lowrank").allocate("/nonexistent", base, 23040, memory=0.25)
     assert e.value.field == "compression.keys" and "pre_rope" in str(e.value)
+
+
+def test_bench_roped_points_by_name():
+    """``bench pareto --methods kvc-roped-k8v4`` asks for that point alone; ``kvc-roped`` for the defaults."""
+    from vllm_kvc.methods.lowrank import ROPED_POINTS, roped_points
+
+    assert roped_points(["kvc-roped-k8v4", "vllm-fp8"]) == [(8, 4)]
+    assert roped_points(["kvc-roped-k8v8", "kvc-roped-k4v4", "kvc-roped-k8v8"]) == [(8, 8), (4, 4)]
+    assert roped_points(["kvc-roped"]) == list(ROPED_POINTS)
+    assert roped_points(None) == list(ROPED_POINTS)
+    assert roped_points(["vllm-fp8", "kvc-alloc"]) == []
+    with pytest.raises(ValueError, match="kvc-roped-k3v4"):
+        roped_points(["kvc-roped-k3v4"])

@@ -213,3 +213,35 @@ def test_perplexity_through_vllm_matches_transformers_emulation(model_dir, tmp_p
             u()
     assert abs(res["ppl"] / emu - 1) < 0.005, (res["ppl"], emu, dense)
     assert dense < emu < no_sink, (dense, emu, no_sink)
+
+
+@pytest.mark.slow
+def test_quality_mode_measures_its_promise_on_validation_text(model_dir):
+    """``vllm-kvc allocate --method tcode --max-rise``: bisection on the memory fraction, each candidate's rise
+    measured on the validation text; the chosen allocation re-measured independently keeps the budget, every
+    smaller fraction tried broke it, and a budget no allocation can keep is an error naming the flag."""
+    from vllm_kvc.allocate import _context
+    from vllm_kvc.corpus import load_text, spread_chunks
+    from vllm_kvc.emulate import perplexity
+    from vllm_kvc.tcode import DEFAULT_PROBE, factors, install, load_stats, quality_config
+
+    shape = ModelShape.from_model_dir(model_dir)
+    base = CompressionConfig(method="tcode", group_size=3)
+    full = build_plan(CompressionConfig(), shape).baseline_bytes_per_token()
+    val = {"chunks": 2, "seq_len": 256}
+    sk, sv, used, info = quality_config(model_dir, base, 3.0, full, iters=3, validation=val)
+    frac = used / full
+    assert 0.08 < frac <= 0.5 and info["validation_rise_pct"] <= 3.0, info
+    assert all(t["rise_pct"] > 3.0 for t in info["tried"] if t["fraction"] < frac - 1e-9), info["tried"]
+    ctx = _context(model_dir, base, DEFAULT_PROBE)
+    chunks = spread_chunks(ctx.tok, load_text("validation"), 2, 256)
+    with torch.no_grad():
+        dense = perplexity(ctx.model, chunks)
+        undo = install(ctx.model, factors(load_stats(model_dir, base), sk, sv),
+                       [segment_spec(k, v) for k, v in zip(sk, sv)])
+        coded = perplexity(ctx.model, chunks)
+        for u in undo:
+            u()
+    assert abs(100 * (coded / dense - 1) - info["validation_rise_pct"]) < 1e-3
+    with pytest.raises(ConfigError, match="--max-rise"):
+        quality_config(model_dir, base, -1.0, full, iters=1, validation=val)

@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "perplexity rise; writes a deployable config")
     s.add_argument("--config", required=True, help="the deployment to start from (model, engine, calibration)")
     s.add_argument("--memory", type=float, help="KV bytes as a fraction of bf16 (scales included), e.g. 0.25")
-    s.add_argument("--max-rise", type=float, help="quality mode: largest perplexity rise on calibration text, %%")
+    s.add_argument("--max-rise", type=float, help="quality mode: largest measured perplexity rise, %% (lowrank: on its "
+                   "calibration slice; tcode: on the validation text, the library reference)")
     s.add_argument("--method", choices=_allocatable(), help="what to allocate (default: the config's method): "
                    "ranks and widths per layer, or bits per latent coordinate as segments")
     s.add_argument("--out", help="write the config here (default: print it)")

@@ -6,7 +6,9 @@ documentation's reStructuredText sources, Python Software Foundation License), t
 
 - ``calibration``: the HOWTOs and the FAQ;
 - ``eval`` (the default of ``vllm-kvc eval``): the tutorial;
-- ``heldout``: "What's New" documents, for a second opinion.
+- ``heldout``: "What's New" documents, for a second opinion;
+- ``validation``: the library reference, for quality modes that measure a rise while choosing a setting
+  (``vllm-kvc allocate --method tcode --max-rise``): neither calibration nor any evaluation text.
 
 Any plain-text file can be used instead (``--corpus FILE.txt``).
 """
@@ -24,6 +26,7 @@ BUILTIN = {
     "calibration": ("howto", "faq"),
     "eval": ("tutorial",),
     "heldout": ("whatsnew",),
+    "validation": ("library",),
 }
 
 _ROLE = re.compile(r":[a-zA-Z:]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")
@@ -101,6 +104,17 @@ def load_text(corpus: str, role: str = "eval") -> str:
         raise FileNotFoundError(f"corpus {corpus!r}: no such file (expected a plain-text file or one of "
                                 f"'default', {', '.join(repr(b) for b in BUILTIN)})")
     return p.read_text(errors="replace")
+
+
+def spread_chunks(tokenizer, text: str, n_chunks: int, seq_len: int) -> list[list[int]]:
+    """``n_chunks`` chunks of ``seq_len`` token ids at evenly spaced offsets over the whole text (a long,
+    varied text sampled throughout rather than its first documents)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    room = len(ids) - seq_len
+    if room < 0 or n_chunks < 1:
+        raise ValueError(f"corpus has {len(ids)} tokens: need at least one chunk of {seq_len}")
+    starts = sorted({round(room * (j + 0.5) / n_chunks) for j in range(n_chunks)})
+    return [ids[s:s + seq_len] for s in starts]
 
 
 def token_chunks(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[list[int]]:

@@ -209,35 +209,106 @@ def build_factors(model_dir: str, cfg, plan) -> Path:
     return build_tensors_once(factors_path(model_dir, cfg, plan), build, "tcode factors")
 
 
-def install(model, factors_file: str, layer_specs, sink: bool = True) -> list:
+def install(model, factors_file, layer_specs, sink: int = 1, kinds=(0, 1), read_bits=None) -> list:
     """HF transformers emulation: every layer's k_proj / v_proj output := its transform-coded round trip
-    (the same quantizer as layout.py's rows); the first position of each sequence exact when ``sink``.
+    (the same quantizer as layout.py's rows); the first ``sink`` positions of each sequence exact (the
+    deployment keeps one). ``factors_file``: the factor file, or its tensors (``factors``). For analysis:
+    ``kinds`` the parts coded (0: K, 1: V), ``read_bits(bits)`` the width a segment is rounded at (16: exact).
     Returns undo callables."""
-    from safetensors import safe_open
-
     from vllm_kvc.plan import parse_segment_spec
 
+    if isinstance(factors_file, dict):
+        tensors = factors_file
+    else:
+        from safetensors.torch import load_file
+        tensors = load_file(str(factors_file))
     undo = []
-    with safe_open(str(factors_file), framework="pt") as f:
-        for i, layer in enumerate(model.model.layers):
-            segs = parse_segment_spec(layer_specs[i])
-            for kind, proj in ((0, layer.self_attn.k_proj), (1, layer.self_attn.v_proj)):
-                name = "k" if kind == 0 else "v"
-                a, b = f.get_tensor(f"{i}.a_{name}").float(), f.get_tensor(f"{i}.b_{name}").float()
+    for i, layer in enumerate(model.model.layers):
+        segs = parse_segment_spec(layer_specs[i])
+        for kind, proj in ((0, layer.self_attn.k_proj), (1, layer.self_attn.v_proj)):
+            if kind not in kinds:
+                continue
+            name = "k" if kind == 0 else "v"
+            a, b = tensors[f"{i}.a_{name}"].float(), tensors[f"{i}.b_{name}"].float()
 
-                def hook(mod, args, out, a=a, b=b, segs=segs[kind]):
-                    c = (args[0].float() @ a).reshape(*args[0].shape[:-1], b.shape[0], -1)
-                    parts, off = [], 0
-                    for w, bits in segs:
-                        parts.append(bitalloc.roundtrip_bits(c[..., off:off + w], bits, 0))
-                        off += w
-                    y = torch.einsum("...gr,grd->...gd", torch.cat(parts, -1), b).reshape(*out.shape)
-                    if mod.bias is not None:
-                        y = y + mod.bias.float()
-                    y = y.to(out.dtype)
-                    if sink:
-                        y[..., :1, :] = out[..., :1, :]
-                    return y
+            def hook(mod, args, out, a=a, b=b, segs=segs[kind]):
+                c = (args[0].float() @ a).reshape(*args[0].shape[:-1], b.shape[0], -1)
+                parts, off = [], 0
+                for w, bits in segs:
+                    bits = read_bits(bits) if read_bits else bits
+                    parts.append(bitalloc.roundtrip_bits(c[..., off:off + w], bits, 0))
+                    off += w
+                y = torch.einsum("...gr,grd->...gd", torch.cat(parts, -1), b).reshape(*out.shape)
+                if mod.bias is not None:
+                    y = y + mod.bias.float()
+                y = y.to(out.dtype)
+                if sink:
+                    y[..., :int(sink), :] = out[..., :int(sink), :]
+                return y
 
-                undo.append(proj.register_forward_hook(hook).remove)
+            undo.append(proj.register_forward_hook(hook).remove)
     return undo
+
+
+# ------------------------------------------------------------------------------------ quality mode
+VALIDATION = {"corpus": "validation", "chunks": 4, "seq_len": 1024}  # text of the quality mode's measurement
+
+
+def quality_config(model_dir: str, cfg, max_rise_pct: float, baseline_bytes: int, lo_frac: float = 0.08,
+                   hi_frac: float = 0.5, iters: int = 7, validation: dict | None = None):
+    """Quality mode: the smallest memory fraction (bisection) whose allocation's *measured* perplexity rise is
+    <= ``max_rise_pct``, measured in the transformers emulation (float32, the exact sink) on a validation text
+    that neither the statistics nor any evaluation corpus use (``VALIDATION``: chunks spread over the library
+    reference). Returns (segments_k, segments_v, bytes per token, info); cached per settings."""
+    from vllm_kvc.allocate import _alloc_dir, _context, _fisher_key
+    from vllm_kvc.artifacts import write_text_atomic
+    from vllm_kvc.corpus import load_text, spread_chunks
+    from vllm_kvc.emulate import perplexity
+    from vllm_kvc.plan import segment_spec
+
+    val = {**VALIDATION, **(validation or {})}
+    key = _fisher_key(model_dir, cfg, DEFAULT_PROBE)
+    path = _alloc_dir() / (f"tcode-quality-{key}-{TCODE_FORMAT}-{max_rise_pct:g}-{baseline_bytes}-{lo_frac:g}-"
+                           f"{hi_frac:g}-{iters}-{val['corpus']}-{val['chunks']}-{val['seq_len']}.json")
+    if path.is_file():
+        d = json.loads(path.read_text())
+        return ([tuple(map(tuple, s)) for s in d["segments_k"]], [tuple(map(tuple, s)) for s in d["segments_v"]],
+                d["bytes_per_token"], d["info"])
+    stats = load_stats(model_dir, cfg)
+    ctx = _context(model_dir, cfg, DEFAULT_PROBE)
+    chunks = spread_chunks(ctx.tok, load_text(val["corpus"], "eval"), val["chunks"], val["seq_len"])
+    with torch.no_grad():
+        dense = perplexity(ctx.model, chunks)
+    tried = []
+
+    def measure(frac):
+        sk, sv, used = allocate(stats, int(math.floor(frac * baseline_bytes)))
+        undo = install(ctx.model, factors(stats, sk, sv), [segment_spec(k, v) for k, v in zip(sk, sv)])
+        try:
+            with torch.no_grad():
+                rise = 100.0 * (perplexity(ctx.model, chunks) / dense - 1.0)
+        finally:
+            for u in undo:
+                u()
+        tried.append({"fraction": round(used / baseline_bytes, 5), "rise_pct": round(rise, 3)})
+        log.info("tcode quality mode: %.4f of bf16 -> validation rise %+.2f%%", used / baseline_bytes, rise)
+        return (sk, sv, used), rise
+
+    best, best_rise = measure(hi_frac)
+    if best_rise > max_rise_pct:
+        from vllm_kvc.settings import ConfigError
+        raise ConfigError("--max-rise", f"even {hi_frac:g} of the bf16 bytes rises {best_rise:.2f}% on the validation "
+                                        f"text: expected a budget of at least that")
+    lo, hi = lo_frac, hi_frac
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        got, r = measure(mid)
+        if r <= max_rise_pct:
+            hi, best, best_rise = mid, got, r
+        else:
+            lo = mid
+    info = {"validation": val, "validation_dense_ppl": round(dense, 4), "max_rise_pct": max_rise_pct,
+            "tried": tried, "validation_rise_pct": round(best_rise, 3)}
+    write_text_atomic(json.dumps({"segments_k": best[0], "segments_v": best[1], "bytes_per_token": best[2],
+                                  "info": info}), path)
+    return best[0], best[1], best[2], info

@@ -233,13 +233,12 @@ class LowRank(Method):
                 a = allocate_quality(model_dir, fresh, quality_pct, base_bytes, lo_frac=0.1, hi_frac=0.4, iters=4)
                 out.append({"method": f"kvc-alloc-q{quality_pct:g}", "is_baseline": False, "target": None,
                             "compression": a.compression(fresh), "allocation": dataclasses.asdict(a)})
-        if _wanted("kvc-roped", include):  # keys roped at full rank, one uniform width per part (no allocation)
-            for bk, bv in ROPED_POINTS:
-                out.append({"method": f"kvc-roped-k{bk}v{bv}", "is_baseline": False, "target": None,
-                            "compression": base.model_validate({**common, "keys": "roped", "ratio": 1.0,
-                                                                "latent_dtype_k": f"int{bk}",
-                                                                "latent_dtype_v": f"int{bv}", "latent_dtype": "int8",
-                                                                "quant_group": 32})})
+        for bk, bv in roped_points(include):  # keys roped at full rank, one uniform width per part (no allocation)
+            out.append({"method": f"kvc-roped-k{bk}v{bv}", "is_baseline": False, "target": None,
+                        "compression": base.model_validate({**common, "keys": "roped", "ratio": 1.0,
+                                                            "latent_dtype_k": f"int{bk}",
+                                                            "latent_dtype_v": f"int{bv}", "latent_dtype": "int8",
+                                                            "quant_group": 32})})
         groups = shape.num_kv_heads // base.group_size
         plain = [f for f in plain_points if f in points] or list(points)[:1]  # plain SVD: a few points suffice
         for name, fact, pts in (("svd-whitened", "whitened", points), ("svd-plain", "plain", plain)):
@@ -257,6 +256,24 @@ class LowRank(Method):
 
 # ``kvc-roped-k<K bits>v<V bits>`` points of ``bench pareto``: full-rank roped keys and full-rank values, g32 scales
 ROPED_POINTS = ((4, 4), (2, 4), (4, 2))
+
+
+def roped_points(include) -> list[tuple[int, int]]:
+    """The ``(K bits, V bits)`` of the ``kvc-roped`` points asked for: each ``kvc-roped-k<b>v<b>`` in
+    ``include`` names one (bits in 2, 4, 8); plain ``kvc-roped`` (or no list) gives ``ROPED_POINTS``."""
+    import re
+
+    named, default = [], include is None
+    for i in include or ():
+        m = re.fullmatch(r"kvc-roped-k(\d)v(\d)", i)
+        if m:
+            bits = (int(m.group(1)), int(m.group(2)))
+            if not set(bits) <= {2, 4, 8}:
+                raise ValueError(f"bench method {i!r}: K and V bits must each be 2, 4 or 8")
+            named.append(bits)
+        elif "kvc-roped".startswith(i) or i == "kvc-roped":
+            default = True
+    return list(dict.fromkeys(named + (list(ROPED_POINTS) if default else [])))
 
 
 def _wanted(name: str, include) -> bool:

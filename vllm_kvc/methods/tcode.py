@@ -149,17 +149,19 @@ class Tcode(Method):
         """``base`` plus explicit segments for ``memory`` (fraction of the bf16 KV bytes per token, scales
         included; the exact first token is one bf16 row per sequence, outside them)."""
         from vllm_kvc.plan import format_segments
-        from vllm_kvc.tcode import MENU, UNIT, allocate_config
+        from vllm_kvc.tcode import MENU, UNIT, allocate_config, quality_config
 
+        info = {}
         if memory is None:
-            raise ConfigError("--max-rise", "method tcode allocates for a memory budget: expected --memory")
-        sk, sv, used = allocate_config(model_dir, base, memory, baseline_bytes)
+            sk, sv, used, info = quality_config(model_dir, base, max_rise, baseline_bytes)
+        else:
+            sk, sv, used = allocate_config(model_dir, base, memory, baseline_bytes)
         d = {k: base.model_dump()[k] for k in ("group_size", "calibration", "factorization")}  # nothing of lowrank's
         d.update(method=self.name, tcode={"sink": base.tcode.sink,
                                           "segments": {"k": [format_segments(s) for s in sk],
                                                        "v": [format_segments(s) for s in sv]}})
         summary = {"method": self.name, "bytes_per_token": used, "memory_fraction": used / baseline_bytes,
-                   "menu_bits": list(MENU), "segment_unit": UNIT, "sink": base.tcode.sink}
+                   "menu_bits": list(MENU), "segment_unit": UNIT, "sink": base.tcode.sink, **info}
         return base.model_validate(d), summary
 
     def bench_points(self, base, shape, model_dir, points, include, **_) -> list[dict]:

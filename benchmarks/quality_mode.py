@@ -1,0 +1,72 @@
+"""Does the quality mode keep its promise on text it never saw? (issue 16, item 4)
+
+For each ``--max-rise`` budget, runs ``vllm-kvc allocate --method tcode --max-rise X``'s search
+(``tcode.quality_config``: bisection on the memory fraction, each candidate's rise measured on the validation
+text, the library reference) and then measures the chosen allocation on the held-out and eval corpora in the
+same transformers emulation (float32, exact sink), neither of which the statistics or the search saw.
+
+    .venv/bin/python benchmarks/quality_mode.py --max-rise 1 2 3 5 [--tokens 4096] [--corpora heldout default]
+
+Prints one JSON line per budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_kvc import tcode  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--max-rise", type=float, nargs="+", default=[3.0])
+    ap.add_argument("--corpora", nargs="+", default=["heldout", "default"])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from vllm_kvc.allocate import _context
+    from vllm_kvc.emulate import perplexity
+    from vllm_kvc.evaluate import eval_chunks
+    from vllm_kvc.plan import dense_bytes_per_token, format_segments, segment_spec
+    from vllm_kvc.validate import check_file
+
+    c = check_file(a.config, check_engine=False)
+    comp = c.deployment.compression
+    base = comp.model_validate({"group_size": comp.group_size, "calibration": comp.calibration.model_dump(),
+                                "method": "tcode"})
+    full = dense_bytes_per_token(c.shape)
+    texts = {name: eval_chunks(c.model_dir, name, a.tokens, a.seq_len) for name in a.corpora}
+    for budget in a.max_rise:
+        sk, sv, used, info = tcode.quality_config(c.model_dir, base, budget, full)
+        model = _context(c.model_dir, base, tcode.DEFAULT_PROBE).model  # the float32 model the search used
+        tensors = tcode.factors(tcode.load_stats(c.model_dir, base), sk, sv)
+        specs = [segment_spec(k, v) for k, v in zip(sk, sv)]
+        row = {"max_rise_pct": budget, "memory_fraction": round(used / full, 5), "bytes_per_token": used,
+               "validation_rise_pct": info["validation_rise_pct"], "tried": info["tried"],
+               "segments_k": [format_segments(s) for s in sk], "segments_v": [format_segments(s) for s in sv]}
+        for name, chunks in texts.items():
+            with torch.no_grad():
+                dense = perplexity(model, chunks)
+                undo = tcode.install(model, tensors, specs)
+                try:
+                    ppl = perplexity(model, chunks)
+                finally:
+                    for u in undo:
+                        u()
+            row[f"{name}_rise_pct"] = round(100 * (ppl / dense - 1), 3)
+            row[f"{name}_tokens"] = sum(len(ch) for ch in chunks)
+            row[f"{name}_within_budget"] = row[f"{name}_rise_pct"] <= budget
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
