@@ -8,6 +8,7 @@ SmolLM2-135M's layer shape (9 query heads, 3 KV heads of 64 dims) with configs/d
 (one head group of 3 KV heads, K rank 120, V rank 192, int8) unless ``--spec`` / ``--rank-k`` / ``--rank-v``
 say otherwise (a ``seg:`` spec of method tcode sets its own ranks). ``--ref-file`` times another copy of
 reference.py in the same run too (e.g. ``git show REV:vllm_kvc/kernels/reference.py > /tmp/ref_old.py``).
+``--roped``: keys stored after RoPE; the C decode kernel (kernels/cpu_latent.c) is timed too, as ``latent_c``.
 ``--ragged``: request lengths spread uniformly over ctx/3..ctx (as in a serving batch; dense SDPA is then
 timed padded to ctx, which favours it). Prints one JSON line per case: median ms of the latent step(s), timed
 interleaved, and of dense SDPA, and their ratio.
@@ -82,6 +83,10 @@ def main() -> None:
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         impls["latent_other"] = mod
+    if a.roped:  # the C decode kernel the glue calls on CPUs for roped keys (kernels/cpu_latent.py)
+        from vllm_kvc.kernels import cpu_latent
+        if cpu_latent.library() is not None:
+            impls["latent_c"] = cpu_latent
     k = torch.randn(b, 3, s, 64, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     res = {"spec": a.spec, "keys": "roped" if a.roped else "pre_rope", "rank_k": rk, "rank_v": rv, "batch": b, "ctx": s, "ragged": a.ragged, "cached_tokens": int(seq.sum()),

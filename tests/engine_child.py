@@ -3,7 +3,8 @@
     python tests/engine_child.py SPEC.json OUT.json
 
 SPEC: {"engine": {...LLM kwargs...}, "prompts_first": [...], "prompts": [...], "max_tokens": N, "inspect": bool}
-OUT: generated token ids and texts, KV capacity, and (inspect) each attention layer's cache shape/dtype.
+OUT: generated token ids and texts, KV capacity, and (inspect) each attention layer's cache shape/dtype and the
+decode requests the CPU kernel for roped keys served.
 """
 import json
 import os
@@ -21,6 +22,12 @@ def layer_caches(worker):
                      "row_bytes": kv.shape[-1] * kv.element_size(),
                      "layout": str(getattr(layer, "layout", None))}
     return out
+
+
+def cpu_kernel_decodes(worker):
+    """Decode requests the C kernel for roped keys served in this worker (kernels/cpu_latent.py)."""
+    from vllm_kvc.kernels import cpu_latent
+    return cpu_latent.DECODES[0]
 
 
 def main(spec_path, out_path):
@@ -48,6 +55,7 @@ def main(spec_path, out_path):
                 res["metrics"][m.name] = res["metrics"].get(m.name, 0) + m.value
     if spec.get("inspect"):
         res["layers"] = llm.collective_rpc(layer_caches)[0]
+        res["cpu_kernel_decodes"] = llm.collective_rpc(cpu_kernel_decodes)[0]
     json.dump(res, open(out_path, "w"))
     try:
         llm.llm_engine.engine_core.shutdown()

@@ -27,14 +27,16 @@ def test_full_rank_float32_greedy_equals_baseline(model_dir, baseline48):
 
 def test_roped_keys_full_rank_float32_greedy_equals_baseline(model_dir, baseline48):
     """keys: roped at full rank: the cache holds each roped key's latent in the query-weighted basis and attention
-    scores it with q B_k^T (no rebuild, no RoPE at attention); B_k A_k^T = I, so greedy tokens are the baseline's."""
+    scores it with q B_k^T (no rebuild, no RoPE at attention); B_k A_k^T = I, so greedy tokens are the baseline's.
+    The decodes are served by the C kernel (kernels/cpu_latent.c), the prompts by the torch reference."""
     comp = {"ratio": 1.0, "group_size": 3, "latent_dtype": "float32", "keys": "roped"}
     plan = build_plan(CompressionConfig(**comp), ModelShape.from_model_dir(model_dir))
     assert plan.roped_keys and plan.bytes_per_token() == 30 * 2 * 192 * 4
     base = baseline48
-    ours = run_engine(_engine(model_dir, comp=comp), PROMPTS, max_tokens=48)
+    ours = run_engine(_engine(model_dir, comp=comp), PROMPTS, max_tokens=48, inspect=True)
     assert all(len(t) == 48 for t in ours["token_ids"])
     assert ours["token_ids"] == base["token_ids"]
+    assert ours["cpu_kernel_decodes"] >= 30 * 47, ours["cpu_kernel_decodes"]  # every layer's decode steps
 
 
 def test_full_rank_greedy_equal_under_chunked_prefill_prefix_caching_and_preemption(model_dir):

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from vllm_kvc.calibrate import load_layer_factors
 from vllm_kvc.glue.attention import RowAttention
 from vllm_kvc.glue.window import RecentPool
-from vllm_kvc.kernels import reference
+from vllm_kvc.kernels import cpu_latent, reference
 from vllm_kvc.layout import LatentLayout
 
 
@@ -170,6 +170,11 @@ class LatentAttention(RowAttention):
         lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
         reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
         sink = self._sink_step(value[:n], md) if self.sink else None
+        if cpu_latent.available(layout, cache, self.roped_keys, sink):  # decodes on the C kernel
+            cpu_latent.latent_attention(
+                q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
+                self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n])
+            return
         reference.latent_attention(
             q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
             self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n], sink=sink,

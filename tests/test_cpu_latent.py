@@ -1,0 +1,99 @@
+"""The CPU decode kernel for roped keys (vllm_kvc/kernels/cpu_latent.c) against the torch reference: every row
+layout it reads (float, int8, packed 4/2-bit with per-token and per-32 scales, K/V of different widths,
+segments), ragged requests in shuffled blocks, several head groups, decodes mixed with a prompt."""
+import pytest
+import torch
+
+from vllm_kvc.kernels import cpu_latent, reference
+from vllm_kvc.layout import LatentLayout
+
+pytestmark = pytest.mark.skipif(cpu_latent.library() is None, reason="no C compiler for the CPU kernel")
+
+LAYOUTS = [  # (groups, group_size, head_dim, rank_k, rank_v, dtype)
+    (1, 3, 64, 192, 192, "int4@g32"),
+    (1, 3, 64, 192, 192, "int8/int4@g32"),
+    (2, 2, 32, 64, 48, "int8"),
+    (2, 2, 32, 64, 40, "int4"),
+    (1, 3, 64, 160, 96, "int2@g32"),
+    (2, 1, 64, 56, 64, "int4/int2@g32"),
+    (1, 3, 64, 128, 192, "bfloat16"),
+    (2, 2, 32, 64, 64, "float32"),
+    (1, 3, 64, 136, 176, "seg:8x8+64x4+64x2/96x4+80x2"),
+    (2, 2, 32, 48, 64, "seg:16x4+32x2/8x8+56x4"),
+]
+
+
+def _cache(layout, lens, bs, seed):
+    """A paged cache holding random latents of ``lens`` tokens per request in shuffled blocks."""
+    g = torch.Generator().manual_seed(seed)
+    nblk = [-(-n // bs) for n in lens]
+    total = sum(nblk) + 3
+    perm = torch.randperm(total, generator=g)
+    cache = torch.zeros(total, bs, layout.row_elems, dtype=layout.cache_dtype)
+    table = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
+    used = 0
+    for r, n in enumerate(lens):
+        for j in range(nblk[r]):
+            table[r, j] = perm[used]
+            used += 1
+        ck = torch.randn(n, layout.groups, layout.rank_k, generator=g)
+        cv = torch.randn(n, layout.groups, layout.rank_v, generator=g)
+        rows = layout.pack(ck, cv)
+        for t in range(n):
+            cache[table[r, t // bs], t % bs] = rows[t]
+    return cache, table
+
+
+@pytest.mark.parametrize("spec", LAYOUTS, ids=[s[-1] for s in LAYOUTS])
+def test_decode_kernel_matches_the_reference(spec):
+    groups, gsz, hd, rk, rv, dtype = spec
+    layout = LatentLayout(groups, gsz, hd, rk, rv, dtype)
+    hq = 3 * layout.num_kv_heads
+    lens = [1, 37, 128, 200, 65]
+    cache, table = _cache(layout, lens, 16, seed=len(dtype))
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(len(lens), hq, rk, generator=g)
+    b_v = torch.randn(groups, rv, gsz * hd, generator=g) / rv ** 0.5
+    bias_v = torch.randn(layout.num_kv_heads * hd, generator=g)
+    qsl = torch.arange(len(lens) + 1)
+    sl = torch.tensor(lens)
+    args = (cache, layout, table, sl, qsl, None, b_v, None, bias_v, None, 0.125)
+    want = reference.latent_attention(q, *args, roped_keys=True)
+    for threads in (1, 2):
+        got = cpu_latent.latent_attention(q, *args, roped_keys=True, threads=threads)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    u = cpu_latent.roped_decode(q, cache, layout, table, sl, 0.125)
+    assert u.shape == (len(lens), hq, rv)
+
+
+def test_decodes_mixed_with_a_prompt_and_a_wrong_row_fails():
+    """A batch of decodes around a 5-token chunk (the reference's path for it); then one corrupted byte of a
+    cached row moves exactly the request that owns it."""
+    layout = LatentLayout(1, 3, 64, 192, 192, "int4@g32")
+    lens = [50, 90, 33]
+    cache, table = _cache(layout, lens, 16, seed=3)
+    g = torch.Generator().manual_seed(1)
+    qlens = [1, 5, 1]
+    q = torch.randn(sum(qlens), 9, 192, generator=g)
+    b_v = torch.randn(1, 192, 192, generator=g) / 14
+    qsl = torch.tensor([0, 1, 6, 7])
+    args = (layout, table, torch.tensor(lens), qsl, None, b_v, None, None, None, 0.125)
+    want = reference.latent_attention(q, cache, *args, roped_keys=True)
+    got = cpu_latent.latent_attention(q, cache, *args, roped_keys=True)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    bad = cache.clone()
+    bad[table[2, 1], 3, 7] ^= 0xFF  # request 2, token 19, a K code byte
+    moved = cpu_latent.latent_attention(q, bad, *args, roped_keys=True)
+    assert torch.equal(moved[:6], got[:6]) and not torch.allclose(moved[6], got[6])
+
+
+def test_segment_table_describes_the_rows():
+    lay = LatentLayout(2, 2, 32, 48, 64, "seg:16x4+32x2/8x8+56x4")
+    k, v, so = cpu_latent.segment_table(lay, lay.cache_dtype)
+    assert k.tolist() == [[0, 16, 4, 0, 1, 0], [16, 32, 2, 2, 1, 0]]
+    assert v.tolist() == [[32, 8, 8, 4, 1, 0], [48, 56, 4, 6, 1, 0]]
+    assert so == lay.scale_offset == 104
+    lay = LatentLayout(1, 3, 64, 192, 160, "int8/int4@g32")
+    k, v, so = cpu_latent.segment_table(lay, lay.cache_dtype)
+    assert k.tolist() == [[0, 192, 8, 0, 6, 32]] and v.tolist() == [[192, 160, 4, 6, 5, 32]]
+    assert so == 192 + 80

@@ -1,0 +1,240 @@
+/* CPU decode attention over latent KV rows with keys stored after RoPE (``compression.keys: roped``).
+ *
+ * One query token per request. For each request and head group, in one pass over its cached rows: decode the
+ * key latent (integer codes and fp16 scales, or float latents) into a small buffer, score it against the
+ * group's query heads (``q B_k^T``, already applied by the caller), softmax, then a second pass decodes the
+ * value latents 16 rows at a time and accumulates the weighted sum ``u = p . c_v``; the caller applies ``B_v`` (one small matmul
+ * per head). Nothing is materialised per token beyond one row's latent: no padded batch, no gather copies.
+ *
+ * The row layout is data (vllm_kvc/kernels/cpu_latent.py builds it from layout.LatentLayout): per part (K, V)
+ * a list of segments, each ``{code byte offset, width, bits, scale base, scale stride per group, values per
+ * scale}``; bits 8 (int8 * scale), 4 / 2 (level tables picked by the scale's sign, times |scale|: layout.py),
+ * 16 (bfloat16), 17 (float16) or 32 (float32 latents, no scales). The value of code (group g, coordinate j)
+ * of a segment of width w is packed value ``g * w + j`` from its byte offset, little end first; its scale is
+ * fp16 number ``scale base + g * stride + j / values per scale`` of the row's scale area.
+ *
+ * Decoding is exactly layout.unpack's arithmetic (float32 products); the scores, softmax and sums accumulate
+ * in float32 in another order than torch's, so results agree with the reference to float32 rounding.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define SEG_FIELDS 6
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, f;
+    if (exp == 0) {
+        if (man == 0) {
+            f = sign;
+        } else { /* subnormal: normalise */
+            exp = 113;
+            while (!(man & 0x400u)) {
+                man <<= 1;
+                exp--;
+            }
+            f = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        f = sign | 0x7f800000u | (man << 13);
+    } else {
+        f = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float out;
+    memcpy(&out, &f, 4);
+    return out;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t f = (uint32_t)h << 16;
+    float out;
+    memcpy(&out, &f, 4);
+    return out;
+}
+
+/* One head group's latent of one part of a row -> out[sum of widths] (float32). */
+static void decode_part(const uint8_t *row, const uint8_t *scales, const int64_t *seg, int nseg, int64_t g,
+                        const float *t4, const float *t2, float *out) {
+    for (int s = 0; s < nseg; s++) {
+        const int64_t *d = seg + SEG_FIELDS * s;
+        const int64_t off = d[0], w = d[1], bits = d[2], sbase = d[3], sstride = d[4], qg = d[5];
+        const uint8_t *codes = row + off;
+        const int64_t base = g * w;
+        if (bits == 16 || bits == 17 || bits == 32) {
+            for (int64_t j = 0; j < w; j++) {
+                if (bits == 32) {
+                    memcpy(&out[j], codes + 4 * (base + j), 4);
+                } else {
+                    uint16_t h;
+                    memcpy(&h, codes + 2 * (base + j), 2);
+                    out[j] = bits == 16 ? bf16_to_f32(h) : f16_to_f32(h);
+                }
+            }
+            out += w;
+            continue;
+        }
+        const int64_t span = qg ? qg : w, nsc = (w + span - 1) / span;
+        for (int64_t c = 0; c < nsc; c++) {
+            uint16_t h;
+            memcpy(&h, scales + 2 * (sbase + g * sstride + c), 2);
+            const float sc = f16_to_f32(h);
+            const int64_t j0 = c * span, j1 = j0 + span < w ? j0 + span : w;
+            if (bits == 8) {
+                for (int64_t j = j0; j < j1; j++) out[j] = (float)(int8_t)codes[base + j] * sc;
+            } else {
+                const float a = fabsf(sc);
+                const float *t = bits == 4 ? t4 + (sc < 0.0f ? 16 : 0) : t2 + (sc < 0.0f ? 4 : 0);
+                int64_t j = j0;
+#ifdef __AVX512F__
+                /* 16 values per step: codes -> 16 int32 indices -> one in-register table lookup (vpermps of the
+                 * 16 / 4 levels) -> times |scale|: the same float32 products as the scalar loop below */
+                const __m512 av = _mm512_set1_ps(a);
+                if (bits == 4 && !((base + j) & 1)) {
+                    const __m512 tv = _mm512_loadu_ps(t);
+                    const __m128i lo4 = _mm_set1_epi8(0x0f);
+                    for (; j + 16 <= j1; j += 16) {
+                        const __m128i b8 = _mm_loadl_epi64((const __m128i *)(codes + ((base + j) >> 1)));
+                        const __m128i lo = _mm_and_si128(b8, lo4), hi = _mm_and_si128(_mm_srli_epi16(b8, 4), lo4);
+                        const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+                        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, tv), av));
+                    }
+                } else if (bits == 2 && !((base + j) & 3)) {
+                    const __m512 tv = _mm512_castps128_ps512(_mm_loadu_ps(t));
+                    const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                    const __m512i m2 = _mm512_set1_epi32(3);
+                    for (; j + 16 <= j1; j += 16) {
+                        uint32_t word;
+                        memcpy(&word, codes + ((base + j) >> 2), 4);
+                        const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)word), sh), m2);
+                        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, tv), av));
+                    }
+                }
+#endif
+                if (bits == 4) {
+                    for (; j < j1; j++) {
+                        const int64_t i = base + j;
+                        out[j] = t[(codes[i >> 1] >> ((i & 1) * 4)) & 15] * a;
+                    }
+                } else {
+                    for (; j < j1; j++) {
+                        const int64_t i = base + j;
+                        out[j] = t[(codes[i >> 2] >> ((i & 3) * 2)) & 3] * a;
+                    }
+                }
+            }
+        }
+        out += w;
+    }
+}
+
+#define VTILE 16 /* value rows decoded per step of the weighted sum */
+
+#ifdef __AVX512F__
+static inline __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+#endif
+
+/* dst[h * stride] = scale * (q_h . k) for the hpg query heads of a group (q [hpg, rk]): k is read once per
+ * chunk of 16 coordinates for up to 8 heads at a time. */
+static void score_row(const float *q, int64_t hpg, int64_t rk, const float *k, float scale, float *dst,
+                      int64_t stride) {
+#ifdef __AVX512F__
+    for (int64_t h0 = 0; h0 < hpg; h0 += 8) {
+        const int64_t nh = hpg - h0 < 8 ? hpg - h0 : 8;
+        __m512 acc[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < rk; j += 16) {
+            const __mmask16 m = tail16(rk - j);
+            const __m512 kv = _mm512_maskz_loadu_ps(m, k + j);
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                if (i < nh) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + (h0 + i) * rk + j), kv, acc[i]);
+        }
+        for (int i = 0; i < nh; i++) dst[(h0 + i) * stride] = _mm512_reduce_add_ps(acc[i]) * scale;
+    }
+#else
+    for (int64_t h = 0; h < hpg; h++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < rk; j++) acc += q[h * rk + j] * k[j];
+        dst[h * stride] = acc * scale;
+    }
+#endif
+}
+
+/* u[h] += sum_t p[h * T + t] * v[t] over nt decoded value rows v [nt, rv], for the hpg heads. */
+static void weighted_rows(const float *p, int64_t T, int64_t hpg, int64_t rv, const float *v, int64_t nt,
+                          float *u) {
+    for (int64_t h = 0; h < hpg; h++) {
+        const float *ph = p + h * T;
+        float *uh = u + h * rv;
+#ifdef __AVX512F__
+        for (int64_t j = 0; j < rv; j += 16) {
+            const __mmask16 m = tail16(rv - j);
+            __m512 acc = _mm512_maskz_loadu_ps(m, uh + j);
+            for (int64_t t = 0; t < nt; t++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(ph[t]), _mm512_maskz_loadu_ps(m, v + t * rv + j), acc);
+            _mm512_mask_storeu_ps(uh + j, m, acc);
+        }
+#else
+        for (int64_t t = 0; t < nt; t++)
+            for (int64_t j = 0; j < rv; j++) uh[j] += ph[t] * v[t * rv + j];
+#endif
+    }
+}
+
+/* q [B, Hq, rk] float32 (query heads of a group consecutive); cache rows at
+ * cache + block * block_stride + slot * token_stride (bytes); block_table [B, bt_stride] int32;
+ * seq_lens [B] int32; u [B, Hq, rv] float32 (out). Returns 0, or -1 when a buffer cannot be allocated. */
+int kvc_roped_decode(const float *q, int64_t B, int64_t Hq, const uint8_t *cache, int64_t block_stride,
+                     int64_t token_stride, int64_t block_size, const int32_t *block_table, int64_t bt_stride,
+                     const int32_t *seq_lens, const int64_t *kseg, int nk, const int64_t *vseg, int nv,
+                     int64_t scale_off, int64_t groups, int64_t rk, int64_t rv, const float *t4, const float *t2,
+                     float scale, float *u, int nthreads) {
+    const int64_t hpg = Hq / groups, tasks = B * groups;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
+    for (int64_t task = 0; task < tasks; task++) {
+        const int64_t b = task / groups, g = task % groups, T = seq_lens[b];
+        const float *qg = q + (b * Hq + g * hpg) * rk;
+        float *ug = u + (b * Hq + g * hpg) * rv;
+        memset(ug, 0, sizeof(float) * hpg * rv);
+        if (T <= 0) continue;
+        float *p = malloc(sizeof(float) * (hpg * T + rk + VTILE * rv));
+        if (!p) {
+            failed = 1;
+            continue;
+        }
+        float *kb = p + hpg * T, *vb = kb + rk;
+        const int32_t *bt = block_table + b * bt_stride;
+        for (int64_t t = 0; t < T; t++) {
+            const uint8_t *row = cache + (int64_t)bt[t / block_size] * block_stride + (t % block_size) * token_stride;
+            decode_part(row, row + scale_off, kseg, nk, g, t4, t2, kb);
+            score_row(qg, hpg, rk, kb, scale, p + t, T);
+        }
+        for (int64_t h = 0; h < hpg; h++) {
+            float *ph = p + h * T, m = ph[0], sum = 0.0f;
+            for (int64_t t = 1; t < T; t++) m = ph[t] > m ? ph[t] : m;
+            for (int64_t t = 0; t < T; t++) {
+                ph[t] = expf(ph[t] - m);
+                sum += ph[t];
+            }
+            const float inv = 1.0f / sum;
+            for (int64_t t = 0; t < T; t++) ph[t] *= inv;
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += VTILE) {
+            const int64_t nt = T - t0 < VTILE ? T - t0 : VTILE;
+            for (int64_t i = 0; i < nt; i++) {
+                const int64_t t = t0 + i;
+                const uint8_t *row = cache + (int64_t)bt[t / block_size] * block_stride + (t % block_size) * token_stride;
+                decode_part(row, row + scale_off, vseg, nv, g, t4, t2, vb + i * rv);
+            }
+            weighted_rows(p + t0, T, hpg, rv, vb, nt, ug);
+        }
+        free(p);
+    }
+    return failed ? -1 : 0;
+}
