@@ -308,6 +308,7 @@ def parse_formats(text: str):
     return out
 
 
+BOOL_FIELDS = ("tile_rotation", "lazy_max", "scale_ahead", "k_grouped")  # LaunchConfig switches (0 / 1)
 CONFIGS: list = []  # --configs: replaces format_configs' grid
 ROPED_CONFIGS: list = []  # --roped-configs: tried in roped-key mode besides the defaults
 
@@ -317,8 +318,7 @@ def parse_configs(text: str) -> list[LaunchConfig]:
     out = []
     for item in filter(None, text.split(";")):
         kv = dict(x.split("=") for x in item.split(","))
-        out.append(LaunchConfig(**{k: (v == "1") if k in ("tile_rotation", "lazy_max") else int(v)
-                                   for k, v in kv.items()}))
+        out.append(LaunchConfig(**{k: (v == "1") if k in BOOL_FIELDS else int(v) for k, v in kv.items()}))
     return out
 
 
@@ -665,8 +665,8 @@ def main():
                     help="worker processes compiling the kernel variants first (0: off)")
     ap.add_argument("--prefill-cases", default="1x4096,1x16384,8x2048")
     ap.add_argument("--block-size", type=int, default=BS, help="vLLM block size of the paged caches")
-    ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1[,lat=int4@g32],<LaunchConfig fields>: run that "
-                    "kernel 5 times and exit (for ncu)")
+    ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1[,lat=int4@g32][,roped=1],"
+                    "<LaunchConfig fields>: run that kernel 5 times and exit (for ncu; roped=1: the roped-key kernel)")
     ap.add_argument("--configs", default="", help="--formats: launch options tried instead of the built-in grid, "
                     "e.g. 'maxnreg=168;num_stages=2,maxnreg=168' (LaunchConfig fields)")
     ap.add_argument("--roped", action="store_true", help="--formats: also time each format in the roped-key mode")
@@ -688,9 +688,12 @@ def main():
         ratio = kv.pop("ratio")
         rk, rv, lat = variant_shapes(ratio if ratio == "int8" else float(ratio), gs)
         c = DecodeCase(B, S, gs, rk, rv, kv.pop("lat", lat))
-        cfg = LaunchConfig(**{k: (v == "1") if k in ("tile_rotation", "lazy_max") else int(v) for k, v in kv.items()})
+        roped = kv.pop("roped", "0") == "1"
+        cfg = LaunchConfig(**{k: (v == "1") if k in BOOL_FIELDS else int(v) for k, v in kv.items()})
+        if roped:
+            c.setup_roped()
         for _ in range(5):
-            c.run_kernel(cfg)
+            c.run_kernel_roped(cfg) if roped else c.run_kernel(cfg)
         torch.cuda.synchronize()
         print("profiled", cfg)
         return

@@ -643,6 +643,37 @@ def test_nibble_asm_reproduces_the_tables():
                 assert (env[reg] >> (16 * k)) & 0xFFFF == bits(want), (reg, k, code, sc[i])
 
 
+def test_grouped_nibble_asm_reproduces_the_tables():
+    """The GPU's 4-bit decode for 2 + 2 bytes of two scale groups (``tiles._nibble_asm_group``: each pair's
+    table words chosen by its scale's sign before the call, its |scale| as a bf16 pair), run by the PTX interpreter
+    on every code byte in every position: bf16 of table[code] * |scale| bit for bit, both tables, mixed pairs."""
+    kernels()
+    from vllm_kvc.kernels.triton_latent import tiles
+    from vllm_kvc.layout import GAUSS_LEVELS, UNIFORM_LEVELS
+    asm = tiles._nibble_asm_group()
+    assert asm is not None and tiles.GROUP_ASM_OK
+    bits = lambda v: int(torch.tensor([v], dtype=torch.bfloat16).view(torch.int16)) & 0xFFFF  # noqa: E731
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.cat([torch.randperm(256, generator=gen) for _ in range(4)]).view(-1, 4).tolist()
+    mags = (1.0, -1.0, -0.01, 3.0)
+    for trial, xb in enumerate(codes):  # bytes 0, 1 under one scale, bytes 2, 3 under another (all sign pairs)
+        sc = [float(torch.tensor((float(torch.rand(1, generator=gen)) + 0.1) * mags[(trial + d) % 4])
+                    .to(torch.bfloat16)) for d in (0, trial // 4 % 3 + 1)]
+        regs = {"$4": xb[0] | xb[1] << 8 | xb[2] << 16 | xb[3] << 24}
+        for p, (t0, t1, sa) in enumerate((("$5", "$9", "$13"), ("$7", "$11", "$14"))):
+            words = (tiles.U_LO0, tiles.U_LO1) if sc[p] < 0 else (tiles.G_LO0, tiles.G_LO1)
+            regs.update({t0: words[0].value & 0xFFFFFFFF, t1: words[1].value & 0xFFFFFFFF,
+                         sa: bits(abs(sc[p])) | bits(abs(sc[p])) << 16})
+        env = _run_ptx(asm, regs)
+        for reg, (i0, high) in {"$0": (0, False), "$1": (2, False), "$2": (0, True), "$3": (2, True)}.items():
+            for k, i in enumerate((i0, i0 + 1)):
+                code = xb[i] >> 4 if high else xb[i] & 15
+                s = sc[i // 2]
+                table = GAUSS_LEVELS[4] if s > 0 else UNIFORM_LEVELS[4]
+                want = float(table[code].to(torch.bfloat16).float() * abs(s))
+                assert (env[reg] >> (16 * k)) & 0xFFFF == bits(want), (reg, k, code, s)
+
+
 def test_triton_row_format_matches_layout():
     """The part descriptors the kernels read (offsets, bits, scale positions) agree with layout.py's bytes."""
     tk = kernels()
@@ -896,6 +927,15 @@ ROPED_CASES = [
     ("int8_int4_decode_heads2", "int8/int4", [2, 77, 40], [1, 1, 1], dict(G=4, gs=1, qpk=2, hd=32, rk=24, rv=30,
                                                                           bs=16),
      dict(max_query_len=1, heads=2, block_t=16)),
+    # 4-bit K of rank 97..128 with 32 values per scale: grouped K tiles (tiles.load_nibbles_grouped: one scale
+    # group of 16 bytes per thread and token, columns in group_perm's order) and the scales one tile ahead; rank
+    # 112 (the last scale group half empty, read past and zeroed), rank 128 with two KV heads per program (no
+    # scales ahead), split-KV partials and a partial last tile
+    ("int4_g32_decode_grouped_rank112", "int4@g32", [3, 70, 130], [1, 1, 1],
+     dict(G=2, gs=1, qpk=2, hd=128, rk=112, rv=40, bs=16, bias=True), dict(max_query_len=1, block_t=32)),
+    ("int4_g32_decode_grouped_rank128_heads2", "int4@g32", [33, 100], [1, 1],
+     dict(G=2, gs=1, qpk=3, hd=128, rk=128, rv=64, bs=32), dict(max_query_len=1, heads=2, num_splits=2,
+                                                               block_t=32)),
     # prefill, chunked prefill and mixed batches (generic kernel): GPT-J / partial rotary factors change nothing
     # (no head-dim permutation of the latent queries), gs 2 (one K latent for the group's KV heads), int layouts
     ("prefill_chunked_mixed", "bfloat16", [5, 40, 50, 21], [5, 1, 19, 0], dict(G=2, gs=1, qpk=2, hd=32, rk=24, rv=32,
@@ -924,6 +964,8 @@ if CUDA:
          dict(G=8, gs=1, qpk=4, hd=128, rk=112, rv=112, bs=64), dict(max_query_len=1, num_splits=3)),
         ("gpu_llama_int8_r128", "int8", [3000, 17], [1, 1], dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64),
          dict(max_query_len=1)),
+        ("gpu_llama_int8_int4_g32_r128", "int8/int4@g32", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(max_query_len=1)),
         ("gpu_llama_int8_int4_rk64_rv48", "int8/int4", [2049, 513, 100], [1] * 3,
          dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=48, bs=16), dict(max_query_len=1)),
         ("gpu_llama_int4_g32_r112_heads2", "int4@g32", [2049, 513, 100], [1] * 3,

@@ -40,6 +40,10 @@ class LaunchConfig:
         programs where that could overflow.
     maxnreg: decode kernel: registers per thread at most (Triton's ``maxnreg``; more programs per SM, spilling
         what does not fit); None: the compiler's choice.
+    scale_ahead: decode kernel, integer latents, one KV head per program: the fp16 scales of each tile are loaded
+        one tile ahead; None: on for roped keys (measured there, round 5), off for pre-RoPE keys.
+    k_grouped: decode kernel, roped keys, 4-bit K of rank 97..128 with 32 values per scale: K tiles read one scale
+        group (16 bytes) per thread and token (``tiles.load_nibbles_grouped``); None: on.
     rebuild_*: long prompts (see ``dispatch.plan_launch``)."""
     heads: int | None = None
     block_t: int | None = None
@@ -51,6 +55,8 @@ class LaunchConfig:
     tile_rotation: bool | None = None
     lazy_max: bool | None = None
     maxnreg: int | None = None
+    scale_ahead: bool | None = None
+    k_grouped: bool | None = None
     rebuild_min_queries: int = REBUILD_MIN_QUERIES
     rebuild_min_work: int = REBUILD_MIN_WORK
     rebuild_max_tokens: int = REBUILD_MAX_TOKENS

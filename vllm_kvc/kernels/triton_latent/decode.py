@@ -20,8 +20,9 @@ from triton.runtime.errors import OutOfResources
 
 from .config import device_props, interpreting, level_tables, next_pow2, pick_heads, quant_kwargs, row_format
 from .prefill import LOG2E, launch_reduce, needs_off64, prepare_io, split_partials
-from .tiles import (cos_sin_of, find_request, join_pairs, load_cos_sin, load_dequant, load_nibbles, load_tile,
-                    nibble_value, phase_tiles, rope_bf16x2, split_pairs, tile_blocks, tile_rows)
+from .tiles import (GROUP_ASM_OK, cos_sin_of, find_request, group_perm, join_pairs, load_cos_sin, load_dequant,
+                    load_nibbles, load_nibbles_grouped, load_tile, nibble_value, part_scales, phase_tiles,
+                    rope_bf16x2, row_offsets, split_pairs, tile_blocks, tile_rows)
 
 try:  # programmatic dependent launch (triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -61,7 +62,7 @@ def _latent_decode_heads(
     K_LUT: tl.constexpr,
     V_OFF: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_SOFF: tl.constexpr, V_SPG: tl.constexpr,
     V_LUT: tl.constexpr, K_SPLIT: tl.constexpr, V_SPLIT: tl.constexpr, K_OVER: tl.constexpr, V_OVER: tl.constexpr,
-    ROPED: tl.constexpr = False,
+    ROPED: tl.constexpr = False, AHEAD: tl.constexpr = False, KGRP: tl.constexpr = False,
 ):
     """Single-query attention (decode) at group size 1 for NKV KV heads per program.
 
@@ -87,6 +88,13 @@ def _latent_decode_heads(
     ROPED (roped keys, see reference.latent_attention): q holds each head's latent query ``[.., Hq, RK]`` and the
     scores are the dequantized K latent tile dotted with it: no B_k, no RoPE, no cos / sin (TILE_ROT must be off).
     K_SPLIT then dots the even / odd nibble tiles with the even / odd entries of the latent query.
+
+    AHEAD (QUANT, NKV == 1): the fp16 scales of the full tiles are loaded one tile ahead (from the block ids that
+    are already read ahead) and carried through the loop: the scale loads left the tile's dependency chain
+    (round 5: they were ~20% of the stall samples of the roped int4 kernel, waiting on global memory each tile).
+    KGRP (ROPED, K_SPLIT, RK_P 128, 32 values per scale): the K nibble tiles come from
+    :func:`~.tiles.load_nibbles_grouped` (16 consecutive bytes, one scale group, per thread and token; the latent
+    query's entries gathered in the same column order, :func:`~.tiles.group_perm`).
     """
     HALF: tl.constexpr = HD // 2
     NV: tl.constexpr = NKV * RV_P
@@ -138,7 +146,13 @@ def _latent_decode_heads(
     # q in B_k's block order (x1 of 8 pairs, x2 of the same 8 pairs, ...): one score dot per head
     qd = (dc // 16) * 8 + dc % 8 + (dc % 16 >= 8).to(tl.int32) * HALF
     if ROPED:  # latent queries [RK_P, M_P] (K_SPLIT: their even and odd entries, [RK_P / 2, M_P] each)
-        if K_SPLIT:
+        if KGRP:  # the even / odd entries in the grouped tiles' column order
+            pk = group_perm(cr2)
+            q_e = tl.trans(tl.load(q_row[:, None] + 2 * pk[None, :], mask=row_ok[:, None] & (2 * pk < RK)[None, :],
+                                   other=0.0).to(DT))
+            q_o = tl.trans(tl.load(q_row[:, None] + 2 * pk[None, :] + 1,
+                                   mask=row_ok[:, None] & (2 * pk + 1 < RK)[None, :], other=0.0).to(DT))
+        elif K_SPLIT:
             q_e = tl.trans(tl.load(q_row[:, None] + 2 * cr2[None, :], mask=row_ok[:, None] & (2 * cr2 < RK)[None, :],
                                    other=0.0).to(DT))
             q_o = tl.trans(tl.load(q_row[:, None] + 2 * cr2[None, :] + 1,
@@ -162,22 +176,43 @@ def _latent_decode_heads(
     l_t = tl.zeros([BLOCK_T, M_P], tl.float32)  # per-token partial sums, reduced once after the loop
     acc = tl.zeros([NVA, M_P], tl.float32)
 
+    t_all = tt < BLOCK_T
     for phase in tl.static_range(2):
         lo_t, hi_t, blk_nxt = phase_tiles(phase, t_begin, t_mid, t_stop, bt_row, tt, BS, BLOCK_T)
+        if AHEAD and phase == 0:  # scales of the first full tile (block 0's rows if there is none: never used)
+            row_n = row_offsets(blk_nxt, lo_t, tt, stride_cb, stride_cs, OFF64, BS, BLOCK_T)
+            sk_n = part_scales(cache_ptr, row_n, t_all, g0 * K_SPG, K_SPG, 1, RK_P, RK, K_QG, K_SOFF, SCALE16)
+            sv_n = part_scales(cache_ptr, row_n, t_all, g0 * V_SPG, V_SPG, NKV, RV_P, RV, V_QG, V_SOFF, SCALE16)
         for t0 in range(lo_t, hi_t, BLOCK_T):
             t = t0 + tt
             blk = blk_nxt
             blk_nxt = tile_blocks(bt_row, t0 + BLOCK_T, tt, hi_t, BS, BLOCK_T)
             t_ok, row_off = tile_rows(blk, t0, tt, t_stop, stride_cb, stride_cs, phase == 1, OFF64, BS, BLOCK_T)
+            sk = None
+            sv = None
+            if AHEAD and phase == 0:  # this tile's scales, loaded a tile ago; the next tile's now
+                sk = sk_n
+                sv = sv_n
+                row_n = row_offsets(blk_nxt, t0 + BLOCK_T, tt, stride_cb, stride_cs, OFF64, BS, BLOCK_T)
+                sk_n = part_scales(cache_ptr, row_n, t_all, g0 * K_SPG, K_SPG, 1, RK_P, RK, K_QG, K_SOFF, SCALE16)
+                sv_n = part_scales(cache_ptr, row_n, t_all, g0 * V_SPG, V_SPG, NKV, RV_P, RV, V_QG, V_SOFF,
+                                   SCALE16)
             if (not TILE_ROT) and (not ROPED):  # cos / sin of the tile's positions, shared by the NKV heads
                 cos_k, sin_k = load_cos_sin(cos_ptr, sin_ptr, t[:, None] * stride_cos + dp[None, :], t_ok,
                                             phase == 1, not PACKED)
             s = tl.zeros([BLOCK_T, M_P], tl.float32)
             for h in tl.static_range(NKV):
-                if K_SPLIT:
+                if KGRP:
+                    if not (AHEAD and phase == 0):
+                        sk = part_scales(cache_ptr, row_off, t_ok, (g0 + h) * K_SPG, K_SPG, 1, RK_P, RK, K_QG, K_SOFF,
+                                         SCALE16)
+                    ke, ko = load_nibbles_grouped(cache_ptr, row_off, t_ok, K_OFF + (g0 + h) * (RK // 2), sk, RK,
+                                                  phase == 1, BLOCK_T, DT, PACKED, K_OVER)
+                    sc = tl.dot(ko, q_o, tl.dot(ke, q_e))
+                elif K_SPLIT:
                     ke, ko = load_nibbles(cache_ptr, row_off, t_ok, g0 + h, RK, (g0 + h) * K_SPG, K_SPG, 1,
                                           RK_P, RK, K_OFF, K_QG, K_SOFF, SCALE16, phase == 1, BLOCK_T, DT,
-                                          PACKED, K_OVER)
+                                          PACKED, K_OVER, s_in=sk)
                     if ROPED:
                         sc = tl.dot(ko, q_o, tl.dot(ke, q_e))
                     else:
@@ -189,7 +224,7 @@ def _latent_decode_heads(
                 elif QUANT:
                     ck = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, (g0 + h) * RK, RK, (g0 + h) * K_SPG, K_SPG,
                                       1, RK_P, RK, K_OFF, K_BITS, K_QG, K_SOFF, K_LUT, SCALE16, phase == 1,
-                                      BLOCK_T).to(DT)
+                                      BLOCK_T, s_in=sk).to(DT)
                 else:
                     ck = load_tile(cache_ptr + row_off[:, None] + (g0 + h) * RK + cr[None, :], t_ok, cr < RK,
                                    (phase == 1) or (RK != RK_P), False).to(DT)
@@ -224,10 +259,11 @@ def _latent_decode_heads(
             if V_SPLIT:
                 vv = load_nibbles(cache_ptr, row_off, t_ok, g0, RV, g0 * V_SPG, V_SPG, NKV, RV_P, RV,
                                   V_OFF, V_QG, V_SOFF, SCALE16, phase == 1, BLOCK_T, DT, PACKED,
-                                  V_OVER, True)
+                                  V_OVER, True, s_in=sv)
             elif QUANT:
                 vv = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g0 * RV, RV, g0 * V_SPG, V_SPG, NKV, RV_P, RV,
-                                  V_OFF, V_BITS, V_QG, V_SOFF, V_LUT, SCALE16, phase == 1, BLOCK_T).to(DT)
+                                  V_OFF, V_BITS, V_QG, V_SOFF, V_LUT, SCALE16, phase == 1, BLOCK_T,
+                                  s_in=sv).to(DT)
             else:
                 vv = load_tile(cache_ptr + row_off[:, None] + v_col[None, :], t_ok, v_ok,
                                (phase == 1) or (RV_P != RV), False).to(DT)
@@ -357,6 +393,10 @@ def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scal
     lut = level_tables(q.device) if qkw["QUANT"] else dummy
     k_split, v_split = nibble_split(layout, rk_p, rv_p)
     k_over, v_over = nibble_overread(layout, rk_p, rv_p)
+    # scales one tile ahead: measured on the roped kernels (round 5); the pre-RoPE kernels keep their measured code
+    ahead = qkw["QUANT"] and (cfg.scale_ahead if cfg.scale_ahead is not None else roped)
+    kgrp = (roped and k_split and rk_p == 128 and layout.quant_group == 32 and GROUP_ASM_OK
+            and (cfg.k_grouped if cfg.k_grouped is not None else True))
     while True:
         try:
             flags = torch.empty(n_tok * (G // nkv) * num_splits, dtype=torch.int32, device=q.device) \
@@ -385,6 +425,8 @@ def launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, direct: bool, scal
                     PDL=pdl, launch_pdl=pdl and lazy == 2, num_warps=cfg.num_warps, num_stages=num_stages, **qkw,
                     K_SPLIT=k_split, V_SPLIT=v_split, K_OVER=k_over, V_OVER=v_over,
                     **({"ROPED": True} if roped else {}),
+                    **({"AHEAD": True} if ahead and nkv == 1 else {}),
+                    **({"KGRP": True} if kgrp else {}),
                     **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
                 )
             break

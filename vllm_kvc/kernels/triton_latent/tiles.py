@@ -12,7 +12,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from vllm_kvc.layout import GAUSS_LEVELS
+from vllm_kvc.layout import GAUSS_LEVELS, UNIFORM_LEVELS
 
 
 @triton.jit
@@ -190,10 +190,26 @@ def load_scales(cache_ptr, row_off, sidx, s_ok, SOFF: tl.constexpr, SCALE16: tl.
 
 
 @triton.jit
+def part_scales(cache_ptr, row_off, t_ok, s0, sstride, NH: tl.constexpr, RP: tl.constexpr, NVAL: tl.constexpr,
+                QG: tl.constexpr, SOFF: tl.constexpr, SCALE16: tl.constexpr):
+    """The fp16 scales ``[BLOCK_T, NH * (RP / SG)]`` (fp32, sign kept) that :func:`load_dequant` and
+    :func:`load_nibbles` apply to a tile of one part (the same arguments): column ``h * NSC + j`` is scale number
+    ``s0 + h * sstride + j`` (0 where ``t_ok`` is false or the scale group holds no value). The decode kernel
+    loads them one tile ahead and passes them in (``s_in``), so their latency leaves the tile's critical path."""
+    SG: tl.constexpr = RP if (QG == 0 or QG >= RP) else QG
+    NSC: tl.constexpr = RP // SG
+    NS: tl.constexpr = NH * NSC
+    sc = tl.arange(0, NS)
+    sj = sc % NSC
+    s_ok = t_ok[:, None] & (sj * SG < NVAL)[None, :]
+    return load_scales(cache_ptr, row_off, s0 + (sc // NSC) * sstride + sj, s_ok, SOFF, SCALE16)
+
+
+@triton.jit
 def load_dequant(cache_ptr, row_off, t_ok, lut_ptr, v0, vstride, s0, sstride,
                  NH: tl.constexpr, RP: tl.constexpr, NVAL: tl.constexpr,
                  OFF: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, SOFF: tl.constexpr, LUT: tl.constexpr,
-                 SCALE16: tl.constexpr, MASKED: tl.constexpr, BLOCK_T: tl.constexpr):
+                 SCALE16: tl.constexpr, MASKED: tl.constexpr, BLOCK_T: tl.constexpr, s_in=None):
     """A tile of integer latents of one K or V part (config.PartFormat), dequantized in registers to fp32.
 
     Returns ``[BLOCK_T, NH * RP]``: column ``h * RP + i`` holds value ``v0 + h * vstride + i`` of the part
@@ -209,12 +225,11 @@ def load_dequant(cache_ptr, row_off, t_ok, lut_ptr, v0, vstride, s0, sstride,
     NSC: tl.constexpr = RP // SG
     NS: tl.constexpr = NH * NSC
     FULL: tl.constexpr = NVAL >= RP  # every column holds a value
-    # scales [BLOCK_T, NS]
-    sc = tl.arange(0, NS)
-    sj = sc % NSC
-    sidx = s0 + (sc // NSC) * sstride + sj
-    s_ok = t_ok[:, None] & (sj * SG < NVAL)[None, :]
-    s = load_scales(cache_ptr, row_off, sidx, s_ok, SOFF, SCALE16)
+    # scales [BLOCK_T, NS] (s_in: loaded by the caller, see part_scales)
+    if s_in is None:
+        s = part_scales(cache_ptr, row_off, t_ok, s0, sstride, NH, RP, NVAL, QG, SOFF, SCALE16)
+    else:
+        s = s_in
     # codes [BLOCK_T, NC]
     c = tl.arange(0, NC)
     ci = c % RP
@@ -331,12 +346,116 @@ def nibble_lut(x, s):
                                      is_pure=True, pack=4)
 
 
+def _signed(word: str) -> int:
+    """A 32-bit PTX hex word as a signed int32 (what Triton's int32 constants hold)."""
+    v = int(word, 16)
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _nibble_asm_group() -> str | None:
+    """:func:`_nibble_asm` for 4 code bytes of which bytes 0, 1 share one scale and bytes 2, 3 share one (each pair
+    from one scale group of one token), the table chosen before the call: $4 the 4 code bytes; per byte (pack=4
+    operands) $5..$8 and $9..$12 the low bytes of the 8 positive levels of its scale's table (Gauss where the
+    scale is positive, uniform where negative; selected once per scale group, see :func:`load_nibbles_grouped`),
+    $13, $14 the bf16 |scale| of bytes 0, 1 and of bytes 2, 3; bytes 0 and 2 give the table and scale of their
+    pair. Outputs as :func:`_nibble_asm`'s. The high bytes of the levels are immediates, shared by both tables
+    (None where they are not: no such decoder). 22 PTX instructions per 8 values instead of 30, and the table
+    words come in registers (no per-use moves). Pairs, not quadruples: where Triton runs the decode in the wgmma
+    operand layout, a thread's 4 consecutive bytes are 2 of one token, then 2 of a token 8 rows on."""
+    g2, g3 = _byte_planes(GAUSS_LEVELS[4])[2:]
+    if (g2, g3) != _byte_planes(UNIFORM_LEVELS[4])[2:]:
+        return None
+
+    def half(sel: str, pmsel: str, oe: str, oo: str, t0: str, t1: str, sa: str) -> str:
+        return f"""
+prmt.b32 lb, {t0}, {t1}, {sel};
+prmt.b32 hb, {g2}, {g3}, {sel};
+prmt.b32 pm, xs, $4, {pmsel};
+lop3.b32 hb, hb, pm, 0x80808080, 0xD2;
+prmt.b32 e, lb, hb, 0x6240;
+mul.rn.bf16x2 {oe}, e, {sa};
+prmt.b32 e, lb, hb, 0x7351;
+mul.rn.bf16x2 {oo}, e, {sa};"""
+
+    return ("{\n.reg .b32 b, t, m, sb, xs, lb, hb, pm, e;"
+            "\nand.b32 b, $4, 0x88888888;\nshr.u32 t, b, 3;\nsub.u32 t, b, t;"
+            "\nlop3.b32 m, $4, t, 0x77777777, 0x82;\nshr.u32 sb, m, 16;\nshl.b32 xs, $4, 4;"
+            + half("m", "0xD9C8", "$0", "$2", "$5", "$9", "$13") + half("sb", "0xFBEA", "$1", "$3", "$7", "$11", "$14")
+            + "\n}")
+
+
+_GW = _byte_planes(GAUSS_LEVELS[4])
+_UW = _byte_planes(UNIFORM_LEVELS[4])
+NIBBLE_ASM_GROUP = tl.constexpr(_nibble_asm_group() or "")
+GROUP_ASM_OK = _nibble_asm_group() is not None  # (host side: whether load_nibbles_grouped can run on GPUs)
+G_LO0, G_LO1, U_LO0, U_LO1 = (tl.constexpr(_signed(w)) for w in (_GW[0], _GW[1], _UW[0], _UW[1]))
+
+
+@triton.jit
+def nibble_lut_group(x, t0, t1, sa):
+    """(low-nibble values, high-nibble values) of code bytes ``x`` (uint8) whose pairs of consecutive elements
+    (in a thread's registers) share a scale: ``t0`` / ``t1`` the low-byte words of the scale's table (int32),
+    ``sa`` its |scale| (bf16), all of x's shape (broadcast): :func:`_nibble_asm_group`, 4 bytes per instance."""
+    return tl.inline_asm_elementwise(NIBBLE_ASM_GROUP, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r", [x, t0, t1, sa],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def group_perm(kk):
+    """Byte (within the head group's 64 code bytes) whose nibbles sit in column ``kk`` of the tiles of
+    :func:`load_nibbles_grouped`: column 16 c + 8 h + 2 a + e holds byte 16 a + 4 c + 2 h + e."""
+    return ((kk // 2) % 4) * 16 + (kk // 16) * 4 + ((kk // 8) % 2) * 2 + kk % 2
+
+
+@triton.jit
+def load_nibbles_grouped(cache_ptr, row_off, t_ok, byte0, s, NVAL: tl.constexpr, MASKED: tl.constexpr,
+                         BLOCK_T: tl.constexpr, OUT: tl.constexpr, LUT_ASM: tl.constexpr, OVERREAD: tl.constexpr):
+    """:func:`load_nibbles` for one head group of 128 4-bit values (64 bytes from ``byte0``) with one scale per
+    32 values, as (even, odd) ``[BLOCK_T, 64]`` tiles whose columns are in :func:`group_perm`'s order (the caller
+    gathers the other dot operand in the same order): the A operand of a wgmma gives each thread columns
+    16 c + 8 h + 2 a + e (c, h, e varying), which are here the 16 consecutive bytes 16 a .. 16 a + 15 of a token,
+    one scale group: one 16-byte shared load per token instead of eight 2-byte ones (4-way bank conflicts, and
+    byte packing after), one scale per thread and token, and the table picked once per scale group
+    (:func:`nibble_lut_group`). ``s [BLOCK_T, 4]``: the 4 scales (:func:`part_scales`). Values from byte NVAL / 2
+    on are 0 (OVERREAD: read, then zeroed)."""
+    a = tl.arange(0, 4)
+    w = tl.arange(0, 16)
+    byte = a[:, None] * 16 + w[None, :]  # [4, 16]
+    ok = 2 * byte < NVAL
+    ptr = cache_ptr + row_off[:, None, None] + (byte0 + byte)[None, :, :]
+    if MASKED:
+        if NVAL >= 128 or OVERREAD:
+            x = tl.load(ptr, mask=t_ok[:, None, None], other=0)
+        else:
+            x = tl.load(ptr, mask=t_ok[:, None, None] & ok[None, :, :], other=0)
+    elif NVAL >= 128 or OVERREAD:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=ok[None, :, :], other=0)
+    if LUT_ASM:
+        neg = s < 0
+        t0 = tl.broadcast_to(tl.where(neg, U_LO0, G_LO0)[:, :, None], [BLOCK_T, 4, 16])
+        t1 = tl.broadcast_to(tl.where(neg, U_LO1, G_LO1)[:, :, None], [BLOCK_T, 4, 16])
+        sa = tl.broadcast_to(tl.abs(s).to(tl.bfloat16)[:, :, None], [BLOCK_T, 4, 16])
+        ve, vo = nibble_lut_group(x, t0, t1, sa)
+    else:
+        ve, vo = _poly_nibbles(x.to(tl.int32), s)
+    if NVAL < 128:
+        ve = tl.where(ok[None, :, :], ve, 0.0)
+        vo = tl.where(ok[None, :, :], vo, 0.0)
+    # [t, a, w = 4 c + 2 h + e] -> column 16 c + 8 h + 2 a + e
+    ve = tl.reshape(tl.permute(tl.reshape(ve.to(OUT), [BLOCK_T, 4, 4, 2, 2]), (0, 2, 3, 1, 4)), [BLOCK_T, 64])
+    vo = tl.reshape(tl.permute(tl.reshape(vo.to(OUT), [BLOCK_T, 4, 4, 2, 2]), (0, 2, 3, 1, 4)), [BLOCK_T, 64])
+    return ve, vo
+
+
 @triton.jit
 def load_nibbles(cache_ptr, row_off, t_ok, g0, VSTRIDE: tl.constexpr, s0, sstride,
                  NH: tl.constexpr, RP: tl.constexpr, NVAL: tl.constexpr,
                  OFF: tl.constexpr, QG: tl.constexpr, SOFF: tl.constexpr,
                  SCALE16: tl.constexpr, MASKED: tl.constexpr, BLOCK_T: tl.constexpr, OUT: tl.constexpr,
-                 LUT_ASM: tl.constexpr = False, OVERREAD: tl.constexpr = False, JOIN: tl.constexpr = False):
+                 LUT_ASM: tl.constexpr = False, OVERREAD: tl.constexpr = False, JOIN: tl.constexpr = False,
+                 s_in=None):
     """A tile of 4-bit latents of one K or V part whose head groups start on whole bytes, as two fp32 tiles
     ``(even, odd) [BLOCK_T, NH * RP // 2]`` of dtype OUT: column ``h * RP // 2 + j`` of ``even`` holds value ``2 j`` of head
     group ``g0 + h`` (the low nibble of its byte), ``odd`` value ``2 j + 1`` (the high nibble);
@@ -348,7 +467,8 @@ def load_nibbles(cache_ptr, row_off, t_ok, g0, VSTRIDE: tl.constexpr, s0, sstrid
     values come back as bf16). OVERREAD: the padding columns (NVAL < RP) may read the bytes after the part (still
     inside the row): the loads stay unmasked vectors, and those columns are zeroed after decoding.
     JOIN: one tile ``[BLOCK_T, NH * RP]`` instead, the two nibbles of a byte 8 columns apart (:func:`nibble_value`
-    gives each column's value): a value sum over it fills 64-row dots without decoding bytes twice."""
+    gives each column's value): a value sum over it fills 64-row dots without decoding bytes twice.
+    s_in: the tile's scales as :func:`part_scales` gives them (None: loaded here)."""
     SG: tl.constexpr = RP if (QG == 0 or QG >= RP) else QG  # values per scale within the tile
     SGH: tl.constexpr = SG // 2
     NSC: tl.constexpr = RP // SG
@@ -374,8 +494,10 @@ def load_nibbles(cache_ptr, row_off, t_ok, g0, VSTRIDE: tl.constexpr, s0, sstrid
     else:
         x = tl.load(ptr, mask=ok[None, :, :], other=0)
     xi = x.to(tl.int32)
-    s_ok = t_ok[:, None] & (sj * SG < NVAL)[None, :]
-    s = load_scales(cache_ptr, row_off, s0 + hh * sstride + sj, s_ok, SOFF, SCALE16)  # [BLOCK_T, NS]
+    if s_in is None:  # [BLOCK_T, NS]
+        s = part_scales(cache_ptr, row_off, t_ok, s0, sstride, NH, RP, NVAL, QG, SOFF, SCALE16)
+    else:  # loaded by the caller (one tile ahead)
+        s = s_in
     NC2: tl.constexpr = NH * (RP // 2)
     if LUT_ASM:
         sb = tl.broadcast_to(s.to(tl.bfloat16)[:, :, None], [BLOCK_T, NS, SGH])
