@@ -232,7 +232,7 @@ def test_quality_mode_measures_its_promise_on_validation_text(model_dir):
     sk, sv, used, info = quality_config(model_dir, base, 3.0, full, iters=3, validation=val)
     frac = used / full
     assert 0.08 < frac <= 0.5 and info["validation_rise_pct"] <= 3.0, info
-    assert all(t["rise_pct"] > 3.0 for t in info["tried"] if t["fraction"] < frac - 1e-9), info["tried"]
+    assert all(t["rise_pct"] > 3.0 for t in info["tried"] if t["fraction"] < frac - 1e-4), info["tried"]
     ctx = _context(model_dir, base, DEFAULT_PROBE)
     chunks = spread_chunks(ctx.tok, load_text("validation"), 2, 256)
     with torch.no_grad():

@@ -107,14 +107,19 @@ def load_text(corpus: str, role: str = "eval") -> str:
 
 
 def spread_chunks(tokenizer, text: str, n_chunks: int, seq_len: int) -> list[list[int]]:
-    """``n_chunks`` chunks of ``seq_len`` token ids at evenly spaced offsets over the whole text (a long,
-    varied text sampled throughout rather than its first documents)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    room = len(ids) - seq_len
-    if room < 0 or n_chunks < 1:
-        raise ValueError(f"corpus has {len(ids)} tokens: need at least one chunk of {seq_len}")
-    starts = sorted({round(room * (j + 0.5) / n_chunks) for j in range(n_chunks)})
-    return [ids[s:s + seq_len] for s in starts]
+    """``n_chunks`` chunks of ``seq_len`` token ids from evenly spaced places of the whole text (a long, varied
+    text sampled throughout rather than its first documents); each starts at the first paragraph break after its
+    place, and only a window of text there is tokenized."""
+    out, window = [], 16 * seq_len  # characters: several per token
+    for j in range(n_chunks):
+        at = len(text) * j // n_chunks
+        brk = text.find("\n\n", at)
+        at = brk + 2 if 0 <= brk < at + window else at
+        ids = tokenizer(text[at:at + window], add_special_tokens=False)["input_ids"]
+        if len(ids) < seq_len:
+            raise ValueError(f"corpus: {len(ids)} tokens after character {at}: need a chunk of {seq_len}")
+        out.append(ids[:seq_len])
+    return out
 
 
 def token_chunks(tokenizer, text: str, n_tokens: int, seq_len: int) -> list[list[int]]:

@@ -251,7 +251,8 @@ def install(model, factors_file, layer_specs, sink: int = 1, kinds=(0, 1), read_
 
 
 # ------------------------------------------------------------------------------------ quality mode
-VALIDATION = {"corpus": "validation", "chunks": 4, "seq_len": 1024}  # text of the quality mode's measurement
+VALIDATION = {"corpus": "validation", "chunks": 16, "seq_len": 1024,  # what the quality mode measures on
+              "sampling": "spread_chunks-1"}
 
 
 def quality_config(model_dir: str, cfg, max_rise_pct: float, baseline_bytes: int, lo_frac: float = 0.08,
@@ -269,7 +270,7 @@ def quality_config(model_dir: str, cfg, max_rise_pct: float, baseline_bytes: int
     val = {**VALIDATION, **(validation or {})}
     key = _fisher_key(model_dir, cfg, DEFAULT_PROBE)
     path = _alloc_dir() / (f"tcode-quality-{key}-{TCODE_FORMAT}-{max_rise_pct:g}-{baseline_bytes}-{lo_frac:g}-"
-                           f"{hi_frac:g}-{iters}-{val['corpus']}-{val['chunks']}-{val['seq_len']}.json")
+                           f"{hi_frac:g}-{iters}-{val['corpus']}-{val['chunks']}-{val['seq_len']}-{val['sampling']}.json")
     if path.is_file():
         d = json.loads(path.read_text())
         return ([tuple(map(tuple, s)) for s in d["segments_k"]], [tuple(map(tuple, s)) for s in d["segments_v"]],

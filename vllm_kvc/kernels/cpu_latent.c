@@ -20,13 +20,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 #define SEG_FIELDS 6
 
 static inline float f16_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, f;
     if (exp == 0) {
         if (man == 0) {
@@ -47,6 +50,7 @@ static inline float f16_to_f32(uint16_t h) {
     float out;
     memcpy(&out, &f, 4);
     return out;
+#endif
 }
 
 static inline float bf16_to_f32(uint16_t h) {
