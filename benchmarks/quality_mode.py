@@ -6,8 +6,10 @@ text, the library reference) and then measures the chosen allocation on the held
 same transformers emulation (float32, exact sink), neither of which the statistics or the search saw.
 
     .venv/bin/python benchmarks/quality_mode.py --max-rise 1 2 3 5 [--tokens 4096] [--corpora heldout default]
+    .venv/bin/python benchmarks/quality_mode.py --at 0.165 0.2 --validation-chunks 8   # per-chunk rises
 
-Prints one JSON line per budget.
+Prints one JSON line per budget (``--at``: per memory fraction, the rise of every chunk of the validation text and
+of the corpora, no search).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--at", type=float, nargs="+", help="no search: per-chunk rises at these memory fractions")
+    ap.add_argument("--validation-chunks", type=int, default=8, help="with --at: chunks of the validation text")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from vllm_kvc.allocate import _context
@@ -45,6 +49,9 @@ def main() -> None:
                                 "method": "tcode"})
     full = dense_bytes_per_token(c.shape)
     texts = {name: eval_chunks(c.model_dir, name, a.tokens, a.seq_len) for name in a.corpora}
+    if a.at:
+        per_chunk(c, base, full, texts, a)
+        return
     for budget in a.max_rise:
         sk, sv, used, info = tcode.quality_config(c.model_dir, base, budget, full)
         model = _context(c.model_dir, base, tcode.DEFAULT_PROBE).model  # the float32 model the search used
@@ -65,6 +72,33 @@ def main() -> None:
             row[f"{name}_rise_pct"] = round(100 * (ppl / dense - 1), 3)
             row[f"{name}_tokens"] = sum(len(ch) for ch in chunks)
             row[f"{name}_within_budget"] = row[f"{name}_rise_pct"] <= budget
+        print(json.dumps(row), flush=True)
+
+
+def per_chunk(c, base, full, texts, a) -> None:
+    from vllm_kvc.allocate import _context
+    from vllm_kvc.corpus import load_text, spread_chunks
+    from vllm_kvc.emulate import perplexity
+    from vllm_kvc.plan import segment_spec
+
+    stats = tcode.load_stats(c.model_dir, base)
+    ctx = _context(c.model_dir, base, tcode.DEFAULT_PROBE)
+    texts = {"validation": spread_chunks(ctx.tok, load_text("validation"), a.validation_chunks, a.seq_len), **texts}
+    for frac in a.at:
+        sk, sv, used = tcode.allocate(stats, int(frac * full))
+        tensors, specs = tcode.factors(stats, sk, sv), [segment_spec(k, v) for k, v in zip(sk, sv)]
+        row = {"memory_fraction": round(used / full, 5)}
+        for name, chunks in texts.items():
+            rises = []
+            with torch.no_grad():
+                for ch in chunks:
+                    dense = perplexity(ctx.model, [ch])
+                    undo = tcode.install(ctx.model, tensors, specs)
+                    coded = perplexity(ctx.model, [ch])
+                    for u in undo:
+                        u()
+                    rises.append(round(100 * (coded / dense - 1), 2))
+            row[f"{name}_chunk_rises_pct"] = rises
         print(json.dumps(row), flush=True)
 
 

@@ -67,6 +67,8 @@ def library():
                 _LIB["why"] = f"building {SOURCE.name} failed: {e}"
         if fn is None:
             log.warning("vllm_kvc: CPU latent kernel unavailable (%s): the torch reference path serves", _LIB["why"])
+        else:
+            log.info("vllm_kvc: CPU latent kernel loaded (roped-key decodes)")
         _LIB["fn"] = fn
         return fn
 
