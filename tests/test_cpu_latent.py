@@ -97,3 +97,32 @@ def test_segment_table_describes_the_rows():
     k, v, so = cpu_latent.segment_table(lay, lay.cache_dtype)
     assert k.tolist() == [[0, 192, 8, 0, 6, 32]] and v.tolist() == [[192, 160, 4, 6, 5, 32]]
     assert so == 192 + 80
+
+
+ENCODE = LAYOUTS[:6] + [(1, 3, 64, 112, 160, "int4/int2@g32"), (2, 2, 32, 40, 56, "int2"), LAYOUTS[8], LAYOUTS[9]]
+
+
+@pytest.mark.parametrize("spec", ENCODE, ids=[s[-1] for s in ENCODE])
+def test_encoder_writes_layout_packs_bytes(spec):
+    """cpu_latent.encode_rows = reference.write_latents (layout.pack) byte for byte, at shuffled slots with one
+    skipped (-1), latents of very different sizes per row; rows it does not own stay untouched."""
+    groups, gsz, hd, rk, rv, dtype = spec
+    layout = LatentLayout(groups, gsz, hd, rk, rv, dtype)
+    g = torch.Generator().manual_seed(rk + rv)
+    for n in (1, 40):
+        k = torch.randn(n, groups, rk, generator=g) * torch.rand(n, groups, 1, generator=g) * 4
+        v = torch.randn(n, groups, rv, generator=g).to(torch.bfloat16)
+        slots = torch.randperm(64, generator=g)[:n]
+        slots[0] = -1
+        want = torch.full((4, 16, layout.row_elems), 7, dtype=torch.uint8)
+        got = want.clone()
+        reference.write_latents(want, slots, layout, k, v)
+        assert cpu_latent.encode_rows(got, slots, layout, k, v)
+        assert torch.equal(got, want)
+
+
+def test_encoder_leaves_float_layouts_to_the_reference():
+    layout = LatentLayout(1, 3, 64, 64, 64, "bfloat16")
+    cache = torch.zeros(2, 16, layout.row_elems, dtype=layout.cache_dtype)
+    assert not cpu_latent.encode_rows(cache, torch.arange(3), layout, torch.randn(3, 1, 64), torch.randn(3, 1, 64))
+    assert not cache.any()

@@ -168,7 +168,8 @@ class LatentAttention(RowAttention):
         g, rk, rv = layout.groups, layout.rank_k, layout.rank_v
         lat_k = lat[:, : g * rk].reshape(n, g, rk)
         lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
-        reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
+        if not cpu_latent.encode_rows(cache, md.slot_mapping[:n], layout, lat_k, lat_v):  # integer rows in C
+            reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
         sink = self._sink_step(value[:n], md) if self.sink else None
         if cpu_latent.available(layout, cache, self.roped_keys, sink):  # decodes on the C kernel
             cpu_latent.latent_attention(

@@ -242,3 +242,133 @@ int kvc_roped_decode(const float *q, int64_t B, int64_t Hq, const uint8_t *cache
     }
     return failed ? -1 : 0;
 }
+
+/* ------------------------------------------------------------------------------------------------ encoder
+ * The rows of a step's new tokens, written at their slots: layout.pack's quantizer (layout.quantize) in C.
+ * int8: symmetric absmax, scale = fp16(max(amax / 127, 1e-6)), codes round-half-even(x / scale) in -127..127.
+ * 4 / 2 bits: per scale group, both level tables (Gauss: positive scale, uniform: negative) at the scales
+ * fp16(amax * f) for the table's factors; codes the nearest level (the number of midpoints below x / s); the
+ * candidate of least squared error kept, the first on ties; a last group shorter than its span counts the
+ * padding zeros' error as layout.quantize does. The squared errors are summed in another order than torch's,
+ * so on a near-tie the other candidate may win: both then have the same error to float32 rounding. */
+#ifdef __F16C__
+static inline uint16_t f16_bits(float x) { return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
+
+static void encode_part(const float *lat, int64_t part_w, uint8_t *row, int64_t scale_off, const int64_t *seg,
+                        int nseg, int64_t groups, const float *tabs, const float *facs, const int *nfac,
+                        uint8_t *cand, uint8_t *best_u) {
+    int64_t start = 0;
+    for (int s = 0; s < nseg; s++) {
+        const int64_t *d = seg + SEG_FIELDS * s;
+        const int64_t off = d[0], w = d[1], bits = d[2], sbase = d[3], sstride = d[4], qg = d[5];
+        const int64_t span = qg ? qg : w, nsc = (w + span - 1) / span;
+        for (int64_t g = 0; g < groups; g++) {
+            const float *x = lat + g * part_w + start;
+            for (int64_t c = 0; c < nsc; c++) {
+                const int64_t j0 = c * span, n = w - j0 < span ? w - j0 : span;
+                float amax = 0.0f;
+                for (int64_t j = 0; j < n; j++) amax = fmaxf(amax, fabsf(x[j0 + j]));
+                float sc;
+                if (bits == 8) {
+                    sc = _cvtsh_ss(f16_bits(fmaxf(amax / 127.0f, 1e-6f)));
+                    for (int64_t j = 0; j < n; j++) {
+                        float q = nearbyintf(x[j0 + j] / sc);
+                        q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+                        row[off + g * w + j0 + j] = (uint8_t)(int8_t)q;
+                    }
+                } else {
+                    amax = fmaxf(amax, 1e-6f);
+                    const int nl = 1 << bits, b4 = bits == 4;
+                    const float *tb = tabs + (b4 ? 0 : 62), *fb = facs + (b4 ? 0 : nfac[0] + nfac[1]);
+                    const int *nf = nfac + (b4 ? 0 : 2);
+                    float best_err = 0.0f;
+                    int first = 1;
+                    for (int t = 0; t < 2; t++) {
+                        const float *L = tb + t * nl, *M = tb + 2 * nl + t * (nl - 1);
+                        const float *F = fb + (t ? nf[0] : 0);
+                        for (int k = 0; k < nf[t]; k++) {
+                            const float s2 = _cvtsh_ss(f16_bits(amax * F[k]));
+                            float err = 0.0f;
+#ifdef __AVX512F__
+                            { /* 16 values per step: IEEE division, midpoint counts, no FMA */
+                                const __m512 sv = _mm512_set1_ps(s2), lt = _mm512_maskz_loadu_ps(tail16(nl), L);
+                                const __m512i one = _mm512_set1_epi32(1);
+                                __m512 acc = _mm512_setzero_ps();
+                                for (int64_t j = 0; j < span; j += 16) {
+                                    const __mmask16 m = tail16(n - j > 0 ? n - j : 0);
+                                    const __mmask16 live = tail16(span - j);
+                                    const __m512 xv = _mm512_maskz_loadu_ps(m, x + j0 + j);
+                                    const __m512 y = _mm512_div_ps(xv, sv);
+                                    __m512i u = _mm512_setzero_si512();
+                                    for (int i = 0; i < nl - 1; i++)
+                                        u = _mm512_mask_add_epi32(u, _mm512_cmp_ps_mask(_mm512_set1_ps(M[i]), y,
+                                                                                         _CMP_LT_OQ), u, one);
+                                    const __m512 dd = _mm512_sub_ps(_mm512_mul_ps(_mm512_permutexvar_ps(u, lt), sv), xv);
+                                    acc = _mm512_mask_add_ps(acc, live, acc, _mm512_mul_ps(dd, dd));
+                                    _mm_mask_storeu_epi8(cand + j, live, _mm512_cvtepi32_epi8(u));
+                                }
+                                err = _mm512_reduce_add_ps(acc);
+                            }
+#else
+                            for (int64_t j = 0; j < span; j++) {
+                                const float xv = j < n ? x[j0 + j] : 0.0f, y = xv / s2;
+                                int u = 0;
+                                for (int i = 0; i < nl - 1; i++) u += M[i] < y;
+                                const float lv = L[u] * s2, dd = lv - xv;
+                                err += dd * dd;
+                                cand[j] = (uint8_t)u;
+                            }
+#endif
+                            if (first || err < best_err) {
+                                first = 0;
+                                best_err = err;
+                                sc = t ? -s2 : s2;
+                                memcpy(best_u, cand, (size_t)n);
+                            }
+                        }
+                    }
+                    for (int64_t j = 0; j < n; j++) {
+                        const int64_t i = g * w + j0 + j;
+                        if (b4) row[off + (i >> 1)] |= (uint8_t)(best_u[j] << ((i & 1) * 4));
+                        else row[off + (i >> 2)] |= (uint8_t)(best_u[j] << ((i & 3) * 2));
+                    }
+                }
+                const uint16_t h = f16_bits(sc);
+                memcpy(row + scale_off + 2 * (sbase + g * sstride + c), &h, 2);
+            }
+        }
+        start += w;
+    }
+}
+#endif
+
+/* lat [n, groups * (rk + rv)] float32 (K part then V part of each row); slots [n] int64 (< 0: skipped).
+ * tabs: Gauss then uniform 4-bit levels (32), their midpoints (30), then the same for 2 bits (8 + 6);
+ * facs: the scale factors of 4-bit Gauss, 4-bit uniform, 2-bit Gauss, 2-bit uniform; nfac their counts.
+ * Returns 0; -2 when built without F16C (the caller keeps layout.pack). */
+int kvc_encode_rows(const float *lat, int64_t n, int64_t rk, int64_t rv, uint8_t *cache, int64_t block_stride,
+                    int64_t token_stride, int64_t block_size, const int64_t *slots, const int64_t *kseg, int nk,
+                    const int64_t *vseg, int nv, int64_t scale_off, int64_t row_bytes, int64_t groups,
+                    const float *tabs, const float *facs, const int *nfac) {
+#ifdef __F16C__
+    uint8_t *buf = malloc((size_t)row_bytes + 2 * (size_t)(rk > rv ? rk : rv) + 64);
+    if (!buf) return -1;
+    uint8_t *cand = buf + row_bytes, *best = cand + (rk > rv ? rk : rv) + 32;
+    const int64_t width = groups * (rk + rv);
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t slot = slots[i];
+        if (slot < 0) continue;
+        memset(buf, 0, (size_t)row_bytes);
+        encode_part(lat + i * width, rk, buf, scale_off, kseg, nk, groups, tabs, facs, nfac, cand, best);
+        encode_part(lat + i * width + groups * rk, rv, buf, scale_off, vseg, nv, groups, tabs, facs, nfac, cand, best);
+        memcpy(cache + (slot / block_size) * block_stride + (slot % block_size) * token_stride, buf, (size_t)row_bytes);
+    }
+    free(buf);
+    return 0;
+#else
+    (void)lat; (void)n; (void)rk; (void)rv; (void)cache; (void)block_stride; (void)token_stride; (void)block_size;
+    (void)slots; (void)kseg; (void)nk; (void)vseg; (void)nv; (void)scale_off; (void)row_bytes; (void)groups;
+    (void)tabs; (void)facs; (void)nfac;
+    return -2;
+#endif
+}
