@@ -295,6 +295,24 @@ def _byte_planes(levels) -> tuple[str, str, str, str]:
     return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
 
 
+# the magnitude-index selectors of 8 nibbles ($4: 4 code bytes): m (bytes 0, 1), sb (bytes 2, 3); xs the codes
+# shifted for the sign permute (see _nibble_asm)
+_NIBBLE_INDEX = ("\nand.b32 b, $4, 0x88888888;\nshr.u32 t, b, 3;\nsub.u32 t, b, t;"
+                 "\nlop3.b32 m, $4, t, 0x77777777, 0x82;\nshr.u32 sb, m, 16;\nshl.b32 xs, $4, 4;")
+
+
+def _nibble_signed_out(pmsel: str, oe: str, oo: str, sa: str) -> str:
+    """PTX: the sign of each level from its code (byte mask by prmt's sign mode), then the even and odd values
+    (levels lb / hb interleaved) times the bf16 |scale| ``sa`` into ``oe`` / ``oo``."""
+    return f"""
+prmt.b32 pm, xs, $4, {pmsel};
+lop3.b32 hb, hb, pm, 0x80808080, 0xD2;
+prmt.b32 e, lb, hb, 0x6240;
+mul.rn.bf16x2 {oe}, e, {sa};
+prmt.b32 e, lb, hb, 0x7351;
+mul.rn.bf16x2 {oo}, e, {sa};"""
+
+
 def _nibble_asm() -> str:
     """PTX for 4 code bytes ($4) and their 4 signed bf16 scales ($5, $6) -> bf16 values of the low nibbles ($0, $1)
     and of the high nibbles ($2, $3), element by element: level (Gauss table where the scale is positive, uniform
@@ -319,17 +337,9 @@ def _nibble_asm() -> str:
 prmt.b32 lb, {g0}, {g1}, {sel};
 prmt.b32 lb2, {u0}, {u1}, {sel};
 lop3.b32 lb, lb, lb2, {msk}, 0xD8;
-{hi}
-prmt.b32 pm, xs, $4, {pmsel};
-lop3.b32 hb, hb, pm, 0x80808080, 0xD2;
-prmt.b32 e, lb, hb, 0x6240;
-mul.rn.bf16x2 {oe}, e, {sa};
-prmt.b32 e, lb, hb, 0x7351;
-mul.rn.bf16x2 {oo}, e, {sa};"""
+{hi}""" + _nibble_signed_out(pmsel, oe, oo, sa)
 
-    return ("{\n.reg .b32 b, t, m, sb, xs, lb, lb2, hb, hb2, pm, ma, mb, sa01, sa23, e;"
-            "\nand.b32 b, $4, 0x88888888;\nshr.u32 t, b, 3;\nsub.u32 t, b, t;"
-            "\nlop3.b32 m, $4, t, 0x77777777, 0x82;\nshr.u32 sb, m, 16;\nshl.b32 xs, $4, 4;"
+    return ("{\n.reg .b32 b, t, m, sb, xs, lb, lb2, hb, hb2, pm, ma, mb, sa01, sa23, e;" + _NIBBLE_INDEX +
             "\nand.b32 sa01, $5, 0x7FFF7FFF;\nand.b32 sa23, $6, 0x7FFF7FFF;"
             "\nprmt.b32 ma, $5, $6, 0xBB99;\nprmt.b32 mb, $5, $6, 0xFFDD;"
             + half("m", "ma", "0xD9C8", "$0", "$2", "sa01") + half("sb", "mb", "0xFBEA", "$1", "$3", "sa23") + "\n}")
@@ -369,17 +379,9 @@ def _nibble_asm_group() -> str | None:
     def half(sel: str, pmsel: str, oe: str, oo: str, t0: str, t1: str, sa: str) -> str:
         return f"""
 prmt.b32 lb, {t0}, {t1}, {sel};
-prmt.b32 hb, {g2}, {g3}, {sel};
-prmt.b32 pm, xs, $4, {pmsel};
-lop3.b32 hb, hb, pm, 0x80808080, 0xD2;
-prmt.b32 e, lb, hb, 0x6240;
-mul.rn.bf16x2 {oe}, e, {sa};
-prmt.b32 e, lb, hb, 0x7351;
-mul.rn.bf16x2 {oo}, e, {sa};"""
+prmt.b32 hb, {g2}, {g3}, {sel};""" + _nibble_signed_out(pmsel, oe, oo, sa)
 
-    return ("{\n.reg .b32 b, t, m, sb, xs, lb, hb, pm, e;"
-            "\nand.b32 b, $4, 0x88888888;\nshr.u32 t, b, 3;\nsub.u32 t, b, t;"
-            "\nlop3.b32 m, $4, t, 0x77777777, 0x82;\nshr.u32 sb, m, 16;\nshl.b32 xs, $4, 4;"
+    return ("{\n.reg .b32 b, t, m, sb, xs, lb, hb, pm, e;" + _NIBBLE_INDEX
             + half("m", "0xD9C8", "$0", "$2", "$5", "$9", "$13") + half("sb", "0xFBEA", "$1", "$3", "$7", "$11", "$14")
             + "\n}")
 
