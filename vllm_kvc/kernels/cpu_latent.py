@@ -216,6 +216,21 @@ def roped_decode(q: torch.Tensor, cache: torch.Tensor, layout: LatentLayout, blo
     return u
 
 
+_BV: dict = {}
+
+
+def _bv_heads(b_v: torch.Tensor, layout: LatentLayout, hq: int) -> torch.Tensor:
+    """Each query head's rows of B_v [Hq, rv, hd] (float32), kept per factor tensor: the entry holds the tensor
+    itself (so its storage is never reused under the same key) and its version (an in-place change refreshes)."""
+    key = (id(b_v), layout, hq)
+    hit = _BV.get(key)
+    if hit is None or hit[0] is not b_v or hit[1] != b_v._version:
+        if len(_BV) > 512:
+            _BV.clear()
+        hit = _BV[key] = (b_v, b_v._version, reference.head_factor_views(b_v.float(), layout, hq)[1].contiguous())
+    return hit[2]
+
+
 def latent_attention(q, kv_cache, layout, block_table, seq_lens, query_start_loc, b_k, b_v, bias_k, bias_v,
                      cos_sin_cache, scale, is_neox=True, out=None, roped_keys=True, threads=None):
     """``reference.latent_attention`` for roped keys with the decodes on the C kernel (see the module doc)."""
@@ -232,7 +247,7 @@ def latent_attention(q, kv_cache, layout, block_table, seq_lens, query_start_loc
         qi = torch.tensor([qsl[r] for r in dec])
         u = roped_decode(q.index_select(0, qi), kv_cache, layout, block_table.index_select(0, idx),
                          seq_lens.index_select(0, idx), scale, threads)  # [D, Hq, rv]
-        _, bv_heads = reference.head_factor_views(b_v.float(), layout, hq)  # [Hq, rv, hd]
+        bv_heads = _bv_heads(b_v, layout, hq)  # [Hq, rv, hd]
         o = torch.bmm(u.transpose(0, 1), bv_heads).transpose(0, 1)  # [D, Hq, hd]
         if bias_v is not None:
             o = o + bias_v.float().view(layout.num_kv_heads, -1).repeat_interleave(hq // layout.num_kv_heads, 0)
