@@ -9,26 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from cpu_attention import _median_ms  # benchmarks/ (the script's folder)
 
 from vllm_kvc.kernels import cpu_latent, reference
 from vllm_kvc.layout import LatentLayout
 
 LAYOUTS = [(1, 3, 64, 192, 192, "int4@g32"), (1, 3, 64, 192, 192, "int4"), (1, 3, 64, 120, 192, "int8"),
            (1, 3, 64, 192, 192, "int8/int4@g32"), (1, 3, 64, 136, 176, "seg:8x8+64x4+64x2/96x4+80x2")]
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
