@@ -3,12 +3,15 @@ for lowrank / quant deployments) against dense bf16 SDPA over the same context, 
 
     .venv/bin/python benchmarks/cpu_attention.py [--batch 32] [--ctx 1024] [--repeats 5] [--ref-file PATH]
         [--ragged] [--block-size 128] [--threads 1] [--spec int8] [--rank-k 120] [--rank-v 192] [--profile]
+        [--roped] [--prompt N]
 
 SmolLM2-135M's layer shape (9 query heads, 3 KV heads of 64 dims) with configs/default.yaml's latent layout
 (one head group of 3 KV heads, K rank 120, V rank 192, int8) unless ``--spec`` / ``--rank-k`` / ``--rank-v``
 say otherwise (a ``seg:`` spec of method tcode sets its own ranks). ``--ref-file`` times another copy of
 reference.py in the same run too (e.g. ``git show REV:vllm_kvc/kernels/reference.py > /tmp/ref_old.py``).
 ``--roped``: keys stored after RoPE; the C decode kernel (kernels/cpu_latent.c) is timed too, as ``latent_c``.
+``--prompt N``: each request's last N tokens are queries (a prompt, N = ctx, or a chunked prefill; causal), as
+one prefill step instead of a decode step; dense SDPA gets the same causal queries.
 ``--ragged``: request lengths spread uniformly over ctx/3..ctx (as in a serving batch; dense SDPA is then
 timed padded to ctx, which favours it). Prints one JSON line per case: median ms of the latent step(s), timed
 interleaved, and of dense SDPA, and their ratio.
@@ -52,6 +55,7 @@ def main() -> None:
     ap.add_argument("--rank-v", type=int, default=192)
     ap.add_argument("--roped", action="store_true", help="keys: roped (scored in the latent: q B_k^T against the "
                                                         "cached K latents, no rebuild)")
+    ap.add_argument("--prompt", type=int, default=1, help="query tokens per request (1: a decode step)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of the "
                                                           "latent step")
     a = ap.parse_args()
@@ -71,8 +75,11 @@ def main() -> None:
     seq = torch.full((b,), s, dtype=torch.int32)
     if a.ragged:
         seq = torch.randint(max(1, s // 3), s + 1, (b,), dtype=torch.int32)
-    qsl = torch.arange(b + 1, dtype=torch.int32)
-    q = torch.randn(b, 9, 64, dtype=torch.bfloat16)
+    nq = a.prompt
+    if nq > 1:
+        seq = seq.clamp(min=nq)
+    qsl = torch.arange(b + 1, dtype=torch.int32) * nq
+    q = torch.randn(b * nq, 9, 64, dtype=torch.bfloat16)
     b_k, b_v = torch.randn(1, rk, 192) / 12, torch.randn(1, rv, 192) / 14
     ang = torch.arange(8192)[:, None].float() * (1e5 ** (-torch.arange(32) / 32))[None]
     cs = torch.cat([ang.cos(), ang.sin()], -1)
@@ -89,7 +96,8 @@ def main() -> None:
             impls["latent_c"] = cpu_latent
     k = torch.randn(b, 3, s, 64, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    res = {"spec": a.spec, "keys": "roped" if a.roped else "pre_rope", "rank_k": rk, "rank_v": rv, "batch": b, "ctx": s, "ragged": a.ragged, "cached_tokens": int(seq.sum()),
+    res = {"spec": a.spec, "keys": "roped" if a.roped else "pre_rope", "rank_k": rk, "rank_v": rv, "batch": b,
+           "ctx": s, "query_tokens": nq, "ragged": a.ragged, "cached_tokens": int(seq.sum()),
            "threads": torch.get_num_threads()}
     # the implementations interleaved (alternating order), so that other load on the machine hits all alike
     kw = {}
@@ -111,8 +119,10 @@ def main() -> None:
             times[name].append((time.perf_counter() - t) * 1e3)
     for name in fns:
         res[f"{name}_ms"] = statistics.median(times[name])
+    qd = q.view(b, nq, 9, 64).transpose(1, 2)
+    mask = None if nq == 1 else torch.ones(nq, s, dtype=torch.bool).tril(s - nq)  # query i sees keys <= s-nq+i
     res["dense_sdpa_ms"] = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q.view(b, 9, 1, 64), k, v, enable_gqa=True), a.repeats)
+        qd, k, v, attn_mask=mask, enable_gqa=True), a.repeats)
     for name in impls:
         res[f"{name}_vs_dense"] = res[f"{name}_ms"] / res["dense_sdpa_ms"]
     print(json.dumps({k: round(x, 3) if isinstance(x, float) else x for k, x in res.items()}))

@@ -72,14 +72,14 @@ def test_progressive_schedule_per_layer_bytes_honoured(model_dir):
 
 
 def test_eval_r50_capacity_and_matches_transformers_emulation(model_dir):
-    r = vllm_kvc("eval", "--config", "configs/smollm2-r50.yaml", "--json", timeout=1800)
+    r = vllm_kvc("eval", "--config", "configs/smollm2-r50.yaml", "--tokens", "2048", "--json", timeout=1800)
     assert r.returncode == 0, r.stderr[-4000:]
     row = json.loads(r.stdout)
     for key in ("model", "ratio", "schedule", "kv_bytes_per_token_baseline", "kv_bytes_per_token",
                 "kv_capacity_tokens_baseline", "kv_capacity_tokens", "ppl_baseline", "ppl", "tokens_evaluated"):
         assert key in row
     assert row["kv_capacity_tokens"] / row["kv_capacity_tokens_baseline"] >= 1.95
-    assert row["tokens_evaluated"] >= 6000
+    assert row["tokens_evaluated"] >= 2000
 
     from vllm_kvc.calibrate import factors_path
     from vllm_kvc.emulate import emulate_ppl
@@ -89,7 +89,7 @@ def test_eval_r50_capacity_and_matches_transformers_emulation(model_dir):
     plan = build_plan(dep.compression, ModelShape.from_model_dir(model_dir))
     path = factors_path(model_dir, dep.compression, plan)
     assert path.exists()
-    emu = emulate_ppl(model_dir, str(path), plan.latent_dtype, eval_chunks(model_dir, "default", 6144, 1024))
+    emu = emulate_ppl(model_dir, str(path), plan.latent_dtype, eval_chunks(model_dir, "default", 2048, 1024))
     assert abs(row["ppl"] / emu - 1) < 0.01, (row["ppl"], emu)
     assert row["ppl"] > row["ppl_baseline"]
 
@@ -99,7 +99,7 @@ def test_eval_r100_on_heldout_corpus_file_is_lossless(model_dir, tmp_path):
 
     corpus = tmp_path / "heldout.txt"
     corpus.write_text(builtin_text("heldout")[:200000])
-    r = vllm_kvc("eval", "--config", "configs/smollm2-r100.yaml", "--corpus", str(corpus), "--tokens", "4096",
+    r = vllm_kvc("eval", "--config", "configs/smollm2-r100.yaml", "--corpus", str(corpus), "--tokens", "2048",
                  "--json", timeout=1800)
     assert r.returncode == 0, r.stderr[-4000:]
     row = json.loads(r.stdout)

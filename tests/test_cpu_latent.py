@@ -1,6 +1,7 @@
 """The CPU decode kernel for roped keys (vllm_kvc/kernels/cpu_latent.c) against the torch reference: every row
 layout it reads (float, int8, packed 4/2-bit with per-token and per-32 scales, K/V of different widths,
-segments), ragged requests in shuffled blocks, several head groups, decodes mixed with a prompt."""
+segments), ragged requests in shuffled blocks, several head groups, decodes mixed with prompts and chunked
+prefills (the prefill kernel)."""
 import pytest
 import torch
 
@@ -62,12 +63,17 @@ def test_decode_kernel_matches_the_reference(spec):
     for threads in (1, 2):
         got = cpu_latent.latent_attention(q, *args, roped_keys=True, threads=threads)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
-    u = cpu_latent.roped_decode(q, cache, layout, table, sl, 0.125)
-    assert u.shape == (len(lens), hq, rv)
+    out = torch.full((len(lens) + 2, hq, hd), 5.0, dtype=torch.bfloat16)  # rows 1..len written, 0 and last kept
+    cpu_latent.roped_decode(q, list(range(len(lens))), cache, layout, table, sl, b_v, bias_v, 0.125, out[1:-1])
+    # bf16 written by the kernel's own rounding: equal but for last-bit flips where float32 sums differ
+    exact = out[1:-1] == want.to(torch.bfloat16)
+    assert exact.float().mean() > 0.99
+    torch.testing.assert_close(out[1:-1].float(), want.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-5)
+    assert torch.all(out[0] == 5) and torch.all(out[-1] == 5)
 
 
 def test_decodes_mixed_with_a_prompt_and_a_wrong_row_fails():
-    """A batch of decodes around a 5-token chunk (the reference's path for it); then one corrupted byte of a
+    """A batch of decodes around a 5-token chunk (the prefill kernel's); then one corrupted byte of a
     cached row moves exactly the request that owns it."""
     layout = LatentLayout(1, 3, 64, 192, 192, "int4@g32")
     lens = [50, 90, 33]
@@ -85,6 +91,35 @@ def test_decodes_mixed_with_a_prompt_and_a_wrong_row_fails():
     bad[table[2, 1], 3, 7] ^= 0xFF  # request 2, token 19, a K code byte
     moved = cpu_latent.latent_attention(q, bad, *args, roped_keys=True)
     assert torch.equal(moved[:6], got[:6]) and not torch.allclose(moved[6], got[6])
+
+
+@pytest.mark.parametrize("spec", LAYOUTS, ids=[s[-1] for s in LAYOUTS])
+def test_prefill_kernel_matches_the_reference(spec):
+    """Whole prompts (query tokens = cached tokens), chunks of a longer prompt (causal from the chunk's
+    position), a one-token prompt and decodes in one batch, on 1 and 2 threads."""
+    groups, gsz, hd, rk, rv, dtype = spec
+    layout = LatentLayout(groups, gsz, hd, rk, rv, dtype)
+    hq = 3 * layout.num_kv_heads
+    lens = [40, 130, 1, 77, 19, 64]
+    qlens = [40, 17, 1, 1, 19, 3]  # prompt, chunk, 1-token prompt, decode, prompt, chunk
+    cache, table = _cache(layout, lens, 16, seed=len(dtype) + 1)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(sum(qlens), hq, rk, generator=g)
+    b_v = torch.randn(groups, rv, gsz * hd, generator=g) / rv ** 0.5
+    bias_v = torch.randn(layout.num_kv_heads * hd, generator=g)
+    qsl = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist())
+    args = (cache, layout, table, torch.tensor(lens), qsl, None, b_v, None, bias_v, None, 0.125)
+    want = reference.latent_attention(q, *args, roped_keys=True)
+    for threads in (1, 2):
+        got = cpu_latent.latent_attention(q, *args, roped_keys=True, threads=threads)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    # a chunk scores only the rows up to each token's own position: changing a later row moves only later tokens
+    bad = cache.clone()
+    bad[table[1, 120 // 16], 120 % 16] = layout.pack(torch.randn(1, groups, rk) * 9, torch.randn(1, groups, rv) * 9)[0]
+    moved = cpu_latent.latent_attention(q, bad, *args[1:], roped_keys=True)
+    chunk = slice(40, 57)  # request 1's 17 tokens at positions 113..129
+    diff = (moved[chunk] - got[chunk]).abs().flatten(1).amax(1)
+    assert torch.all(diff[:7] == 0) and torch.all(diff[7:] > 0), diff
 
 
 def test_segment_table_describes_the_rows():

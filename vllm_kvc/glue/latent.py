@@ -171,7 +171,7 @@ class LatentAttention(RowAttention):
         if not cpu_latent.encode_rows(cache, md.slot_mapping[:n], layout, lat_k, lat_v):  # integer rows in C
             reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
         sink = self._sink_step(value[:n], md) if self.sink else None
-        if cpu_latent.available(layout, cache, self.roped_keys, sink):  # decodes on the C kernel
+        if cpu_latent.available(layout, cache, self.roped_keys, sink):  # attention on the C kernels
             cpu_latent.latent_attention(
                 q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
                 self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n])

@@ -1,10 +1,14 @@
-/* CPU decode attention over latent KV rows with keys stored after RoPE (``compression.keys: roped``).
+/* CPU attention over latent KV rows with keys stored after RoPE (``compression.keys: roped``).
  *
- * One query token per request. For each request and head group, in one pass over its cached rows: decode the
- * key latent (integer codes and fp16 scales, or float latents) into a small buffer, score it against the
- * group's query heads (``q B_k^T``, already applied by the caller), softmax, then a second pass decodes the
- * value latents 16 rows at a time and accumulates the weighted sum ``u = p . c_v``; the caller applies ``B_v`` (one small matmul
- * per head). Nothing is materialised per token beyond one row's latent: no padded batch, no gather copies.
+ * Decodes (one query token per request, kvc_roped_decode): for each request and head group, in one pass over its
+ * cached rows, decode the key latent (integer codes and fp16 scales, or float latents) into a small buffer,
+ * score it against the group's query heads (``q B_k^T``, already applied by the caller), softmax, then a second
+ * pass decodes the value latents 16 rows at a time and accumulates the weighted sum ``u = p . c_v``; B_v (each
+ * head's rows, plus the bias) turns u into the head outputs, written straight into the layer's output rows.
+ * Nothing is materialised per token beyond one row's latent: no padded batch, no gather copies.
+ * Prompts and chunked prefills (kvc_roped_prefill): every cached row of those requests is decoded once into a
+ * float buffer, then one task per query token and head group scores the rows up to its own position (causal),
+ * with the same softmax, weighted sum and B_v.
  *
  * The row layout is data (vllm_kvc/kernels/cpu_latent.py builds it from layout.LatentLayout): per part (K, V)
  * a list of segments, each ``{code byte offset, width, bits, scale base, scale stride per group, values per
@@ -190,45 +194,85 @@ static void weighted_rows(const float *p, int64_t T, int64_t hpg, int64_t rv, co
     }
 }
 
-/* q [B, Hq, rk] float32 (query heads of a group consecutive); cache rows at
- * cache + block * block_stride + slot * token_stride (bytes); block_table [B, bt_stride] int32;
- * seq_lens [B] int32; u [B, Hq, rv] float32 (out). Returns 0, or -1 when a buffer cannot be allocated. */
-int kvc_roped_decode(const float *q, int64_t B, int64_t Hq, const uint8_t *cache, int64_t block_stride,
-                     int64_t token_stride, int64_t block_size, const int32_t *block_table, int64_t bt_stride,
-                     const int32_t *seq_lens, const int64_t *kseg, int nk, const int64_t *vseg, int nv,
-                     int64_t scale_off, int64_t groups, int64_t rk, int64_t rv, const float *t4, const float *t2,
-                     float scale, float *u, int nthreads) {
-    const int64_t hpg = Hq / groups, tasks = B * groups;
+/* Softmax of each of the hpg rows p[h * T .. h * T + T - 1], in place. */
+static void softmax_heads(float *p, int64_t hpg, int64_t T) {
+    for (int64_t h = 0; h < hpg; h++) {
+        float *ph = p + h * T, m = ph[0], sum = 0.0f;
+        for (int64_t t = 1; t < T; t++) m = ph[t] > m ? ph[t] : m;
+        for (int64_t t = 0; t < T; t++) {
+            ph[t] = expf(ph[t] - m);
+            sum += ph[t];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t t = 0; t < T; t++) ph[t] *= inv;
+    }
+}
+
+/* The attention output of one token for the hpg heads of a group: out_h = u_h . bv[h] (+ bias[h]), bv the heads'
+ * rows of B_v [hpg, rv, hd], written at dst in float32 (32), bfloat16 (16, round to nearest even) or float16 (17). */
+static void apply_bv(const float *ug, int64_t hpg, int64_t rv, int64_t hd, const float *bv, const float *bias,
+                     void *dst, int out_bits) {
+    float o[512];
+    for (int64_t h = 0; h < hpg; h++) {
+        for (int64_t d = 0; d < hd; d++) o[d] = bias ? bias[h * hd + d] : 0.0f;
+        const float *uh = ug + h * rv, *bh = bv + h * rv * hd;
+        for (int64_t j = 0; j < rv; j++) {
+            const float uj = uh[j], *row = bh + j * hd;
+            for (int64_t d = 0; d < hd; d++) o[d] += uj * row[d];
+        }
+        for (int64_t d = 0; d < hd; d++) {
+            const int64_t i = h * hd + d;
+            if (out_bits == 32) {
+                ((float *)dst)[i] = o[d];
+            } else if (out_bits == 16) {
+                uint32_t f;
+                memcpy(&f, &o[d], 4);
+                ((uint16_t *)dst)[i] = isnan(o[d]) ? (uint16_t)((f >> 16) | 0x40u)
+                                                   : (uint16_t)((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
+            } else {
+#ifdef __F16C__
+                ((uint16_t *)dst)[i] = _cvtss_sh(o[d], _MM_FROUND_TO_NEAREST_INT);
+#endif
+            }
+        }
+    }
+}
+
+#define MAX_HD 512 /* apply_bv's buffer: head_dim up to this (the wrappers check) */
+
+/* The arguments both kernels share: queries q [*, Hq, rk] float32 (query heads of a group consecutive), the
+ * token of each request's query in q / out given by q_rows; cache rows at
+ * cache + block * block_stride + slot * token_stride (bytes); block_table [R, bt_stride] int32; seq_lens [R]
+ * int32; kseg / vseg the row's segments (module doc); bv [Hq, rv, hd] each head's rows of B_v; bias [Hq, hd] or
+ * NULL; out [tokens, Hq, hd] at out_stride elements per token, of out_bits (apply_bv). */
+
+/* One query token per request (decodes). Returns 0, or -1 when a buffer cannot be allocated. */
+int kvc_roped_decode(const float *q, const int32_t *q_rows, int64_t B, int64_t Hq, const uint8_t *cache,
+                     int64_t block_stride, int64_t token_stride, int64_t block_size, const int32_t *block_table,
+                     int64_t bt_stride, const int32_t *seq_lens, const int64_t *kseg, int nk, const int64_t *vseg,
+                     int nv, int64_t scale_off, int64_t groups, int64_t rk, int64_t rv, const float *t4,
+                     const float *t2, float scale, const float *bv, const float *bias, int64_t hd, void *out,
+                     int64_t out_stride, int out_bits, int nthreads) {
+    const int64_t hpg = Hq / groups, tasks = B * groups, esz = out_bits == 32 ? 4 : 2;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && tasks > 1)
     for (int64_t task = 0; task < tasks; task++) {
-        const int64_t b = task / groups, g = task % groups, T = seq_lens[b];
-        const float *qg = q + (b * Hq + g * hpg) * rk;
-        float *ug = u + (b * Hq + g * hpg) * rv;
-        memset(ug, 0, sizeof(float) * hpg * rv);
-        if (T <= 0) continue;
-        float *p = malloc(sizeof(float) * (hpg * T + rk + VTILE * rv));
+        const int64_t b = task / groups, g = task % groups, T = seq_lens[b], n = q_rows[b];
+        const float *qg = q + (n * Hq + g * hpg) * rk;
+        float *p = malloc(sizeof(float) * (hpg * (T > 0 ? T : 0) + rk + VTILE * rv + hpg * rv));
         if (!p) {
             failed = 1;
             continue;
         }
-        float *kb = p + hpg * T, *vb = kb + rk;
+        float *kb = p + hpg * T, *vb = kb + rk, *ug = vb + VTILE * rv;
+        memset(ug, 0, sizeof(float) * hpg * rv);
         const int32_t *bt = block_table + b * bt_stride;
         for (int64_t t = 0; t < T; t++) {
             const uint8_t *row = cache + (int64_t)bt[t / block_size] * block_stride + (t % block_size) * token_stride;
             decode_part(row, row + scale_off, kseg, nk, g, t4, t2, kb);
             score_row(qg, hpg, rk, kb, scale, p + t, T);
         }
-        for (int64_t h = 0; h < hpg; h++) {
-            float *ph = p + h * T, m = ph[0], sum = 0.0f;
-            for (int64_t t = 1; t < T; t++) m = ph[t] > m ? ph[t] : m;
-            for (int64_t t = 0; t < T; t++) {
-                ph[t] = expf(ph[t] - m);
-                sum += ph[t];
-            }
-            const float inv = 1.0f / sum;
-            for (int64_t t = 0; t < T; t++) ph[t] *= inv;
-        }
+        if (T > 0) softmax_heads(p, hpg, T);
         for (int64_t t0 = 0; t0 < T; t0 += VTILE) {
             const int64_t nt = T - t0 < VTILE ? T - t0 : VTILE;
             for (int64_t i = 0; i < nt; i++) {
@@ -237,6 +281,66 @@ int kvc_roped_decode(const float *q, int64_t B, int64_t Hq, const uint8_t *cache
                 decode_part(row, row + scale_off, vseg, nv, g, t4, t2, vb + i * rv);
             }
             weighted_rows(p + t0, T, hpg, rv, vb, nt, ug);
+        }
+        apply_bv(ug, hpg, rv, hd, bv + g * hpg * rv * hd, bias ? bias + g * hpg * hd : NULL,
+                 (char *)out + (n * out_stride + g * hpg * hd) * esz, out_bits);
+        free(p);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Several query tokens per request (prompts, chunked prefills; one-token requests are fine too): request r's
+ * query tokens are q_rows[q_start[r]] .. q_rows[q_start[r + 1] - 1], at positions seq_lens[r] - n_r + i, each
+ * attending to the request's cached rows 0 .. its position (causal). Phase 1 decodes every cached row of these
+ * requests once per group into kbuf [groups, rows, rk] and vbuf [groups, rows, rv] (request r's rows from
+ * row_start[r]); phase 2 runs one task per query token and group: scores against the decoded key latents,
+ * softmax, weighted sum of the value latents, B_v. tok_req [N]: each query's request. Returns 0, or -1 when a
+ * buffer cannot be allocated. */
+int kvc_roped_prefill(const float *q, const int32_t *q_rows, const int32_t *q_start, const int32_t *tok_req,
+                      int64_t R, int64_t N, int64_t Hq, const uint8_t *cache, int64_t block_stride,
+                      int64_t token_stride, int64_t block_size, const int32_t *block_table, int64_t bt_stride,
+                      const int32_t *seq_lens, const int64_t *row_start, const int64_t *kseg, int nk,
+                      const int64_t *vseg, int nv, int64_t scale_off, int64_t groups, int64_t rk, int64_t rv,
+                      const float *t4, const float *t2, float scale, float *kbuf, float *vbuf, const float *bv,
+                      const float *bias, int64_t hd, void *out, int64_t out_stride, int out_bits, int nthreads) {
+    const int64_t hpg = Hq / groups, rows = row_start[R], esz = out_bits == 32 ? 4 : 2;
+    int64_t tmax = 1;
+    for (int64_t r = 0; r < R; r++) tmax = seq_lens[r] > tmax ? seq_lens[r] : tmax;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        for (int64_t r = 0; r < R; r++) {
+            const int32_t *bt = block_table + r * bt_stride;
+#pragma omp for schedule(static) nowait
+            for (int64_t t = 0; t < seq_lens[r]; t++) {
+                const uint8_t *row = cache + (int64_t)bt[t / block_size] * block_stride + (t % block_size) * token_stride;
+                for (int64_t g = 0; g < groups; g++) {
+                    decode_part(row, row + scale_off, kseg, nk, g, t4, t2, kbuf + (g * rows + row_start[r] + t) * rk);
+                    decode_part(row, row + scale_off, vseg, nv, g, t4, t2, vbuf + (g * rows + row_start[r] + t) * rv);
+                }
+            }
+        }
+#pragma omp barrier
+        float *p = malloc(sizeof(float) * hpg * (tmax + rv));
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < N * groups; task++) {
+            if (!p) continue;
+            const int64_t i = task / groups, g = task % groups, r = tok_req[i], n = q_rows[i];
+            const int64_t T = seq_lens[r] - (q_start[r + 1] - q_start[r]) + (i - q_start[r]) + 1;
+            float *ug = p + hpg * tmax;
+            memset(ug, 0, sizeof(float) * hpg * rv);
+            if (T > 0) {
+                const float *qg = q + (n * Hq + g * hpg) * rk, *kg = kbuf + (g * rows + row_start[r]) * rk;
+                for (int64_t t = 0; t < T; t++) score_row(qg, hpg, rk, kg + t * rk, scale, p + t, T);
+                softmax_heads(p, hpg, T);
+                weighted_rows(p, T, hpg, rv, vbuf + (g * rows + row_start[r]) * rv, T, ug);
+            }
+            apply_bv(ug, hpg, rv, hd, bv + g * hpg * rv * hd, bias ? bias + g * hpg * hd : NULL,
+                     (char *)out + (n * out_stride + g * hpg * hd) * esz, out_bits);
         }
         free(p);
     }

@@ -1,15 +1,17 @@
-"""The CPU kernels (cpu_latent.c): the decode attention for roped keys and the row encoder; build, layout
-description, and the dispatch that the vLLM glue calls on CPUs.
+"""The CPU kernels (cpu_latent.c): attention for roped keys (decodes, prompts and chunked prefills) and the row
+encoder; build, layout description, and the dispatch that the vLLM glue calls on CPUs.
 
 ``encode_rows`` writes a step's new latent rows for every integer layout (layout.pack's bytes, byte for byte in
 the tests: one C pass per row instead of ~80 small torch operations per part; the int4 scale search was the
 largest single cost of a CPU decode step once the attention ran in C).
 
 ``latent_attention`` has ``reference.latent_attention``'s arguments and results (to float32 rounding): the
-decode requests of a batch (one query token each) go to the C kernel, one pass per request and head group over
-its cached rows, decoding each latent in registers-sized buffers; prompts and chunked prefills go to the
-reference. Only keys stored after RoPE are read this way (their scores need no per-token rebuild); a layout
-the kernel cannot read, or a machine without a C compiler, keeps the reference path (``available`` says why).
+decode requests of a batch (one query token each) go to the decode kernel, one pass per request and head group
+over its cached rows, decoding each latent in register-sized buffers; prompts and chunks to the prefill kernel
+(their rows decoded once, then causal attention per query token). Both apply B_v and write the layer's output
+rows themselves. Only keys stored after RoPE are read this way (their scores need no per-token rebuild); a
+layout the kernels cannot read, or a machine without a C compiler, keeps the reference path (``available``
+says why).
 
 The shared object is compiled once per source, flags and machine with the system C compiler (``cc``, about a
 second) into ``$VLLM_KVC_CACHE/cpu_kernels`` and loaded with ctypes: no torch extension build, no headers.
@@ -72,7 +74,7 @@ def library():
         if fn is None:
             log.warning("vllm_kvc: CPU latent kernel unavailable (%s): the torch reference path serves", _LIB["why"])
         else:
-            log.info("vllm_kvc: CPU latent kernel loaded (roped-key decodes)")
+            log.info("vllm_kvc: CPU latent kernel loaded (roped-key attention, integer row encoder)")
         _LIB["fn"] = fn
         return fn
 
@@ -97,9 +99,15 @@ def _build(cc: str):
     lib = ctypes.CDLL(str(out))
     fn = lib.kvc_roped_decode
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, p, i64, i64, i64, p, i64, p, p, ctypes.c_int, p, ctypes.c_int, i64, i64, i64, i64,
-                   p, p, ctypes.c_float, p, ctypes.c_int]
+    ci, f32 = ctypes.c_int, ctypes.c_float
+    fn.argtypes = [p, p, i64, i64, p, i64, i64, i64, p, i64, p, p, ci, p, ci, i64, i64, i64, i64, p, p, f32,
+                   p, p, i64, p, i64, ci, ci]
     fn.restype = ctypes.c_int
+    pre = lib.kvc_roped_prefill
+    pre.argtypes = [p, p, p, p, i64, i64, i64, p, i64, i64, i64, p, i64, p, p, p, ci, p, ci, i64, i64, i64, i64,
+                    p, p, f32, p, p, p, p, i64, p, i64, ci, ci]
+    pre.restype = ctypes.c_int
+    _LIB["prefill"] = pre
     enc = lib.kvc_encode_rows
     enc.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, p, ctypes.c_int, p, ctypes.c_int, i64, i64, i64, p, p, p]
     enc.restype = ctypes.c_int
@@ -147,6 +155,7 @@ def _segments(layout: LatentLayout, cache_dtype: torch.dtype):
 def available(layout: LatentLayout, cache: torch.Tensor, roped_keys: bool, sink=None) -> bool:
     """Whether ``latent_attention`` below serves this layer's decodes (else: the reference)."""
     return (roped_keys and sink is None and cache.device.type == "cpu" and cache.dim() == 3
+            and layout.head_dim <= MAX_HEAD_DIM
             and cache.stride(-1) == 1 and _segments(layout, cache.dtype) is not None and library() is not None)
 
 
@@ -194,26 +203,69 @@ def encode_rows(cache: torch.Tensor, slot_mapping: torch.Tensor, layout: LatentL
     return rc == 0
 
 
-def roped_decode(q: torch.Tensor, cache: torch.Tensor, layout: LatentLayout, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float, threads: int | None = None) -> torch.Tensor:
-    """One query token per request: q [B, Hq, rank_k] (scored against the cached key latents) ->
-    u [B, Hq, rank_v], the attention-weighted sum of the value latents (before B_v)."""
-    fn = library()
+MAX_HEAD_DIM = 512  # cpu_latent.c MAX_HD
+_OUT_BITS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 17}
+
+
+def _common(cache, layout, block_table, seq_lens, b_v, bias_v, hq, out):
+    """The arguments both kernels share after the queries (see cpu_latent.c)."""
     kseg, vseg, scale_off = _segments(layout, cache.dtype)
-    q = q.float().contiguous()
-    b, hq = q.shape[:2]
     bt = block_table.to(torch.int32).contiguous()
     sl = seq_lens.to(torch.int32).contiguous()
-    u = torch.empty(b, hq, layout.rank_v, dtype=torch.float32)
     t4, t2 = _tables()
+    bias = None
+    if bias_v is not None:
+        bias = bias_v.float().view(layout.num_kv_heads, -1).repeat_interleave(hq // layout.num_kv_heads, 0)
+        bias = bias.contiguous()
     size = cache.element_size()
-    rc = fn(q.data_ptr(), b, hq, cache.data_ptr(), cache.stride(0) * size, cache.stride(1) * size, cache.shape[1],
-            bt.data_ptr(), bt.stride(0), sl.data_ptr(), kseg.data_ptr(), kseg.shape[0], vseg.data_ptr(),
-            vseg.shape[0], scale_off, layout.groups, layout.rank_k, layout.rank_v, t4.data_ptr(), t2.data_ptr(),
-            float(scale), u.data_ptr(), int(threads or torch.get_num_threads()))
+    head = (cache.data_ptr(), cache.stride(0) * size, cache.stride(1) * size, cache.shape[1], bt.data_ptr(),
+            bt.stride(0), sl.data_ptr())
+    segs = (kseg.data_ptr(), kseg.shape[0], vseg.data_ptr(), vseg.shape[0], scale_off, layout.groups,
+            layout.rank_k, layout.rank_v, t4.data_ptr(), t2.data_ptr())
+    bv = _bv_heads(b_v, layout, hq)
+    tail = (bv.data_ptr(), None if bias is None else bias.data_ptr(), layout.head_dim, out.data_ptr(),
+            out.stride(0), _OUT_BITS[out.dtype])
+    return head, segs, tail, (bt, sl, bias, bv)  # the last: kept alive for the call
+
+
+def roped_decode(q: torch.Tensor, q_rows: list[int], cache: torch.Tensor, layout: LatentLayout,
+                 block_table: torch.Tensor, seq_lens: torch.Tensor, b_v: torch.Tensor, bias_v, scale: float,
+                 out: torch.Tensor, threads: int | None = None) -> None:
+    """One query token per request (request r's is token q_rows[r] of q [n, Hq, rank_k], float32 contiguous):
+    the attention output of that token written into out [n, Hq, head_dim] (B_v and its bias applied)."""
+    library()
+    rows = torch.tensor(q_rows, dtype=torch.int32)
+    head, segs, tail, keep = _common(cache, layout, block_table, seq_lens, b_v, bias_v, q.shape[1], out)
+    rc = _LIB["fn"](q.data_ptr(), rows.data_ptr(), len(q_rows), q.shape[1], *head, *segs, float(scale), *tail,
+                    int(threads or torch.get_num_threads()))
     if rc:
         raise MemoryError("vllm_kvc CPU latent kernel: cannot allocate its score buffer")
-    return u
+
+
+def roped_prefill(q: torch.Tensor, q_rows: list[int], q_start: list[int], cache: torch.Tensor,
+                  layout: LatentLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, b_v: torch.Tensor, bias_v,
+                  scale: float, out: torch.Tensor, threads: int | None = None) -> None:
+    """Several query tokens per request, causal: request r's are tokens q_rows[q_start[r]:q_start[r + 1]] of q,
+    the last of its seq_lens[r] positions; their attention outputs written into out as in ``roped_decode``."""
+    library()
+    lens = seq_lens.tolist()
+    row_start, tok_req = [0], []
+    for r, t in enumerate(lens):
+        row_start.append(row_start[-1] + t)
+        tok_req += [r] * (q_start[r + 1] - q_start[r])
+    rows = torch.tensor(q_rows, dtype=torch.int32)
+    qs = torch.tensor(q_start, dtype=torch.int32)
+    tr = torch.tensor(tok_req, dtype=torch.int32)
+    rs = torch.tensor(row_start, dtype=torch.int64)
+    g = layout.groups
+    kbuf = torch.empty(g, row_start[-1], layout.rank_k, dtype=torch.float32)
+    vbuf = torch.empty(g, row_start[-1], layout.rank_v, dtype=torch.float32)
+    head, segs, tail, keep = _common(cache, layout, block_table, seq_lens, b_v, bias_v, q.shape[1], out)
+    rc = _LIB["prefill"](q.data_ptr(), rows.data_ptr(), qs.data_ptr(), tr.data_ptr(), len(lens), len(q_rows),
+                         q.shape[1], *head[:-1], head[-1], rs.data_ptr(), *segs, float(scale), kbuf.data_ptr(),
+                         vbuf.data_ptr(), *tail, int(threads or torch.get_num_threads()))
+    if rc:
+        raise MemoryError("vllm_kvc CPU latent kernel: cannot allocate its score buffer")
 
 
 _BV: dict = {}
@@ -233,32 +285,35 @@ def _bv_heads(b_v: torch.Tensor, layout: LatentLayout, hq: int) -> torch.Tensor:
 
 def latent_attention(q, kv_cache, layout, block_table, seq_lens, query_start_loc, b_k, b_v, bias_k, bias_v,
                      cos_sin_cache, scale, is_neox=True, out=None, roped_keys=True, threads=None):
-    """``reference.latent_attention`` for roped keys with the decodes on the C kernel (see the module doc)."""
+    """``reference.latent_attention`` for roped keys on the C kernels (see the module doc): decodes on the
+    decode kernel, prompts and chunks on the prefill kernel, each writing its tokens' outputs into ``out``."""
     n_tok, hq = q.shape[:2]
     if out is None:
         out = torch.empty(n_tok, hq, layout.head_dim, dtype=q.dtype, device=q.device)
+    target = out
+    if not (out.dtype in _OUT_BITS and out.shape[0] == n_tok and out[0].is_contiguous()
+            and out[0].numel() == hq * layout.head_dim):  # each token's heads one after the other
+        target = torch.empty(n_tok, hq, layout.head_dim, dtype=torch.float32)
+    q = q.float().contiguous()
     qsl = query_start_loc.tolist()
-    lens = [qsl[r + 1] - qsl[r] for r in range(len(qsl) - 1)]
-    dec = [r for r, n in enumerate(lens) if n == 1]
-    rest = [r for r, n in enumerate(lens) if n > 1]
+    dec, rest, q_start, q_rows = [], [], [0], []
+    for r in range(len(qsl) - 1):
+        n = qsl[r + 1] - qsl[r]
+        if n == 1:
+            dec.append(r)
+        elif n > 1:
+            rest.append(r)
+            q_rows += range(qsl[r], qsl[r + 1])
+            q_start.append(q_start[-1] + n)
     if dec:
         DECODES[0] += len(dec)
         idx = torch.tensor(dec)
-        qi = torch.tensor([qsl[r] for r in dec])
-        u = roped_decode(q.index_select(0, qi), kv_cache, layout, block_table.index_select(0, idx),
-                         seq_lens.index_select(0, idx), scale, threads)  # [D, Hq, rv]
-        bv_heads = _bv_heads(b_v, layout, hq)  # [Hq, rv, hd]
-        o = torch.bmm(u.transpose(0, 1), bv_heads).transpose(0, 1)  # [D, Hq, hd]
-        if bias_v is not None:
-            o = o + bias_v.float().view(layout.num_kv_heads, -1).repeat_interleave(hq // layout.num_kv_heads, 0)
-        out.index_copy_(0, qi, o.to(out.dtype))
+        roped_decode(q, [qsl[r] for r in dec], kv_cache, layout, block_table.index_select(0, idx),
+                     seq_lens.index_select(0, idx), b_v, bias_v, scale, target, threads)
     if rest:
         idx = torch.tensor(rest)
-        rows = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in rest])
-        sub_qsl = torch.tensor([0] + [sum(lens[r] for r in rest[:i + 1]) for i in range(len(rest))])
-        o = reference.latent_attention(q.index_select(0, rows), kv_cache, layout, block_table.index_select(0, idx),
-                                       seq_lens.index_select(0, idx), sub_qsl, b_k, b_v, bias_k, bias_v,
-                                       cos_sin_cache, scale, is_neox, compute_dtype=torch.float32,
-                                       roped_keys=roped_keys)
-        out.index_copy_(0, rows, o.to(out.dtype))
+        roped_prefill(q, q_rows, q_start, kv_cache, layout, block_table.index_select(0, idx),
+                      seq_lens.index_select(0, idx), b_v, bias_v, scale, target, threads)
+    if target is not out:
+        out.copy_(target.view(out.shape))
     return out
