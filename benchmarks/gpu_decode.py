@@ -412,7 +412,7 @@ def time_roped(c: DecodeCase, spec: str, bw: float, results) -> dict:
     r = dict(default=tried[0] if "ms" in tried[0] else None, best=best, tried=tried, bytes=kb,
              bytes_floor_ms=kb / bw * 1e3,
              plan=str(tk.plan_launch(c.layout, HQ, c.B, c.B, max_query_len=1, angles_ok=False, max_ctx=c.S,
-                                     sms=results["sms"])))
+                                     sms=results["sms"], roped=True)))
     if best:
         d = r["default"]
         print(f"  {'roped':>15} r={c.layout.rank_k:3d}: dflt {d['ms'] if d else float('nan'):.4f} ms, best "

@@ -228,6 +228,27 @@ def test_plan_gives_nibble_tiles_32_tokens():
     assert plan.config.block_t == 64
 
 
+def test_plan_roped_integer_decode_caps_registers_and_fills_slots():
+    """Roped keys with packed integer latents of ranks <= 128 at one KV head per program: registers capped at 128 (4
+    programs of 4 warps per SM) and KV splits that fill 90 % of those slots (132 SMs: 528); pre-RoPE keys, float
+    latents, two heads per program, rank 256 and an explicit cap keep the compiler's registers or the asked cap
+    (splits: ~2 programs per SM without a cap)."""
+    tk = kernels()
+    lay = LatentLayout(8, 1, 128, 128, 128, "int8/int4@g32")
+    want = {(64, 4096): 1, (157, 8192): 1, (48, 16384): 2, (32, 4096): 2, (16, 16384): 4, (8, 4096): 8,
+            (4, 16384): 16, (1, 16384): 16, (1, 512): 2}
+    for (b, s), n in want.items():
+        plan = tk.plan_launch(lay, 32, b, b, max_query_len=1, max_ctx=s, sms=132, roped=True)
+        assert (plan.kernel, plan.config.maxnreg, plan.config.num_splits) == ("decode", 128, n), (b, s, plan)
+    others = ((lay, False, None, 0, 2), (LatentLayout(8, 1, 128, 64, 64, "bfloat16"), True, None, 0, 2),
+              (lay, True, tk.LaunchConfig(heads=2), 0, 4), (lay, True, tk.LaunchConfig(maxnreg=0), 0, 2),
+              (lay, True, tk.LaunchConfig(maxnreg=96), 96, 8), (LatentLayout(4, 1, 256, 256, 256, "int4@g32"), True,
+                                                                 None, 0, 4))
+    for lay2, roped, cfg, reg, n in others:
+        plan = tk.plan_launch(lay2, 32, 16, 16, max_query_len=1, max_ctx=16384, sms=132, roped=roped, config=cfg)
+        assert (plan.config.maxnreg, plan.config.num_splits) == (reg, n), (lay2.dtype, roped, cfg, plan)
+
+
 # (name, seq_lens, q_lens, case kwargs, call kwargs); small enough for the CPU interpreter
 CASES = [
     ("decode_gs1", [1, 37, 70], [1, 1, 1], dict(G=2, gs=1, qpk=2, hd=32, rk=16, rv=24, bs=16), dict(max_query_len=1)),

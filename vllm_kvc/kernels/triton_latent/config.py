@@ -39,7 +39,7 @@ class LaunchConfig:
     lazy_max: decode kernel: the first tile's max is the softmax reference, with an exact second pass for the
         programs where that could overflow.
     maxnreg: decode kernel: registers per thread at most (Triton's ``maxnreg``; more programs per SM, spilling
-        what does not fit); None: the compiler's choice.
+        what does not fit); 0: the compiler's choice; None: the measured default (:func:`decode_defaults`).
     scale_ahead: decode kernel, integer latents, one KV head per program: the fp16 scales of each tile are loaded
         one tile ahead; None: on for roped keys (measured there, round 5), off for pre-RoPE keys.
     k_grouped: decode kernel, roped keys, 4-bit K of rank 97..128 with 32 values per scale: K tiles read one scale
@@ -140,21 +140,27 @@ def quant_kwargs(layout: LatentLayout, kv_cache: torch.Tensor) -> dict:
     return out
 
 
-def decode_defaults(layout: LatentLayout, hq: int | None = None) -> LaunchConfig:
+def decode_defaults(layout: LatentLayout, hq: int | None = None, roped: bool = False) -> LaunchConfig:
     """Decode launch options measured best on an H100 (benchmarks/RESULTS.md, GPU kernels), every field set.
 
     Where ``hq`` is given and the multi-head decode kernel serves the layout: 1 KV head per program at rank 64,
     2 at rank <= 32; 64-token tiles, 4 warps, 3 stages. ``tile_rotation`` at one KV head per program (2% faster
     than computing cos / sin per position; with two heads the shared table tile is 4% faster). ``lazy_max``:
     1-6% faster. Otherwise the generic kernel: 64-token tiles, 4 warps; small ranks rebuild the keys in two column
-    pieces (fewer live registers, more programs per SM). ``num_splits`` stays ``None``: it depends on the batch."""
+    pieces (fewer live registers, more programs per SM). ``num_splits`` stays ``None``: it depends on the batch.
+    ``maxnreg``: 128 for roped keys with packed integer latents of ranks <= 128 at one KV head per program (4
+    programs of 4 warps per SM: the int8 / int4 kernel of rank 128 took 167 registers, 3 programs, and runs 11-12 %
+    faster capped, without spills; H200, benchmarks/results/gpu_r6_notes.md); 0 (the compiler's choice) elsewhere
+    (larger ranks were not measured)."""
     if hq is not None and heads_supported(layout, hq):
         two = layout.rank_k <= 32
+        cap = 128 if (roped and layout.quantized and not layout.is_int8 and not two
+                      and max(layout.rank_k, layout.rank_v) <= 128) else 0
         return LaunchConfig(heads=2 if two else 1, block_t=64, num_warps=4, num_stages=3, pieces=1,
-                            tile_rotation=not two, lazy_max=True)
+                            tile_rotation=not two, lazy_max=True, maxnreg=cap)
     small = layout.rank_k <= 32 and layout.head_dim >= 64
     return LaunchConfig(heads=0, block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1,
-                        tile_rotation=False, lazy_max=False)
+                        tile_rotation=False, lazy_max=False, maxnreg=0)
 
 
 def pick_heads(layout: LatentLayout, heads: int) -> int:
@@ -185,12 +191,27 @@ def check_supported(layout: LatentLayout) -> None:
                                   "the kernels need next_pow2(rank_k) * group_size <= 512 and rank_v <= 256")
 
 
-def default_splits(n_programs: int, max_ctx: int, block_t: int, num_sms: int) -> int:
-    """Split-KV factor: enough programs for ~2 waves, at least 4 KV tiles per split, a power of two <= 16."""
-    want = max(1, -(-2 * num_sms // max(1, n_programs)))
+def default_splits(n_programs: int, max_ctx: int, block_t: int, num_sms: int, per_sm: int = 0) -> int:
+    """Split-KV factor, a power of two <= 16 with at least 4 KV tiles per split. Where the programs resident per SM
+    are known (``per_sm``, from a register cap): none while the programs fill 90 % of the resident slots, else
+    the fewest that fill 90 % of them (H200, roped integer latents, benchmarks/results/gpu_r6_notes.md: 16 x 16384
+    4 splits 5-15 % faster than 2, 4 x 16384 16 splits 0-9 % faster than 8; 64 x 4096 one split 0.5-5 % faster than
+    2). Otherwise ~2 programs per SM, rounded down."""
     cap = max(1, max_ctx // (4 * block_t))
-    s = min(want, cap, 16)
+    if per_sm:
+        want = -(-9 * num_sms * per_sm // (10 * max(1, n_programs)))
+        s = min(next_pow2(want), cap, 16)
+    else:
+        want = max(1, -(-2 * num_sms // max(1, n_programs)))
+        s = min(want, cap, 16)
     return 1 << (s.bit_length() - 1) if s > 1 else 1
+
+
+def programs_per_sm(cfg: LaunchConfig) -> int:
+    """Decode programs resident per SM where a register cap fixes it (65536 registers per SM); 0: unknown."""
+    if not cfg.maxnreg or not cfg.num_warps:
+        return 0
+    return min(65536 // (cfg.maxnreg * 32 * cfg.num_warps), 32 // cfg.num_warps)
 
 
 # ------------------------------------------------------------------------------------------------ device facts

@@ -18,7 +18,7 @@ from vllm_kvc.kernels import reference
 from vllm_kvc.layout import LatentLayout
 
 from .config import (LaunchConfig, check_supported, compute_dtype, decode_defaults, default_splits, heads_supported,
-                     next_pow2, num_sms, pick_heads)
+                     next_pow2, num_sms, pick_heads, programs_per_sm)
 from .decode import launch_decode, nibble_split
 from .prefill import launch_generic
 from .write import can_encode, encode_rows, write_rows
@@ -190,7 +190,7 @@ def rebuild_candidates(query_lens: Sequence[int], config: LaunchConfig | None = 
 def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs: int, *,
                 max_query_len: int | None = None, config: LaunchConfig | None = None, angles_ok: bool = False,
                 max_ctx: int = 0, sms: int = 8, query_lens: Sequence[int] | None = None,
-                seq_lens: Mapping[int, int] | Sequence[int] | None = None) -> LaunchPlan:
+                seq_lens: Mapping[int, int] | Sequence[int] | None = None, roped: bool = False) -> LaunchPlan:
     """The launch plan of a batch, from host-known sizes (pure; no tensors).
 
     ``max_query_len``: the batch's longest query run (None: unknown). ``angles_ok``: the factors carry inv_freq
@@ -199,7 +199,7 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
     tokens, at least of :func:`rebuild_candidates`) are given, requests with at least ``rebuild_min_queries``
     queries, ``rebuild_min_work`` (query, key) pairs and at most ``rebuild_max_tokens`` cached tokens are rebuilt
     (prefill is FLOP-bound and the latent kernel's prefill is slower, while the rebuild costs ~1 ms per request),
-    and the plan of the others follows."""
+    and the plan of the others follows. ``roped``: roped keys (their measured decode defaults)."""
     cfg = config or LaunchConfig()
     if query_lens is not None and seq_lens is not None and max_query_len is not None:
         rebuilt = tuple(r for r in rebuild_candidates(query_lens, cfg)
@@ -211,18 +211,21 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
                 return LaunchPlan("none", rebuilt=rebuilt)
             rest = plan_launch(layout, num_heads, sum(query_lens[r] for r in kept), len(kept),
                                max_query_len=max(query_lens[r] for r in kept), config=cfg, angles_ok=angles_ok,
-                               max_ctx=max_ctx, sms=sms)
+                               max_ctx=max_ctx, sms=sms, roped=roped)
             return replace(rest, rebuilt=rebuilt, kept=kept)
     direct = max_query_len == 1 and num_tokens == num_reqs
     decode_like = (max_query_len == 1) if max_query_len is not None else num_tokens <= 2 * num_reqs
     use_decode = (heads_supported(layout, num_heads) and cfg.heads != 0
                   and (direct or (decode_like and cfg.block_q in (None, 1))))
     if direct or use_decode:  # the measured decode defaults fill what the config leaves open
-        d = decode_defaults(layout, num_heads if use_decode else None)
+        d = decode_defaults(layout, num_heads if use_decode else None, roped)
         cfg = replace(cfg, **{k: getattr(d, k) for k in ("heads", "block_t", "num_warps", "num_stages", "pieces",
-                                                         "tile_rotation", "lazy_max") if getattr(cfg, k) is None})
+                                                         "tile_rotation", "lazy_max", "maxnreg")
+                              if getattr(cfg, k) is None})
     if use_decode:
         nkv = pick_heads(layout, cfg.heads)
+        if nkv > 1 and (config is None or config.maxnreg is None):  # the default cap is for one KV head per program
+            cfg = replace(cfg, maxnreg=0)
         if cfg.block_t < 32 and any(nibble_split(layout, max(16, next_pow2(layout.rank_k)),
                                                  max(16, next_pow2(layout.rank_v)))):
             # even / odd nibble tiles with 16-token tiles compute wrong results on the H200 (triton 3.6;
@@ -230,7 +233,7 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
             cfg = replace(cfg, block_t=32)
         if cfg.num_splits is None:
             cfg = replace(cfg, num_splits=default_splits(num_tokens * (layout.groups // nkv), max_ctx, cfg.block_t,
-                                                         sms))
+                                                         sms, programs_per_sm(cfg)))
         return LaunchPlan("decode", direct, cfg, bool(cfg.tile_rotation and angles_ok))
     if direct:
         if cfg.num_splits is None:
@@ -311,7 +314,8 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
     R = q.shape[0]
     plan = plan_launch(layout, q.shape[1], R, R, max_query_len=1, config=config,
                        angles_ok=factors.inv_freq is not None and not roped_keys,
-                       max_ctx=max_seq_len or block_table.shape[1] * kv_cache.shape[1], sms=num_sms(q.device))
+                       max_ctx=max_seq_len or block_table.shape[1] * kv_cache.shape[1], sms=num_sms(q.device),
+                       roped=roped_keys)
     return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, None, scale, out, roped_keys)
 
 
@@ -388,7 +392,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     plan = plan_launch(layout, q.shape[1], q.shape[0], R, max_query_len=max_query_len, config=cfg,
                        angles_ok=factors.inv_freq is not None and not roped_keys,
                        max_ctx=block_table.shape[1] * kv_cache.shape[1], sms=num_sms(q.device),
-                       query_lens=query_lens, seq_lens=lens)
+                       query_lens=query_lens, seq_lens=lens, roped=roped_keys)
     if not plan.rebuilt:
         return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, query_start_loc, scale, out,
                          roped_keys)
