@@ -61,10 +61,12 @@ def client(server):
 
 
 def test_chat_completion(client):
+    # a question SmolLM2-135M answers with a clear margin (dense bf16: 2.6 nats between its first two tokens; "the
+    # capital of France?" is a near tie even for dense, 0.125 nats, and flips under any rounding)
     r = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
-                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+                                       messages=[{"role": "user", "content": "What is the capital of Japan?"}])
     text = r.choices[0].message.content
-    assert "Paris" in text, text
+    assert "Tokyo" in text, text
     assert r.usage.completion_tokens > 0
 
 
@@ -80,10 +82,11 @@ def test_streamed_completion_equals_non_streamed(client):
 def test_kv_compression_route(server):
     d = requests.get(server + "/v1/kv_compression", timeout=10).json()
     assert d["enabled"] and d["method"] == "lowrank"
-    assert d["latent_dtype"] == "int8" and d["group_size"] == 3
+    # configs/default.yaml: roped keys, K int8 / V int4 with one fp16 scale per 32 values, full rank
+    assert d["latent_dtype"] == "int8/int4@g32" and d["group_size"] == 3
     assert len(d["layers"]) == 30
-    assert all(l["rank_k"] == 120 and l["rank_v"] == 192 for l in d["layers"])
-    assert d["kv_bytes_per_token"] == 30 * (120 + 192 + 4)
+    assert all(l["rank_k"] == 192 and l["rank_v"] == 192 for l in d["layers"])
+    assert d["kv_bytes_per_token"] == 30 * (192 + 96 + 2 * 12)
     assert d["kv_bytes_per_token_baseline"] == 30 * 2 * 3 * 64 * 2
     # vLLM's own capacity: the whole 1 GiB over the true bytes per token, in whole blocks
     assert d["kv_capacity_tokens"] == (1 << 30) // (d["block_size"] * d["kv_bytes_per_token"]) * d["block_size"]
@@ -115,14 +118,14 @@ def test_metrics_exported_with_sane_values(server, client):
         for s in f.samples:
             samples.setdefault(s.name, []).append(s)
     val = lambda n: samples[n][0].value
-    assert val("vllm_kvc_kv_cache_bytes_per_token") == 30 * 316
+    assert val("vllm_kvc_kv_cache_bytes_per_token") == 30 * 312
     assert val("vllm_kvc_kv_cache_baseline_bytes_per_token") == 23040
     assert 2.4 < val("vllm_kvc_compression_ratio") < 2.5
     assert val("vllm_kvc_kv_capacity_tokens") > 2.4 * val("vllm_kvc_kv_capacity_baseline_tokens")
     ranks = {(s.labels["layer"], s.labels["kind"]): s.value for s in samples["vllm_kvc_layer_rank"]}
-    assert len(ranks) == 60 and ranks[("0", "k")] == 120 and ranks[("29", "v")] == 192
+    assert len(ranks) == 60 and ranks[("0", "k")] == 192 and ranks[("29", "v")] == 192
     info = samples["vllm_kvc_deployment_info"][0]
-    assert info.value == 1 and info.labels["method"] == "lowrank" and info.labels["latent_dtype"] == "int8"
+    assert info.value == 1 and info.labels["method"] == "lowrank" and info.labels["latent_dtype"] == "int8/int4@g32"
     assert info.labels["model_name"] == "smollm2"
     assert val("vllm_kvc_latent_cache_used_bytes") >= 0
     for name in samples:
@@ -212,7 +215,7 @@ def test_prometheus_scrapes_the_live_server_and_answers_queries(server, client, 
         q = 'sum by (kind) (vllm_kvc_layer_rank{model_name="smollm2"})'
         by_kind = {r["metric"]["kind"]: float(r["value"][1])
                    for r in requests.get(api, params={"query": q}, timeout=5).json()["data"]["result"]}
-        assert by_kind == {"k": 30 * 120.0, "v": 30 * 192.0}
+        assert by_kind == {"k": 30 * 192.0, "v": 30 * 192.0}
         rules = requests.get(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5).json()["data"]["groups"]
         assert sum(len(g["rules"]) for g in rules) >= 5
     finally:

@@ -40,7 +40,7 @@ from vllm_kvc.settings import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE_CONFIG = "configs/smollm2-dense.yaml"
-COMPRESSED_CONFIGS = ("configs/default.yaml", "configs/smollm2-alloc25.yaml")
+COMPRESSED_CONFIGS = ("configs/default.yaml", "configs/smollm2-roped.yaml")  # 40.6 % and 28.1 % of bf16
 BLOCK_SIZE = 128  # vLLM's KV block (tokens) on CPU (platforms/cpu.py); the budget is whole dense blocks
 
 # ------------------------------------------------------------------------------------------- mixed workload

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("serve", help="serving throughput, dense vs compressed deployments in the same KV memory "
                                       "(real servers; default: the KV-bound load, about 15 min on 2 CPU cores)")
     b.add_argument("--configs", nargs="+", help="compressed deployments (default: configs/default.yaml "
-                                                "configs/smollm2-alloc25.yaml)")
+                                                "configs/smollm2-roped.yaml)")
     b.add_argument("--dense-config", default="configs/smollm2-dense.yaml", help="the dense (vLLM KV) deployment")
     b.add_argument("--requests", type=int, default=48, help="KV-bound load: requests")
     b.add_argument("--concurrency", type=int, default=48, help="requests in flight (both loads)")
