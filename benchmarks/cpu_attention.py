@@ -107,8 +107,11 @@ def main() -> None:
 
     def query():
         return torch.einsum("nhd,hdr->nhr", q.float(), views) if a.roped else q
-    fns = {name: (lambda mod=mod: mod.latent_attention(query(), cache, lay, bt, seq, qsl, b_k, b_v, None, None, cs,
-                                                       0.125, True, out=out, **kw)) for name, mod in impls.items()}
+    def kwargs(name):  # the C path also gets the roped queries themselves (long prompts rebuild K/V for SDPA)
+        return {**kw, "q_heads": q} if name == "latent_c" else kw
+    fns = {name: (lambda mod=mod, name=name: mod.latent_attention(query(), cache, lay, bt, seq, qsl, b_k, b_v, None,
+                                                                  None, cs, 0.125, True, out=out, **kwargs(name)))
+           for name, mod in impls.items()}
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()

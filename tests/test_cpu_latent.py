@@ -113,6 +113,21 @@ def test_prefill_kernel_matches_the_reference(spec):
     for threads in (1, 2):
         got = cpu_latent.latent_attention(q, *args, roped_keys=True, threads=threads)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    # long requests (query x cached tokens above the threshold) rebuild K/V from the decoded rows for dense SDPA:
+    # the same attention from the original roped queries
+    q_heads = torch.randn(sum(qlens), hq, hd, generator=g)
+    b_k = torch.randn(groups, rk, gsz * hd, generator=g) / rk ** 0.5
+    q_lat = torch.einsum("nhd,hdr->nhr", q_heads, reference.head_key_views(b_k, layout, hq))
+    want2 = reference.latent_attention(q_lat, *args, roped_keys=True)
+    for pairs in (0, 40 * 40 - 1, 10 ** 9):  # every prompt rebuilt / the 40-token prompt only / none
+        old = cpu_latent.REBUILD_PAIRS
+        cpu_latent.REBUILD_PAIRS = pairs
+        try:
+            got2 = cpu_latent.latent_attention(q_lat, cache, layout, table, torch.tensor(lens), qsl, b_k, b_v, None,
+                                               bias_v, None, 0.125, roped_keys=True, q_heads=q_heads)
+        finally:
+            cpu_latent.REBUILD_PAIRS = old
+        torch.testing.assert_close(got2, want2, rtol=1e-4, atol=1e-4)
     # a chunk scores only the rows up to each token's own position: changing a later row moves only later tokens
     bad = cache.clone()
     bad[table[1, 120 // 16], 120 % 16] = layout.pack(torch.randn(1, groups, rk) * 9, torch.randn(1, groups, rv) * 9)[0]

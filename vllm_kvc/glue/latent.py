@@ -174,7 +174,8 @@ class LatentAttention(RowAttention):
         if cpu_latent.available(layout, cache, self.roped_keys, sink):  # attention on the C kernels
             cpu_latent.latent_attention(
                 q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
-                self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n])
+                self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n],
+                q_heads=query[:n])  # long prompts rebuild K/V from the decoded latents for dense SDPA
             return
         reference.latent_attention(
             q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,

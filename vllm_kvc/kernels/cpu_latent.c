@@ -294,10 +294,11 @@ int kvc_roped_decode(const float *q, const int32_t *q_rows, int64_t B, int64_t H
  * attending to the request's cached rows 0 .. its position (causal). Phase 1 decodes every cached row of these
  * requests once per group into kbuf [groups, rows, rk] and vbuf [groups, rows, rv] (request r's rows from
  * row_start[r]); phase 2 runs one task per query token and group: scores against the decoded key latents,
- * softmax, weighted sum of the value latents, B_v. tok_req [N]: each query's request. Returns 0, or -1 when a
+ * softmax, weighted sum of the value latents, B_v, for the N query tokens att[0..N-1] (indices into q_rows; the
+ * caller may attend the others itself from kbuf / vbuf). tok_req: each query's request. Returns 0, or -1 when a
  * buffer cannot be allocated. */
 int kvc_roped_prefill(const float *q, const int32_t *q_rows, const int32_t *q_start, const int32_t *tok_req,
-                      int64_t R, int64_t N, int64_t Hq, const uint8_t *cache, int64_t block_stride,
+                      const int32_t *att, int64_t R, int64_t N, int64_t Hq, const uint8_t *cache, int64_t block_stride,
                       int64_t token_stride, int64_t block_size, const int32_t *block_table, int64_t bt_stride,
                       const int32_t *seq_lens, const int64_t *row_start, const int64_t *kseg, int nk,
                       const int64_t *vseg, int nv, int64_t scale_off, int64_t groups, int64_t rk, int64_t rv,
@@ -329,7 +330,7 @@ int kvc_roped_prefill(const float *q, const int32_t *q_rows, const int32_t *q_st
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < N * groups; task++) {
             if (!p) continue;
-            const int64_t i = task / groups, g = task % groups, r = tok_req[i], n = q_rows[i];
+            const int64_t i = att[task / groups], g = task % groups, r = tok_req[i], n = q_rows[i];
             const int64_t T = seq_lens[r] - (q_start[r + 1] - q_start[r]) + (i - q_start[r]) + 1;
             float *ug = p + hpg * tmax;
             memset(ug, 0, sizeof(float) * hpg * rv);

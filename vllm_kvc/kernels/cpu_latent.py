@@ -104,7 +104,7 @@ def _build(cc: str):
                    p, p, i64, p, i64, ci, ci]
     fn.restype = ctypes.c_int
     pre = lib.kvc_roped_prefill
-    pre.argtypes = [p, p, p, p, i64, i64, i64, p, i64, i64, i64, p, i64, p, p, p, ci, p, ci, i64, i64, i64, i64,
+    pre.argtypes = [p, p, p, p, p, i64, i64, i64, p, i64, i64, i64, p, i64, p, p, p, ci, p, ci, i64, i64, i64, i64,
                     p, p, f32, p, p, p, p, i64, p, i64, ci, ci]
     pre.restype = ctypes.c_int
     _LIB["prefill"] = pre
@@ -242,30 +242,62 @@ def roped_decode(q: torch.Tensor, q_rows: list[int], cache: torch.Tensor, layout
         raise MemoryError("vllm_kvc CPU latent kernel: cannot allocate its score buffer")
 
 
+REBUILD_PAIRS = 1024  # a request with (query tokens x cached tokens) above this rebuilds K/V for SDPA
+
+
 def roped_prefill(q: torch.Tensor, q_rows: list[int], q_start: list[int], cache: torch.Tensor,
                   layout: LatentLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, b_v: torch.Tensor, bias_v,
-                  scale: float, out: torch.Tensor, threads: int | None = None) -> None:
+                  scale: float, out: torch.Tensor, threads: int | None = None, q_heads: torch.Tensor | None = None,
+                  b_k: torch.Tensor | None = None) -> None:
     """Several query tokens per request, causal: request r's are tokens q_rows[q_start[r]:q_start[r + 1]] of q,
-    the last of its seq_lens[r] positions; their attention outputs written into out as in ``roped_decode``."""
+    the last of its seq_lens[r] positions; their attention outputs written into out as in ``roped_decode``.
+
+    Every cached row is decoded once (C). Short requests attend in the latent (the C kernel: no rebuild); with
+    ``q_heads`` (the roped queries [n, Hq, head_dim] before ``q B_k^T``) and ``b_k``, a request of more than
+    REBUILD_PAIRS query x cached tokens rebuilds its keys ``c_k B_k`` (already roped) and values ``c_v B_v`` per
+    KV head and runs dense causal SDPA: scoring in the latent costs rank_k / head_dim times dense's products per
+    pair, a rebuild costs two small GEMMs per cached token."""
     library()
     lens = seq_lens.tolist()
-    row_start, tok_req = [0], []
+    row_start, tok_req, att, long = [0], [], [], []
     for r, t in enumerate(lens):
         row_start.append(row_start[-1] + t)
-        tok_req += [r] * (q_start[r + 1] - q_start[r])
+        nq = q_start[r + 1] - q_start[r]
+        tok_req += [r] * nq
+        if q_heads is not None and b_k is not None and nq * t > REBUILD_PAIRS:
+            long.append(r)
+        else:
+            att += range(q_start[r], q_start[r + 1])
     rows = torch.tensor(q_rows, dtype=torch.int32)
     qs = torch.tensor(q_start, dtype=torch.int32)
     tr = torch.tensor(tok_req, dtype=torch.int32)
+    at = torch.tensor(att, dtype=torch.int32)
     rs = torch.tensor(row_start, dtype=torch.int64)
     g = layout.groups
     kbuf = torch.empty(g, row_start[-1], layout.rank_k, dtype=torch.float32)
     vbuf = torch.empty(g, row_start[-1], layout.rank_v, dtype=torch.float32)
     head, segs, tail, keep = _common(cache, layout, block_table, seq_lens, b_v, bias_v, q.shape[1], out)
-    rc = _LIB["prefill"](q.data_ptr(), rows.data_ptr(), qs.data_ptr(), tr.data_ptr(), len(lens), len(q_rows),
-                         q.shape[1], *head[:-1], head[-1], rs.data_ptr(), *segs, float(scale), kbuf.data_ptr(),
+    rc = _LIB["prefill"](q.data_ptr(), rows.data_ptr(), qs.data_ptr(), tr.data_ptr(), at.data_ptr(), len(lens),
+                         len(att), q.shape[1], *head, rs.data_ptr(), *segs, float(scale), kbuf.data_ptr(),
                          vbuf.data_ptr(), *tail, int(threads or torch.get_num_threads()))
     if rc:
         raise MemoryError("vllm_kvc CPU latent kernel: cannot allocate its score buffer")
+    hkv, hd = layout.num_kv_heads, layout.head_dim
+    for r in long:
+        a, b, t = row_start[r], row_start[r + 1], lens[r]
+        k = torch.bmm(kbuf[:, a:b], b_k.float()).view(g, t, layout.group_size, hd)  # [G, T, gsz, hd]
+        v = torch.bmm(vbuf[:, a:b], b_v.float()).view(g, t, layout.group_size, hd)
+        k = k.permute(0, 2, 1, 3).reshape(1, hkv, t, hd)
+        v = v.permute(0, 2, 1, 3).reshape(1, hkv, t, hd)
+        if bias_v is not None:
+            v = v + bias_v.float().view(1, hkv, 1, hd)
+        tok = q_rows[q_start[r]:q_start[r + 1]]
+        qh = q_heads[tok[0]:tok[-1] + 1].float().transpose(0, 1)[None]  # [1, Hq, nq, hd]
+        nq = qh.shape[2]
+        mask = None if nq == t else torch.ones(nq, t, dtype=torch.bool).tril(t - nq)
+        o = torch.nn.functional.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=nq == t,
+                                                             scale=scale, enable_gqa=True)
+        out[tok[0]:tok[-1] + 1] = o[0].transpose(0, 1).reshape(out[tok[0]:tok[-1] + 1].shape).to(out.dtype)
 
 
 _BV: dict = {}
@@ -284,9 +316,10 @@ def _bv_heads(b_v: torch.Tensor, layout: LatentLayout, hq: int) -> torch.Tensor:
 
 
 def latent_attention(q, kv_cache, layout, block_table, seq_lens, query_start_loc, b_k, b_v, bias_k, bias_v,
-                     cos_sin_cache, scale, is_neox=True, out=None, roped_keys=True, threads=None):
+                     cos_sin_cache, scale, is_neox=True, out=None, roped_keys=True, threads=None, q_heads=None):
     """``reference.latent_attention`` for roped keys on the C kernels (see the module doc): decodes on the
-    decode kernel, prompts and chunks on the prefill kernel, each writing its tokens' outputs into ``out``."""
+    decode kernel, prompts and chunks on the prefill kernel, each writing its tokens' outputs into ``out``.
+    ``q_heads``: the roped queries before ``q B_k^T`` (long prompts then rebuild K/V for SDPA: roped_prefill)."""
     n_tok, hq = q.shape[:2]
     if out is None:
         out = torch.empty(n_tok, hq, layout.head_dim, dtype=q.dtype, device=q.device)
@@ -313,7 +346,7 @@ def latent_attention(q, kv_cache, layout, block_table, seq_lens, query_start_loc
     if rest:
         idx = torch.tensor(rest)
         roped_prefill(q, q_rows, q_start, kv_cache, layout, block_table.index_select(0, idx),
-                      seq_lens.index_select(0, idx), b_v, bias_v, scale, target, threads)
+                      seq_lens.index_select(0, idx), b_v, bias_v, scale, target, threads, q_heads, b_k)
     if target is not out:
         out.copy_(target.view(out.shape))
     return out
