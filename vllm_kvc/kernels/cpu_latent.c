@@ -173,25 +173,35 @@ static void score_row(const float *q, int64_t hpg, int64_t rk, const float *k, f
 #endif
 }
 
-/* u[h] += sum_t p[h * T + t] * v[t] over nt decoded value rows v [nt, rv], for the hpg heads. */
+/* u[h] += sum_t p[h * T + t] * v[t] over nt decoded value rows v [nt, rv], for the hpg heads: up to 8 heads'
+ * accumulators per 16 coordinates stay in registers while each value row is loaded once. */
 static void weighted_rows(const float *p, int64_t T, int64_t hpg, int64_t rv, const float *v, int64_t nt,
                           float *u) {
-    for (int64_t h = 0; h < hpg; h++) {
-        const float *ph = p + h * T;
-        float *uh = u + h * rv;
 #ifdef __AVX512F__
+    for (int64_t h0 = 0; h0 < hpg; h0 += 8) {
+        const int64_t nh = hpg - h0 < 8 ? hpg - h0 : 8;
         for (int64_t j = 0; j < rv; j += 16) {
             const __mmask16 m = tail16(rv - j);
-            __m512 acc = _mm512_maskz_loadu_ps(m, uh + j);
-            for (int64_t t = 0; t < nt; t++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(ph[t]), _mm512_maskz_loadu_ps(m, v + t * rv + j), acc);
-            _mm512_mask_storeu_ps(uh + j, m, acc);
+            __m512 acc[8];
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                if (i < nh) acc[i] = _mm512_maskz_loadu_ps(m, u + (h0 + i) * rv + j);
+            for (int64_t t = 0; t < nt; t++) {
+                const __m512 vt = _mm512_maskz_loadu_ps(m, v + t * rv + j);
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++)
+                    if (i < nh) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[(h0 + i) * T + t]), vt, acc[i]);
+            }
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                if (i < nh) _mm512_mask_storeu_ps(u + (h0 + i) * rv + j, m, acc[i]);
         }
-#else
-        for (int64_t t = 0; t < nt; t++)
-            for (int64_t j = 0; j < rv; j++) uh[j] += ph[t] * v[t * rv + j];
-#endif
     }
+#else
+    for (int64_t h = 0; h < hpg; h++)
+        for (int64_t t = 0; t < nt; t++)
+            for (int64_t j = 0; j < rv; j++) u[h * rv + j] += p[h * T + t] * v[t * rv + j];
+#endif
 }
 
 /* Softmax of each of the hpg rows p[h * T .. h * T + T - 1], in place. */
