@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
+
+from cpu_offline_load import run_child  # benchmarks/ is the script's directory (sys.path[0])
 
 CHILD = r'''
 import json, os, sys, time
@@ -47,16 +46,8 @@ def main() -> None:
     ap.add_argument("--dense-seqs", type=int, default=12)
     ap.add_argument("--seqs", type=int, default=43, help="sequences the compressed deployment fits (bench serve)")
     a = ap.parse_args()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
-    rows = []
-    for comp, seqs in ((0, a.dense_seqs), (0, a.seqs), (1, a.seqs)):
-        p = subprocess.run([sys.executable, "-c", CHILD, a.config, str(comp), str(seqs), str(a.requests)], env=env,
-                           capture_output=True, text=True)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode or not line:
-            sys.exit(p.stderr[-3000:])
-        rows.append(json.loads(line[0][7:]))
-        print(json.dumps(rows[-1]), flush=True)
+    rows = [run_child(CHILD, [a.config, comp, seqs, a.requests], "2")
+            for comp, seqs in ((0, a.dense_seqs), (0, a.seqs), (1, a.seqs))]
     print(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}))
 
 

@@ -39,19 +39,25 @@ print("RESULT " + json.dumps({"config": cfg, "compressed": comp_on, "requests": 
 '''
 
 
+def run_child(code: str, args: list, kv_space_gib: str) -> dict:
+    """One engine in a fresh interpreter (``code`` prints one ``RESULT {json}`` line): its JSON, printed too; the
+    child's stderr tail as the exit message if it fails."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=kv_space_gib)
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        sys.exit(p.stderr[-3000:])
+    print(line[0][7:], flush=True)
+    return json.loads(line[0][7:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--requests", type=int, default=320)
     a = ap.parse_args()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     for comp in (0, 1):
-        p = subprocess.run([sys.executable, "-c", CHILD, a.config, str(comp), str(a.requests)], env=env,
-                           capture_output=True, text=True)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode or not line:
-            sys.exit(p.stderr[-3000:])
-        print(line[0][7:], flush=True)
+        run_child(CHILD, [a.config, comp, a.requests], "1")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ FLOAT_LATENTS = ("bfloat16", "float16", "float32")
 INT_LATENTS = {"int8": 8, "int4": 4, "int2": 2}
 
 
-@functools.lru_cache(maxsize=1024)  # pure; called per layer and step by the layout's properties
+@functools.lru_cache(maxsize=1024)
 def latent_spec(dtype_k: str, dtype_v: str | None = None, quant_group: int = 0) -> str:
     """Canonical latent dtype spec (what ``LatentLayout.dtype`` holds): ``"bfloat16"``, ``"int8"`` (one scale per
     token, head group and K/V: the original int8 layout), ``"int4"``, ``"int8/int4"`` (K int8, V int4), and any of
@@ -88,10 +88,11 @@ def segment_part_bytes(groups: int, segs) -> tuple[int, int]:
     return sum(groups * w * b // 8 for w, b in segs), groups * len(segs)
 
 
-@functools.lru_cache(maxsize=1024)  # pure; called per layer and step by the layout's properties
+@functools.lru_cache(maxsize=1024)
 def parse_latent_spec(spec: str) -> tuple[str, str, int]:
     """``spec`` -> (K dtype, V dtype, quant_group); quant_group 0 = one scale per token, head group and K/V.
-    Transform-coded specs (``"seg:..."``) give ("seg", "seg", 0)."""
+    Transform-coded specs (``"seg:..."``) give ("seg", "seg", 0). Cached, as the byte formulas below: a layout's
+    properties read them on every attention call."""
     if spec.startswith("seg:"):
         parse_segment_spec(spec)
         return "seg", "seg", 0
@@ -104,7 +105,7 @@ def parse_latent_spec(spec: str) -> tuple[str, str, int]:
     return dk, dv, qg
 
 
-@functools.lru_cache(maxsize=1024)  # pure; called per layer and step by the layout's properties
+@functools.lru_cache(maxsize=1024)
 def latent_part_bytes(groups: int, rank: int, dtype: str, quant_group: int) -> tuple[int, int]:
     """(value bytes, scale count) of one K or V part of a row: integer values are packed 8/bits per byte over
     the part's ``groups * rank`` values (the last byte zero-padded); one fp16 scale per head group (quant_group
@@ -118,7 +119,7 @@ def latent_part_bytes(groups: int, rank: int, dtype: str, quant_group: int) -> t
     return vbytes, nscales
 
 
-@functools.lru_cache(maxsize=1024)  # pure; called per layer and step by the layout's properties
+@functools.lru_cache(maxsize=1024)
 def latent_row_bytes(groups: int, rank_k: int, rank_v: int, spec: str) -> int:
     """Bytes of one token's latent row of one layer (scales included); the single formula of layout and plan."""
     if spec.startswith("seg:"):

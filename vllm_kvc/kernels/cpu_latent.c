@@ -218,11 +218,13 @@ static void softmax_heads(float *p, int64_t hpg, int64_t T) {
     }
 }
 
+#define MAX_HD 512 /* apply_bv's buffer: head_dim up to this (cpu_latent.py MAX_HEAD_DIM, checked there) */
+
 /* The attention output of one token for the hpg heads of a group: out_h = u_h . bv[h] (+ bias[h]), bv the heads'
  * rows of B_v [hpg, rv, hd], written at dst in float32 (32), bfloat16 (16, round to nearest even) or float16 (17). */
 static void apply_bv(const float *ug, int64_t hpg, int64_t rv, int64_t hd, const float *bv, const float *bias,
                      void *dst, int out_bits) {
-    float o[512];
+    float o[MAX_HD];
     for (int64_t h = 0; h < hpg; h++) {
         for (int64_t d = 0; d < hd; d++) o[d] = bias ? bias[h * hd + d] : 0.0f;
         const float *uh = ug + h * rv, *bh = bv + h * rv * hd;
@@ -247,8 +249,6 @@ static void apply_bv(const float *ug, int64_t hpg, int64_t rv, int64_t hd, const
         }
     }
 }
-
-#define MAX_HD 512 /* apply_bv's buffer: head_dim up to this (the wrappers check) */
 
 /* The arguments both kernels share: queries q [*, Hq, rk] float32 (query heads of a group consecutive), the
  * token of each request's query in q / out given by q_rows; cache rows at
