@@ -12,6 +12,9 @@ measured bf16 matmul rate) of each. "ratio" = (rank_k + rank_v) / (2 * group_siz
 ``--formats ... --roped``: each format also in the roped-key mode (the K latent codes the key after RoPE; the
 kernel scores the latent queries ``q B_k^T`` against it: no key rebuild, no RoPE), timed in the same call next to
 the pre-RoPE kernel and dense SDPA, with its own bytes floor.
+Transform-coded rows (method tcode): ``--formats "seg:8x8+40x4+56x2/72x4+56x2|gs1,..."`` (the segment lists of
+layout.py, ``|gsN`` the head-group size, ranks from the segments) are timed with their exact first token (sink: a
+bf16 K / V row per sequence, merged in the split-KV reduce), which their bytes floor counts too.
 Needs a CUDA GPU, torch and triton; not vLLM.
 """
 from __future__ import annotations
@@ -119,6 +122,11 @@ class DecodeCase:
                                           rope_inv_freq())
         assert self.factors.inv_freq is not None
         self.qt = self.factors_roped = None
+        self.sink = None
+        if L.segmented:  # method tcode: the exact first token of every sequence
+            k0 = torch.randn(B, HKV, HD, device=DEV, generator=g).bfloat16()
+            v0 = torch.randn(B, HKV, HD, device=DEV, generator=g).bfloat16()
+            self.sink = (k0, v0, torch.ones(B, dtype=torch.bool, device=DEV))
         del ck, cv
 
     def setup_roped(self):
@@ -132,8 +140,11 @@ class DecodeCase:
     # --- costs
     def kernel_bytes(self):
         L = self.layout
+        sink = 0
+        if self.sink is not None:  # exact K / V rows, and the split partials written and read once
+            sink = self.B * HKV * HD * 2 * 2 + 2 * self.B * HQ * (max(16, 1 << (L.rank_v - 1).bit_length()) + 2) * 4
         return (self.B * self.S * L.row_bytes + 2 * self.q.numel() * 2 + (self.b_k.numel() + self.b_v.numel()) * 2
-                + self.S * HD * 2 + self.block_table.numel() * 4)
+                + self.S * HD * 2 + self.block_table.numel() * 4 + sink)
 
     def kernel_flops(self):
         L = self.layout
@@ -155,7 +166,7 @@ class DecodeCase:
     # --- paths
     def run_kernel(self, cfg: LaunchConfig | None = None):
         return tk.latent_decode(self.q, self.cache, self.layout, self.block_table, self.seq_lens, self.factors,
-                                self.scale, config=cfg)
+                                self.scale, config=cfg, sink=self.sink)
 
     def run_kernel_roped(self, cfg: LaunchConfig | None = None):
         return tk.latent_decode(self.qt, self.cache, self.layout, self.block_table, self.seq_lens, self.factors_roped,
@@ -173,6 +184,8 @@ class DecodeCase:
             cv = lat[..., L.v_offset:].unflatten(-1, (L.groups, L.rank_v))
         k = torch.einsum("bsgr,grd->bsgd", ck, self.b_k).reshape(self.B, self.S, HKV, HD)
         v = torch.einsum("bsgr,grd->bsgd", cv, self.b_v).reshape(self.B, self.S, HKV, HD)
+        if self.sink is not None:  # position 0 exact (RoPE at position 0 is the identity)
+            k[:, 0], v[:, 0] = self.sink[0], self.sink[1]
         if not rope:
             return k.transpose(1, 2), v.transpose(1, 2)
         cos = self.cs[: self.S, : HD // 2][None, :, None, :]
@@ -252,6 +265,9 @@ def _warm_job(job):
     """Compile one kernel variant in a worker process (fills Triton's disk cache for the main process)."""
     global BS
     kind, gs, rk, rv, lat, cfg, BS = job
+    if lat.startswith("seg:"):
+        gs = int(lat.partition("|gs")[2] or 1)
+        lat = lat.partition("|")[0]
     t = time.time()
     try:
         if kind == "decode":
@@ -300,12 +316,30 @@ DEFAULT_FORMATS = ("bfloat16:0.5,int8:0.5,int4@g32:0.5,int8/int4:0.5,int8/int4@g
 
 
 def parse_formats(text: str):
-    """'int4@g32:0.5,int8/int4:0.5' -> [(latent spec, ratio)] (gs = 1, rank = ratio * head_dim for K and V)."""
+    """'int4@g32:0.5,int8/int4:0.5' -> [(latent spec, ratio)] (gs = 1, rank = ratio * head_dim for K and V).
+    Transform-coded items ``seg:<K>/<V>|gsN`` keep their spec with the suffix as the first element (see
+    :func:`format_shape`) and their ratio of ranks to the head group's dims as the second."""
     out = []
     for item in text.split(","):
+        if item.startswith("seg:"):
+            spec, gs, rk, rv = format_shape(item)
+            out.append((item, (rk + rv) / (2 * gs * HD)))
+            continue
         spec, _, ratio = item.partition(":")
         out.append((spec, float(ratio or 0.5)))
     return out
+
+
+def format_shape(item: str, ratio: float = 0.5):
+    """(latent spec, group size, rank_k, rank_v) of a --formats item: 'seg:<K>/<V>|gsN' (ranks from the segments),
+    else gs 1 and ranks ratio * head_dim."""
+    if item.startswith("seg:"):
+        from vllm_kvc.plan import parse_segment_spec
+        spec, _, gs = item.partition("|gs")
+        k, v = parse_segment_spec(spec)
+        return spec, int(gs or 1), sum(w for w, _ in k), sum(w for w, _ in v)
+    r = int(round(ratio * HD))
+    return item, 1, r, r
 
 
 BOOL_FIELDS = ("tile_rotation", "lazy_max", "scale_ahead", "k_grouped")  # LaunchConfig switches (0 / 1)
@@ -328,6 +362,8 @@ def format_configs(spec: str) -> list[LaunchConfig]:
     --configs replaces these."""
     if CONFIGS:
         return [] if spec == "int8" else list(CONFIGS)
+    if spec.startswith("seg:"):  # the generic kernel (no multi-head decode kernel): splits only
+        return [LaunchConfig(num_splits=s) for s in (1, 2, 4)]
     if spec == "int8":
         return [LaunchConfig(num_splits=s) for s in (1, 2)]
     return [LaunchConfig(heads=h, num_stages=st, num_splits=s) for h in (1, 2) for st in (2, 3) for s in (1, 2)]
@@ -365,9 +401,9 @@ def run_formats(args, bw, mm, results):
         del keep, paths
         torch.cuda.empty_cache()
         print(f"B={B} S={S}: dense SDPA {dense_best:.4f} ms {dense_t} (bytes floor {dense_floor:.4f})", flush=True)
-        for spec, ratio in fmts:
-            r = int(round(ratio * HD))
-            c = DecodeCase(B, S, 1, r, r, spec)
+        for item, ratio in fmts:
+            spec, gs, r, rv = format_shape(item, ratio)
+            c = DecodeCase(B, S, gs, r, rv, spec)
             ref_out = c.run_naive()
             t0 = time.time()
             tried = try_configs(c.run_kernel, ref_out, [LaunchConfig()] + ([] if args.no_sweep
@@ -376,14 +412,14 @@ def run_formats(args, bw, mm, results):
             best = min(ok, key=lambda x: x["ms"]) if ok else None
             dflt = tried[0] if "ms" in tried[0] else None
             kb = c.kernel_bytes()
-            row = dict(B=B, S=S, spec=spec, ratio=ratio, rank=r, row_bytes=c.layout.row_bytes,
+            row = dict(B=B, S=S, spec=spec, gs=gs, ratio=ratio, rank=r, rank_v=rv, row_bytes=c.layout.row_bytes,
                        dense_row_bytes=c.layout.dense_row_bytes(), dense_ms=dense_best, dense_paths=dense_t,
                        dense_floor_ms=dense_floor, bytes=kb, bytes_floor_ms=kb / bw * 1e3,
                        flop_floor_ms=c.kernel_flops() / mm * 1e3, default=dflt, best=best, tried=tried,
                        plan=str(tk.plan_launch(c.layout, HQ, B, B, max_query_len=1, angles_ok=True,
-                                               max_ctx=S, sms=results["sms"])),
+                                               max_ctx=S, sms=results["sms"], sink=c.sink is not None)),
                        sweep_s=time.time() - t0)
-            if args.roped:
+            if args.roped and not c.layout.segmented:
                 row["roped"] = time_roped(c, spec, bw, results)
             rows.append(row)
             results["formats"] = rows
@@ -391,7 +427,7 @@ def run_formats(args, bw, mm, results):
             if best:
                 frac = row['row_bytes'] / row['dense_row_bytes']
                 dms = dflt["ms"] if dflt else float("nan")
-                print(f"  {spec:>15} r={r:3d} {row['row_bytes']:4d} B/token ({frac:.1%} of bf16): dflt {dms:.4f} ms, "
+                print(f"  {spec:>15} gs{gs} r={r:3d}/{rv:3d} {row['row_bytes']:4d} B/token ({frac:.1%} of bf16): dflt {dms:.4f} ms, "
                       f"best {best['ms']:.4f} ms "
                       f"[{cfg_text(best['cfg'])}] err {best['err']:.1e}; floor {row['bytes_floor_ms']:.4f} ms "
                       f"({row['sweep_s']:.0f}s)", flush=True)
@@ -451,11 +487,12 @@ def print_formats_table(rows):
     print("|" + "---|" * 10)
     for r in rows:
         b, d = r["best"], r["default"]
+        rank = f"{r['rank']}/{r.get('rank_v', r['rank'])}" + (f" gs{r['gs']}" if r.get("gs", 1) != 1 else "")
         if not b:
-            print(f"| {r['B']}x{r['S']} | {r['spec']} | {r['rank']} | - | failed | | | | | |")
+            print(f"| {r['B']}x{r['S']} | {r['spec']} | {rank} | - | failed | | | | | |")
             continue
         frac = r['row_bytes'] / r['dense_row_bytes']
-        print(f"| {r['B']}x{r['S']} | {r['spec']} | {r['rank']} | {r['row_bytes']} ({frac:.1%})"
+        print(f"| {r['B']}x{r['S']} | {r['spec']} | {rank} | {r['row_bytes']} ({frac:.1%})"
               f" | {d['ms'] if d else float('nan'):.4f} | {b['ms']:.4f} ({cfg_text(b['cfg'])}) | "
               f"{r['bytes_floor_ms']:.4f} | {b['ms'] / r['bytes_floor_ms']:.2f} | {r['dense_ms']:.4f} | "
               f"{r['dense_ms'] / b['ms']:.2f}x |")
@@ -707,7 +744,7 @@ def main():
           f"triton {triton.__version__}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True)
     if args.formats:
         if args.precompile:
-            jobs = [("decode", 1, int(round(ratio * HD)), int(round(ratio * HD)), spec,
+            jobs = [("decode", 1, format_shape(spec, ratio)[2], format_shape(spec, ratio)[3], spec,
                      dataclasses.replace(cfg, num_splits=ns))
                     for spec, ratio in parse_formats(args.formats)
                     for cfg in [LaunchConfig()] + ([] if args.no_sweep else format_configs(spec))
@@ -715,7 +752,7 @@ def main():
             if args.roped:
                 jobs += [("roped", 1, int(round(ratio * HD)), int(round(ratio * HD)), spec,
                           dataclasses.replace(cfg, num_splits=ns))
-                         for spec, ratio in parse_formats(args.formats)
+                         for spec, ratio in parse_formats(args.formats) if not spec.startswith("seg:")
                          for cfg in [LaunchConfig()] + list(ROPED_CONFIGS)
                          for ns in ((cfg.num_splits,) if cfg.num_splits else (1, 2))]
             precompile(jobs, args.precompile)

@@ -1142,3 +1142,214 @@ def test_gpu_roped_keys_never_reach_the_reference(monkeypatch):
     for lat, a, expect, mq in cases:
         out = tk.latent_attention(**a, max_query_len=mq, roped_keys=True)
         assert rel_err(out, expect) < TOL, lat
+
+
+# ------------------------------------------------------------------------------------------------ transform-coded rows
+# Method tcode's rows (layout.py ``seg:<K>/<V>``: per part a list of segments width x bits, one fp16 scale per
+# segment and head group) read by the generic kernel through config.segment_table, and its exact first token
+# (``sink``: position 0 attended with exact K / V, merged in the split-KV reduce). Oracle: the fp64 reference with
+# the same sink.
+
+
+def make_sink(args, on, gen):
+    """(k0, v0, on) of a case: random exact first-token keys / values per request in q's dtype, on the device."""
+    lay, R = args["layout"], args["seq_lens"].shape[0]
+    shape = (R, lay.num_kv_heads, lay.head_dim)
+    k0 = (2 * torch.randn(shape, generator=gen)).to(args["q"].dtype).to(DEV)
+    v0 = (3 * torch.randn(shape, generator=gen)).to(args["q"].dtype).to(DEV)
+    return k0, v0, torch.tensor(on, dtype=torch.bool, device=DEV)
+
+
+def ref_out_sink(args, sink) -> torch.Tensor:
+    a = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in args.items()}
+    s = None if sink is None else (sink[0].cpu().double(), sink[1].cpu().double(), sink[2].cpu())
+    out = torch.empty(a["q"].shape, dtype=torch.float64)
+    return ref.latent_attention(**a, out=out, compute_dtype=torch.float64, sink=s)
+
+
+SEG_CASES = [
+    # 3 head groups, one query per request (the direct generic kernel), split-KV (the sink merges as one more
+    # split), a dropped tail (rank 24 of 32) with 8-, 4- and 2-bit K segments; request 0 is its sink alone
+    ("seg_decode_g3_split_tail", "seg:8x8+8x4+8x2/16x4+16x2", [1, 20, 37], [1, 1, 1],
+     dict(G=3, gs=1, qpk=2, hd=32, rk=24, rv=32, bs=16), dict(max_query_len=1, num_splits=2), [True, True, False]),
+    ("seg_decode_g1_gs2_bias", "seg:16x8+32x4+16x2/24x4+16x2", [5, 40], [1, 1],
+     dict(G=1, gs=2, qpk=2, hd=32, rk=64, rv=40, bs=16, bias=True), dict(max_query_len=1), [True, True]),
+    # varlen prefill (query tiles), GPT-J RoPE (q and k0 permuted alike), bias
+    ("seg_prefill_varlen_gptj", "seg:16x8+32x4+16x2/24x4+16x2", [9, 23, 17], [9, 1, 6],
+     dict(G=1, gs=2, qpk=2, hd=32, rk=64, rv=40, bs=4, bias=True, is_neox=False), dict(), [True, False, True]),
+    ("seg_prefill_g3_partial_rot", "seg:24x4+8x2/32x2", [12, 30], [12, 5],
+     dict(G=3, gs=1, qpk=1, hd=32, rk=32, rv=32, bs=8, rot=16), dict(block_t=16), [True, True]),
+    ("seg_prefill_g3_no_sink", "seg:8x8+16x4/8x4+24x2", [12, 30], [12, 5],
+     dict(G=3, gs=1, qpk=2, hd=32, rk=24, rv=32, bs=8), dict(block_t=16), None),
+]
+if CUDA:
+    SEG_CASES += [  # Llama-3-8B shapes, segment lists of the 15% SmolLM2 config scaled to 128-dim heads
+        ("gpu_llama_seg_decode", "seg:16x8+48x4+64x2/16x8+96x4+16x2", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(max_query_len=1), [True, True, False, True]),
+        ("gpu_llama_seg_decode_split", "seg:64x4+40x2/112x4+16x2", [8192, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=104, rv=128, bs=64), dict(max_query_len=1, num_splits=3),
+         [True, True, True, True]),
+        ("gpu_llama_seg_gs2_decode", "seg:16x8+96x4+96x2/224x4+32x2", [2049, 513, 100], [1] * 3,
+         dict(G=4, gs=2, qpk=4, hd=128, rk=208, rv=256, bs=64), dict(max_query_len=1), [True, False, True]),
+        ("gpu_llama_seg_prefill_chunked", "seg:16x8+48x4+64x2/16x8+96x4+16x2", [1000, 300, 517], [1000, 1, 77],
+         dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(), [True, True, True]),
+    ]
+
+
+@pytest.mark.parametrize("name,spec,seq_lens,q_lens,case_kw,call_kw,on", SEG_CASES, ids=[c[0] for c in SEG_CASES])
+def test_triton_reads_segment_rows_with_sink(name, spec, seq_lens, q_lens, case_kw, call_kw, on):
+    """Transform-coded rows against the fp64 oracle (the same bytes, unpacked by layout.py), with the exact first
+    token where ``on`` (None: no sink): the generic kernel, never the reference."""
+    tk = kernels()
+    gen = fresh_gen()
+    args, _ = make_case(seq_lens, q_lens, lat_dtype=spec, gen=gen, **case_kw)
+    assert args["layout"].segmented
+    tk.check_supported(args["layout"])
+    sink = None if on is None else make_sink(args, on, gen)
+    expect = ref_out_sink(args, sink)
+    out = torch.full_like(args["q"], float("nan"))
+    kw, cfg = split_kw(call_kw)
+    tk.latent_attention(**args, out=out, config=cfg, sink=sink, **kw)
+    plan = plan_of(args, cfg, kw.get("max_query_len"))
+    assert plan.kernel == "generic" and plan.config.num_warps == (cfg.num_warps or 8)  # measured: 8 warps
+    err = rel_err(out, expect)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+    if sink is not None and any(on) and not CUDA:  # the sink changes the result (the test sees a dropped sink)
+        assert rel_err(ref_out_sink(args, None), expect) > 5 * TOL
+
+
+def test_triton_segment_rank_chunks():
+    """Key ranks above 128 are rebuilt in rank chunks: each chunk reads its own columns of the segment table
+    (a segment boundary inside the second chunk)."""
+    tk = kernels()
+    gen = fresh_gen()
+    args, _ = make_case([7, 19], [7, 1], G=1, gs=2, qpk=1, hd=128, rk=160, rv=40, bs=8,
+                        lat_dtype="seg:8x8+64x4+88x2/40x4", gen=gen)
+    sink = make_sink(args, [True, True], gen)
+    out = torch.full_like(args["q"], float("nan"))
+    tk.latent_attention(**args, out=out, sink=sink)
+    assert rel_err(out, ref_out_sink(args, sink)) < TOL
+
+
+def test_triton_segment_rows_long_prompts_with_sink():
+    """A long prompt rebuilt for dense SDPA keeps its exact first token (reference.rebuild_attention's sink); the
+    other request runs on the kernel with its own."""
+    tk = kernels()
+    gen = fresh_gen()
+    args, _ = make_case([40, 30], [40, 1], G=2, gs=1, qpk=2, hd=32, rk=32, rv=24, bs=8,
+                        lat_dtype="seg:8x8+24x4/8x4+16x2", gen=gen)
+    sink = make_sink(args, [True, True], gen)
+    cfg = tk.LaunchConfig(rebuild_min_queries=16, rebuild_min_work=0)
+    out = torch.full_like(args["q"], float("nan"))
+    tk.latent_attention(**args, out=out, max_query_len=40, query_start_loc_cpu=args["query_start_loc"].cpu(),
+                        config=cfg, sink=sink)
+    assert list(plan_of(args, cfg, 40, long_prompts=True).rebuilt) == [0]
+    assert rel_err(out, ref_out_sink(args, sink)) < TOL
+
+
+def test_segment_table_describes_layout_bytes():
+    """config.segment_rows read the way the kernels read it (bit address, bits, scale number, level table of every
+    coordinate of every head group) decodes random rows exactly as layout.unpack does."""
+    kernels()
+    from vllm_kvc.kernels.triton_latent.config import segment_rows
+    from vllm_kvc.layout import GAUSS_LEVELS, UNIFORM_LEVELS
+    lay = LatentLayout(3, 1, 64, 40, 48, "seg:8x8+16x4+16x2/24x4+24x2")
+    gen = fresh_gen()
+    rows = lay.pack(torch.randn(2, 3, 40, generator=gen), torch.randn(2, 3, 48, generator=gen))
+    want_k, want_v = lay.unpack(rows)
+    for tab, want in zip(segment_rows(lay), (want_k, want_v)):
+        for n in range(2):
+            row = rows[n]
+            scales = row[lay.scale_offset:].view(torch.float16).float()
+            for g in range(3):
+                for c in range(want.shape[-1]):
+                    bit = tab[0][c] + g * tab[1][c]
+                    assert tab[5][tab[4][c]] == tab[3][c]  # the slot's scale is the column's
+                    nlev, s = tab[2][c], float(scales[tab[3][c] + g])
+                    x = int(row[bit >> 3])
+                    if nlev == 256:
+                        v = (x - 256 if x > 127 else x) * s
+                    else:
+                        u = (x >> (bit & 7)) & (nlev - 1)
+                        bits = {16: 4, 4: 2}[nlev]
+                        v = float((UNIFORM_LEVELS if s < 0 else GAUSS_LEVELS)[bits][u]) * abs(s)
+                    assert v == pytest.approx(float(want[n, g, c]), rel=1e-6, abs=1e-6), (n, g, c)
+
+
+@pytest.mark.parametrize("spec,rk,rv", [("seg:8x8+24x4+32x2/16x4+32x2", 64, 48), ("seg:64x4+48x2/8x8+40x2", 112, 48),
+                                         ("seg:8x8/4x2", 8, 4)])
+def test_fused_encoder_writes_segment_rows(spec, rk, rv):
+    """write.encode_rows for ``seg:`` rows (one launch per segment): layout.pack's bytes at the given slots."""
+    tk = kernels()
+    from vllm_kvc.kernels.triton_latent.write import can_encode
+    lay = LatentLayout(4, 1, 128, rk, rv, spec)
+    assert can_encode(lay)
+    gen = fresh_gen()
+    n = 7
+    lat = (torch.randn(n, lay.width, generator=gen) * 5 * torch.rand(n, 1, generator=gen)).to(torch.bfloat16)
+    slots = torch.tensor([0, 5, 3, -1, 9, 15, 2])
+    ref_cache = torch.full((4, 4, lay.row_elems), 7, dtype=torch.uint8)
+    enc = ref_cache.to(DEV, copy=True)
+    tk.encode_rows(enc, slots.to(DEV), lay, lat.to(DEV))
+    g = lay.groups
+    rows = lay.pack(lat[:, : g * rk].reshape(n, g, rk).float(), lat[:, g * rk:].reshape(n, g, rv).float())
+    ref.write_rows(ref_cache, slots, rows)
+    assert torch.equal(enc.cpu(), ref_cache)
+
+
+def test_segment_rows_refuse_roped_keys():
+    tk = kernels()
+    args, _ = make_case([5], [1], G=1, gs=1, qpk=1, hd=32, rk=16, rv=16, bs=4, lat_dtype="seg:16x4/16x4")
+    with pytest.raises(ValueError, match="roped"):
+        tk.latent_attention(**dict(args, q=args["q"][..., :16].contiguous()), max_query_len=1, roped_keys=True)
+
+
+def _seg_step(tk, args, lat, slots, out, sink):
+    a = {k: v for k, v in args.items() if k not in ("q", "kv_cache", "layout")}
+    return tk.latent_step(args["q"], lat, args["kv_cache"], args["layout"], slots, a.pop("block_table"),
+                          a.pop("seq_lens"), a.pop("query_start_loc"), **a, out=out, max_query_len=1, sink=sink)
+
+
+@pytest.mark.parametrize("capture", [False, True] if CUDA else [False], ids=lambda c: "graph" if c else "eager")
+def test_latent_step_segment_rows_with_sink(capture):
+    """latent_step with ``seg:`` rows: the fused encoder writes this step's rows, attention reads them with the
+    sink. On GPUs the call is captured in a CUDA graph, then the query, latents, slots, lengths and the sink
+    (exact K / V and which requests have one) change in place and the replay computes the new step."""
+    tk = kernels()
+    gen = fresh_gen()
+    big = CUDA
+    seq = [700, 64, 1500, 9] if big else [40, 7, 66]
+    kw = (dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64) if big else
+          dict(G=2, gs=1, qpk=2, hd=32, rk=32, rv=32, bs=16))
+    spec = "seg:8x8+24x4+32x2/16x4+48x2" if big else "seg:8x8+16x4+8x2/16x4+16x2"
+    args, _ = make_case(seq, [1] * len(seq), lat_dtype=spec, gen=gen, **kw)
+    sink = make_sink(args, [True] * len(seq), gen)
+    lat, slots = _step_inputs(args, [s - 1 for s in seq], gen)
+    out = torch.full_like(args["q"], float("nan"))
+    if capture:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                _seg_step(tk, args, lat, slots, out, sink)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _seg_step(tk, args, lat, slots, out, sink)
+        new_seq = [699, 33, 1400, 9]
+        lat2, slots2 = _step_inputs(args, [s - 1 for s in new_seq], gen)
+        lat.copy_(lat2)
+        slots.copy_(slots2)
+        args["seq_lens"].copy_(torch.tensor(new_seq, dtype=torch.int32, device=DEV))
+        args["q"].copy_(torch.randn(args["q"].shape, generator=gen).to(args["q"].dtype).to(DEV))
+        new_sink = make_sink(args, [True, False, True, True], gen)
+        for t, n in zip(sink, new_sink):
+            t.copy_(n)
+        before = args["kv_cache"].clone()
+        graph.replay()
+        torch.cuda.synchronize()
+    else:
+        before = args["kv_cache"].clone()
+        _seg_step(tk, args, lat, slots, out, sink)
+    _check_rows_written(args, lat, slots, before)
+    assert rel_err(out, ref_out_sink(args, sink)) < TOL

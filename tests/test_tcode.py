@@ -140,10 +140,17 @@ def test_plan_bytes_ranks_and_errors():
         build_plan(_comp(k, v), SMOL, tp_size=3)
 
 
-def test_cuda_refuses_segment_rows_at_startup():
+def test_cuda_checks_segment_rows_at_startup():
+    """The Triton kernels read transform-coded rows: a GPU engine accepts tcode layouts whose tiles fit on chip,
+    and refuses (a ValueError naming the latent dtype and the sizes) those that do not, e.g. SmolLM2's head groups of
+    3 x 64 dims at ranks above 128 (next_pow2(rank_k) x group_size > 512)."""
+    pytest.importorskip("triton")
     from vllm_kvc.glue.latent import check_kernel_layout
 
-    with pytest.raises(ValueError, match="Triton kernels cannot read them"):
+    check_kernel_layout(LatentLayout(8, 1, 128, 128, 128, "seg:16x8+48x4+64x2/16x8+96x4+16x2"), "layers.0")
+    check_kernel_layout(LatentLayout(4, 2, 128, 208, 256, "seg:16x8+96x4+96x2/224x4+32x2"), "layers.1")
+    check_kernel_layout(LatentLayout(1, 3, 64, 96, 184, "seg:32x4+64x2/72x4+112x2"))
+    with pytest.raises(ValueError, match=r"seg:64x4\+96x2/72x4\+112x2.*rank_k=160"):
         check_kernel_layout(LatentLayout(1, 3, 64, 160, 184, "seg:64x4+96x2/72x4+112x2"))
 
 

@@ -14,7 +14,10 @@ key's latent ``c = RoPE(k) A_k`` (per head group), and attention scores the cach
 With ``sink`` (method ``tcode``) the first token of every sequence is also kept exact: the layer computes that
 token's K and V with the checkpoint's own projections and keeps them in bf16 in a side pool keyed by the
 sequence's first vLLM block (glue/window.py), one row per live sequence outside vLLM's paged bytes; attention
-reads position 0 from there (kernels/reference.py ``sink``).
+reads position 0 from there (kernels/reference.py ``sink``). On CUDA the pool is a ``SinkTable`` (glue/sink.py:
+block id -> page on the device): decode steps read it without host synchronisation (capturable in CUDA graphs) and
+the Triton kernels merge it in their split-KV reduce; steps in which a sequence starts write it (one host read of
+the first block ids; vLLM runs those steps eagerly, and no write is recorded while a graph is being captured).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from torch.nn import functional as F
 
 from vllm_kvc.calibrate import load_layer_factors
 from vllm_kvc.glue.attention import RowAttention
+from vllm_kvc.glue.sink import SinkTable
 from vllm_kvc.glue.window import RecentPool
 from vllm_kvc.kernels import cpu_latent, reference
 from vllm_kvc.layout import LatentLayout
@@ -57,10 +61,6 @@ def check_kernel_layout(layout: LatentLayout, where: str = "") -> None:
     Triton) is a configuration error at start-up, never a silent fallback to the plain-torch reference (which
     rebuilds every cached K/V densely each step). Raises ValueError naming the latent dtype."""
     at = f" ({where})" if where else ""
-    if layout.segmented:
-        raise ValueError(f"latent dtype {layout.dtype!r}{at}: transform-coded rows (method tcode) are read by the "
-                         "CPU reference path only; the Triton kernels cannot read them yet: use method lowrank "
-                         "on GPUs")
     ops = _triton_ops()
     if ops is None:
         raise ValueError(f"latent dtype {layout.dtype!r}{at}: attention on CUDA needs the Triton kernels "
@@ -87,7 +87,7 @@ class LatentAttention(RowAttention):
         self.roped_keys = roped_keys
         self.a_k = self.q_keys = None  # roped keys: [G, gdim, rank_k] and per query head [Hq, hd, rank_k]
         self.w_kv = self.bias_kv = None  # the checkpoint's K/V projections of this rank (sink only)
-        self.sink_pool: RecentPool | None = None
+        self.sink_pool: RecentPool | SinkTable | None = None
         # filled by kvc_finalize() once weights are loaded
         self.b_k = self.b_v = self.bias_k = self.bias_v = self.cos_sin_cache = self.inv_freq = None
         self.is_neox = True
@@ -99,9 +99,9 @@ class LatentAttention(RowAttention):
         dt, dev = w.dtype, w.device
         a_k, b_k, a_v, b_v = load_layer_factors(self.factors_path, layer.layer_idx, layer.groups)
         if self.sink:
-            if dev.type == "cuda":
-                raise ValueError(f"{getattr(self, 'layer_name', '')}: the exact first token (sink) of method tcode "
-                                 "is served by the CPU reference path only")
+            if self.roped_keys:
+                raise ValueError(f"{getattr(self, 'layer_name', '')}: compression.tcode.sink: the exact first token "
+                                 "does not combine with roped keys")
             self.w_kv = w[layer.q_size:].clone()
             if layer.qkv_proj.bias is not None:
                 self.bias_kv = layer.qkv_proj.bias.data[layer.q_size:].clone()
@@ -159,11 +159,12 @@ class LatentAttention(RowAttention):
         if self.roped_keys:  # each query head scores the cached latents directly: q B_k^T
             q = torch.einsum("nhd,hdr->nhr", q.to(self.q_keys.dtype), self.q_keys)
         if q.is_cuda:  # every layout was checked at start-up (kvc_finalize): no fallback here; capturable decode
+            sink = self._sink_step_cuda(value[:n], md, cache.shape[0]) if self.sink else None
             _triton_ops().latent_step(
                 q, lat, cache, layout, md.slot_mapping, md.block_table, md.seq_lens, md.query_start_loc, self.b_k,
                 self.b_v, self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n],
                 inv_freq=self.inv_freq, max_query_len=md.max_query_len, query_start_loc_cpu=md.query_start_loc_cpu,
-                roped_keys=self.roped_keys)
+                roped_keys=self.roped_keys, sink=sink)
             return
         g, rk, rv = layout.groups, layout.rank_k, layout.rank_v
         lat_k = lat[:, : g * rk].reshape(n, g, rk)
@@ -199,3 +200,32 @@ class LatentAttention(RowAttention):
         vals, found = pool.read(first, torch.arange(len(sls), device=first.device))
         vals = vals.float()
         return vals[:, 0], vals[:, 1], found
+
+    def _sink_step_cuda(self, exact: torch.Tensor, md, num_blocks: int):
+        """:meth:`_sink_step` on CUDA (glue/sink.py ``SinkTable``): (k0, v0, found) of every request, gathered on
+        the device; this step's position-0 tokens are stored first (not while a CUDA graph is being captured: the
+        host-side page choice would be frozen into it)."""
+        hkv, hd = self.num_kv_heads, self.head_size
+        if self.sink_pool is None:
+            self.sink_pool = SinkTable(num_blocks, (2, hkv, hd), exact.dtype, exact.device, pages=_sink_pages())
+        pool = self.sink_pool
+        R = md.block_table.shape[0]
+        first = md.block_table[:, 0]
+        if not torch.cuda.is_current_stream_capturing():
+            qsl, sls = md.query_start_loc_cpu.tolist(), md.seq_lens_cpu.tolist()
+            starts = [r for r in range(min(R, len(sls))) if qsl[r + 1] > qsl[r] and sls[r] == qsl[r + 1] - qsl[r]]
+            if starts:
+                idx = torch.tensor([qsl[r] for r in starts], device=exact.device)
+                pool.write(first, starts, exact.index_select(0, idx).view(len(starts), 2, hkv, hd))
+        vals, found = pool.read(first)
+        return vals[:, 0], vals[:, 1], found
+
+
+def _sink_pages() -> int:
+    """Pages of a layer's SinkTable: twice vLLM's max_num_seqs (every request of a step holds one), 512 without a
+    vLLM config."""
+    try:
+        from vllm.config import get_current_vllm_config
+        return 2 * int(get_current_vllm_config().scheduler_config.max_num_seqs)
+    except Exception:  # noqa: BLE001
+        return 512

@@ -98,16 +98,24 @@ def rebuild_values(cv: torch.Tensor, b_v: torch.Tensor, bias_v, layout: LatentLa
 def rebuild_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout, block_row: torch.Tensor,
                       seq_len: int, b_k: torch.Tensor, b_v: torch.Tensor, bias_k, bias_v,
                       cos_sin_cache: torch.Tensor, scale: float, is_neox: bool = True,
-                      compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      compute_dtype: torch.dtype = torch.float32, sink=None) -> torch.Tensor:
     """Causal attention of one request's queries ``q [nq, Hq, hd]`` (its last nq positions) by rebuilding its
     keys (then RoPE) and values densely, in ``compute_dtype``, and running torch's scaled_dot_product_attention in
     q's dtype (flash / memory-efficient kernels on GPUs). For long prompts this is faster than attention over the
-    latents: prefill is FLOP-bound and latents save it no FLOPs (benchmarks/RESULTS.md, GPU kernels, prefill)."""
+    latents: prefill is FLOP-bound and latents save it no FLOPs (benchmarks/RESULTS.md, GPU kernels, prefill).
+    ``sink``: None or ``(k0 [Hkv, hd], v0 [Hkv, hd], on)`` of this request: where ``on`` (a 0-d tensor, read on
+    the device), position 0's key and value are these exact ones (see :func:`latent_attention`)."""
     nq, hq, hd = q.shape
     ck, cv = layout.unpack(gather_rows(kv_cache, block_row, seq_len), compute_dtype)
+    k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox)
+    v = rebuild_values(cv, b_v, bias_v, layout)
+    if sink is not None:
+        on = sink[2].to(torch.bool)
+        k[0] = torch.where(on, sink[0].to(k.dtype), k[0])
+        v[0] = torch.where(on, sink[1].to(v.dtype), v[0])
     # [1, heads, tokens, hd]: the fused SDPA kernels take 4-D inputs only (3-D ones fall back to the math path)
-    k = rebuild_keys(ck, b_k, bias_k, layout, cos_sin_cache, is_neox).to(q.dtype).transpose(0, 1)[None]
-    v = rebuild_values(cv, b_v, bias_v, layout).to(q.dtype).transpose(0, 1)[None]
+    k = k.to(q.dtype).transpose(0, 1)[None]
+    v = v.to(q.dtype).transpose(0, 1)[None]
     if nq == seq_len:
         mask, causal = None, True
     else:  # the queries are the last nq positions (SDPA's boolean masks mark what is visible)

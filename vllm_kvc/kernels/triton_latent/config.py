@@ -68,9 +68,10 @@ def next_pow2(n: int) -> int:
 
 def heads_supported(layout: LatentLayout, hq: int) -> bool:
     """Layouts that the multi-head decode kernel serves: group size 1, ranks <= 256, float latents or packed
-    integer latents (any layout but the original int8 one, which keeps its measured path: the generic kernel)."""
-    return (layout.group_size == 1 and not layout.is_int8 and hq % layout.num_kv_heads == 0
-            and next_pow2(layout.rank_v) <= 256 and max(16, next_pow2(layout.rank_k)) <= 256)
+    integer latents (any layout but the original int8 one, which keeps its measured path: the generic kernel, and
+    the transform-coded ``seg:`` rows, which the generic kernel reads through :func:`segment_table`)."""
+    return (layout.group_size == 1 and not layout.is_int8 and not layout.segmented
+            and hq % layout.num_kv_heads == 0 and next_pow2(layout.rank_v) <= 256 and max(16, next_pow2(layout.rank_k)) <= 256)
 
 
 # ------------------------------------------------------------------------------------------------ row formats
@@ -110,6 +111,68 @@ def row_format(layout: LatentLayout) -> tuple[PartFormat, PartFormat]:
 
 
 _LUTS: dict = {}
+SEG_ROWS = 6  # rows of segment_table()
+
+
+def segment_columns(layout: LatentLayout) -> int:
+    """Columns of each part's :func:`segment_table` (the padded tile width of the wider part, at least 16)."""
+    return max(16, next_pow2(layout.rank_k), next_pow2(layout.rank_v))
+
+
+def segment_slots(layout: LatentLayout) -> int:
+    """Segment slots the kernels unroll per part: the most segments of a part (K or V)."""
+    return max(len(layout.segments_k), len(layout.segments_v))
+
+
+def segment_rows(layout: LatentLayout):
+    """The per-column description of a transform-coded (``seg:``) row, as plain lists (host side of
+    :func:`segment_table`): for the K part, then the V part, six rows of ``segment_columns`` int32 entries, column c
+    being latent coordinate c of the part (of every head group g):
+
+    - BIT0: bit address (from the row's start) of the coordinate's code in head group 0;
+    - GSTRIDE: bits from one head group's codes of the coordinate's segment to the next group's (width x bits);
+    - NLEV: 2 ** bits (256: an int8 code, value = code * scale; 16 / 4: an unsigned code, value = level(code) *
+      |scale|, the level table by the scale's sign);
+    - SIDX: number of the fp16 scale of head group 0 (segment index over K then V, times the groups; group g adds g);
+    - SEG: the coordinate's segment within the part (its slot);
+    - SLOT: entry j (j < the part's segments) = SIDX of the part's segment j (the kernels load one scale per slot).
+
+    Columns past a part's rank repeat harmless values (the kernels mask them). One description serves every segment
+    list: the kernels read no per-format constants (layout.py is the source of the bytes)."""
+    G, C = layout.groups, segment_columns(layout)
+    out = []
+    bit, sidx = 0, 0
+    for segs in (layout.segments_k, layout.segments_v):
+        rows = [[0] * C for _ in range(SEG_ROWS)]
+        c = 0
+        for j, (w, b) in enumerate(segs):
+            rows[5][j] = sidx * G
+            for i in range(w):
+                rows[0][c] = bit + i * b
+                rows[1][c] = w * b
+                rows[2][c] = 1 << b
+                rows[3][c] = sidx * G
+                rows[4][c] = j
+                c += 1
+            bit += G * w * b
+            sidx += 1
+        for j in range(c, C):  # padding: an 8-bit code at the part's first byte (read masked, never used)
+            rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j] = rows[0][0], 0, 256, rows[3][0], 0
+        out.append(rows)
+    return out
+
+
+_SEG_TABLES: dict = {}
+
+
+def segment_table(layout: LatentLayout, device) -> torch.Tensor:
+    """:func:`segment_rows` as one int32 tensor ``[2, SEG_ROWS, segment_columns]`` on ``device`` (copied once per
+    layout and device: launches stay free of host-to-device copies, and capturable in CUDA graphs)."""
+    key = (layout, str(device))
+    t = _SEG_TABLES.get(key)
+    if t is None:
+        t = _SEG_TABLES[key] = torch.tensor(segment_rows(layout), dtype=torch.int32).to(device)
+    return t
 
 
 def level_tables(device: torch.device) -> torch.Tensor:
@@ -125,8 +188,15 @@ def level_tables(device: torch.device) -> torch.Tensor:
 
 def quant_kwargs(layout: LatentLayout, kv_cache: torch.Tensor) -> dict:
     """The constexprs of the packed-integer path (QUANT) for a launch; QUANT=False for float and original int8."""
-    if not layout.quantized or layout.is_int8:
+    if not layout.quantized or layout.is_int8 or layout.segmented:
+        # (segmented rows: the generic kernel's SEG path reads segment_table(); K_SOFF / V_SOFF give the scales)
         z = dict(OFF=0, BITS=16, QG=0, SOFF=0, SPG=1, LUT=0)
+        if layout.segmented:
+            even = (kv_cache.data_ptr() % 2 == 0 and kv_cache.stride(0) % 2 == 0 and kv_cache.stride(1) % 2 == 0
+                    and layout.scale_offset % 2 == 0)
+            return dict(QUANT=True, SCALE16=even, **{f"K_{a}": b for a, b in z.items() if a != "SOFF"},
+                        **{f"V_{a}": b for a, b in z.items() if a != "SOFF"},
+                        K_SOFF=layout.scale_offset, V_SOFF=layout.scale_offset)
         return dict(QUANT=False, SCALE16=False, **{f"K_{a}": b for a, b in z.items()},
                     **{f"V_{a}": b for a, b in z.items()})
     k, v = row_format(layout)
@@ -159,7 +229,10 @@ def decode_defaults(layout: LatentLayout, hq: int | None = None, roped: bool = F
         return LaunchConfig(heads=2 if two else 1, block_t=64, num_warps=4, num_stages=3, pieces=1,
                             tile_rotation=not two, lazy_max=True, maxnreg=cap)
     small = layout.rank_k <= 32 and layout.head_dim >= 64
-    return LaunchConfig(heads=0, block_t=64, num_warps=4, num_stages=2 if small else 3, pieces=2 if small else 1,
+    # transform-coded rows: 8 warps (H200, K 80 / V 104 at 64 x 4096: 7.32 -> 3.42 ms; the segment reader's
+    # per-element state spills 1376 bytes per thread at 4 warps, 104 at 8: benchmarks/results/gpu_r7_notes.md)
+    return LaunchConfig(heads=0, block_t=64, num_warps=8 if layout.segmented else 4,
+                        num_stages=2 if small else 3, pieces=2 if small else 1,
                         tile_rotation=False, lazy_max=False, maxnreg=0)
 
 
@@ -176,10 +249,16 @@ def check_supported(layout: LatentLayout) -> None:
     (float, int8, int4, int2, mixed K/V widths, per-token or power-of-two group scales) is read; what remains are
     head dims and ranks whose tiles do not fit on chip. The vLLM glue checks this once at start-up (a layout the
     kernels cannot read is a configuration error on GPUs, not a silent fallback)."""
+    if layout.segmented:
+        for part, segs in (("K", layout.segments_k), ("V", layout.segments_v)):
+            for w, b in segs:
+                if b not in (8, 4, 2) or (w * b) % 8:
+                    raise NotImplementedError(f"latent dtype {layout.dtype!r}: {part} segment {w}x{b}: the kernels "
+                                              "read 8, 4 and 2-bit segments whose head groups start on whole bytes")
     qg = layout.quantized and layout.quant_group
     if qg and qg & (qg - 1):
         raise NotImplementedError(f"latent dtype {layout.dtype!r}: the kernels need a power-of-two quant group")
-    if layout.quantized and (layout.bits_k not in (8, 4, 2) or layout.bits_v not in (8, 4, 2)):
+    if layout.quantized and not layout.segmented and (layout.bits_k not in (8, 4, 2) or layout.bits_v not in (8, 4, 2)):
         raise NotImplementedError(f"latent dtype {layout.dtype!r}: the kernels read 8, 4 and 2-bit latents only")
     hd = layout.head_dim
     if hd & (hd - 1) or hd < 32:

@@ -190,7 +190,8 @@ def rebuild_candidates(query_lens: Sequence[int], config: LaunchConfig | None = 
 def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs: int, *,
                 max_query_len: int | None = None, config: LaunchConfig | None = None, angles_ok: bool = False,
                 max_ctx: int = 0, sms: int = 8, query_lens: Sequence[int] | None = None,
-                seq_lens: Mapping[int, int] | Sequence[int] | None = None, roped: bool = False) -> LaunchPlan:
+                seq_lens: Mapping[int, int] | Sequence[int] | None = None, roped: bool = False,
+                sink: bool = False) -> LaunchPlan:
     """The launch plan of a batch, from host-known sizes (pure; no tensors).
 
     ``max_query_len``: the batch's longest query run (None: unknown). ``angles_ok``: the factors carry inv_freq
@@ -199,7 +200,8 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
     tokens, at least of :func:`rebuild_candidates`) are given, requests with at least ``rebuild_min_queries``
     queries, ``rebuild_min_work`` (query, key) pairs and at most ``rebuild_max_tokens`` cached tokens are rebuilt
     (prefill is FLOP-bound and the latent kernel's prefill is slower, while the rebuild costs ~1 ms per request),
-    and the plan of the others follows. ``roped``: roped keys (their measured decode defaults)."""
+    and the plan of the others follows. ``roped``: roped keys (their measured decode defaults). ``sink``: an exact
+    first token joins (the generic kernel and its reduce merge it; the multi-head decode kernel does not)."""
     cfg = config or LaunchConfig()
     if query_lens is not None and seq_lens is not None and max_query_len is not None:
         rebuilt = tuple(r for r in rebuild_candidates(query_lens, cfg)
@@ -211,11 +213,11 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
                 return LaunchPlan("none", rebuilt=rebuilt)
             rest = plan_launch(layout, num_heads, sum(query_lens[r] for r in kept), len(kept),
                                max_query_len=max(query_lens[r] for r in kept), config=cfg, angles_ok=angles_ok,
-                               max_ctx=max_ctx, sms=sms, roped=roped)
+                               max_ctx=max_ctx, sms=sms, roped=roped, sink=sink)
             return replace(rest, rebuilt=rebuilt, kept=kept)
     direct = max_query_len == 1 and num_tokens == num_reqs
     decode_like = (max_query_len == 1) if max_query_len is not None else num_tokens <= 2 * num_reqs
-    use_decode = (heads_supported(layout, num_heads) and cfg.heads != 0
+    use_decode = (heads_supported(layout, num_heads) and cfg.heads != 0 and not sink
                   and (direct or (decode_like and cfg.block_q in (None, 1))))
     if direct or use_decode:  # the measured decode defaults fill what the config leaves open
         d = decode_defaults(layout, num_heads if use_decode else None, roped)
@@ -253,21 +255,23 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
         splits = default_splits(num_tokens * layout.groups, max_ctx, block_t, sms) if block_q == 1 else 1
     return LaunchPlan("generic", False, replace(
         cfg, block_q=block_q, block_t=block_t, num_splits=splits, pieces=cfg.pieces or 1,
-        num_stages=cfg.num_stages or 2, num_warps=cfg.num_warps or (4 if block_q * hg <= 16 else 8)))
+        num_stages=cfg.num_stages or 2,
+        num_warps=cfg.num_warps or (4 if block_q * hg <= 16 and not layout.segmented else 8)))
 
 
 # ------------------------------------------------------------------------------------------------ entry points
 def _run_plan(plan: LaunchPlan, q, kv_cache, f: LatentFactors, block_table, seq_lens, query_start_loc, scale, out,
-              roped: bool = False):
+              roped: bool = False, sink=None):
     """Launch the kernel of a plan (no rebuilt requests) over the whole batch."""
     cfg = plan.config
     if plan.kernel == "decode":
+        assert sink is None, "the multi-head decode kernel does not merge a sink (plan_launch(sink=True))"
         qsl = seq_lens if plan.direct else query_start_loc
         return launch_decode(q, kv_cache, f, block_table, seq_lens, qsl, plan.direct, scale, out, cfg,
                              plan.tile_rotation and not roped, roped)
     if plan.direct:
         return launch_generic(q, kv_cache, f, block_table, seq_lens, seq_lens, seq_lens, q.shape[0], 1, True,
-                              scale, out, cfg, roped)
+                              scale, out, cfg, roped, sink)
     block_q = cfg.block_q
     R = seq_lens.shape[0]
     while True:
@@ -280,7 +284,7 @@ def _run_plan(plan: LaunchPlan, q, kv_cache, f: LatentFactors, block_table, seq_
             n_grid0 = -(-q.shape[0] // block_q) + R
         try:
             return launch_generic(q, kv_cache, f, block_table, seq_lens, query_start_loc, tile_start, n_grid0,
-                                  block_q, False, scale, out, cfg, roped)
+                                  block_q, False, scale, out, cfg, roped, sink)
         except OutOfResources:  # raised when compiling, before anything runs: retry with smaller query tiles
             if block_q == 1:
                 raise
@@ -297,6 +301,9 @@ def check_roped(q: torch.Tensor, layout: LatentLayout, roped_keys: bool, factors
                              f"(q B_k^T per head, reference.head_key_views), got {tuple(q.shape)}")
         if sink is not None:
             raise ValueError("roped keys and an exact first token (sink) do not combine")
+        if layout.segmented:
+            raise ValueError(f"latent dtype {layout.dtype!r}: transform-coded rows hold pre-RoPE keys; the kernels "
+                             "do not read them as roped keys (roped_keys=False)")
     elif factors is not None and factors.roped_keys:
         raise ValueError("these factors were prepared for roped keys (no B_k): pass roped_keys=True")
 
@@ -304,19 +311,20 @@ def check_roped(q: torch.Tensor, layout: LatentLayout, roped_keys: bool, factors
 def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, factors: LatentFactors, scale: float, out: torch.Tensor | None = None,
                   *, config: LaunchConfig | None = None, max_seq_len: int | None = None,
-                  roped_keys: bool = False) -> torch.Tensor:
+                  roped_keys: bool = False, sink=None) -> torch.Tensor:
     """Decode fast entry: ``q [R, Hq, hd]`` holds exactly one query (the last token) of each of the R requests
     (roped keys: the latent queries ``[R, Hq, rank_k]``, see :func:`latent_attention`).
 
-    Without host synchronisation; ``max_seq_len`` (host int, optional) only sharpens the split-KV choice."""
+    Without host synchronisation; ``max_seq_len`` (host int, optional) only sharpens the split-KV choice.
+    ``sink``: see :func:`latent_attention`."""
     check_supported(layout)
-    check_roped(q, layout, roped_keys, factors)
+    check_roped(q, layout, roped_keys, factors, sink)
     R = q.shape[0]
     plan = plan_launch(layout, q.shape[1], R, R, max_query_len=1, config=config,
                        angles_ok=factors.inv_freq is not None and not roped_keys,
                        max_ctx=max_seq_len or block_table.shape[1] * kv_cache.shape[1], sms=num_sms(q.device),
-                       roped=roped_keys)
-    return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, None, scale, out, roped_keys)
+                       roped=roped_keys, sink=sink is not None)
+    return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, None, scale, out, roped_keys, sink)
 
 
 def rebuild_roped_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout, block_row: torch.Tensor,
@@ -361,7 +369,7 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
                      out: torch.Tensor | None = None, *, max_query_len: int | None = None,
                      query_start_loc_cpu: torch.Tensor | None = None, inv_freq: torch.Tensor | None = None,
                      config: LaunchConfig | None = None, factors: LatentFactors | None = None,
-                     roped_keys: bool = False) -> torch.Tensor:
+                     roped_keys: bool = False, sink=None) -> torch.Tensor:
     """Varlen causal attention over latent paged KV; same arguments and result as the reference
     (:func:`vllm_kvc.kernels.reference.latent_attention`, whose docstring gives the conventions).
 
@@ -375,9 +383,13 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     requests are read on the host to decide which are rebuilt (:func:`plan_launch`). Factors are rearranged
     once and cached per (tensor, version). ``inv_freq`` (optional, the rotary embedding's fp32 inverse
     frequencies) lets the decode kernel compute cos / sin itself where it reproduces ``cos_sin_cache``
-    (:func:`angles_match`). ``config``: launch options (None: the measured defaults)."""
+    (:func:`angles_match`). ``config``: launch options (None: the measured defaults).
+
+    ``sink``: None, or ``(k0 [R, Hkv, hd], v0 [R, Hkv, hd], on [R])`` device tensors as the reference takes them
+    (method tcode's exact first token): where ``on``, position 0 is attended with these exact keys and values
+    instead of its latent row; merged in the split-KV reduce (no host synchronisation, capturable)."""
     check_supported(layout)
-    check_roped(q, layout, roped_keys, factors)
+    check_roped(q, layout, roped_keys, factors, sink)
     R = seq_lens.shape[0]
     cfg = config or LaunchConfig()
     if factors is None:
@@ -392,10 +404,10 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     plan = plan_launch(layout, q.shape[1], q.shape[0], R, max_query_len=max_query_len, config=cfg,
                        angles_ok=factors.inv_freq is not None and not roped_keys,
                        max_ctx=block_table.shape[1] * kv_cache.shape[1], sms=num_sms(q.device),
-                       query_lens=query_lens, seq_lens=lens, roped=roped_keys)
+                       query_lens=query_lens, seq_lens=lens, roped=roped_keys, sink=sink is not None)
     if not plan.rebuilt:
         return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, query_start_loc, scale, out,
-                         roped_keys)
+                         roped_keys, sink)
     if out is None:
         shape = (q.shape[0], q.shape[1], layout.head_dim) if roped_keys else q.shape
         out = torch.empty(shape, dtype=q.dtype, device=q.device)
@@ -406,13 +418,13 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
         else:
             out[qsl[r]:qsl[r + 1]] = reference.rebuild_attention(
                 q[qsl[r]:qsl[r + 1]], kv_cache, layout, block_table[r], lens[r], b_k, b_v, bias_k, bias_v,
-                cos_sin_cache, scale, is_neox)
+                cos_sin_cache, scale, is_neox, sink=None if sink is None else tuple(t[r] for t in sink))
     if plan.kept:  # the others (decodes, short chunks) as one batch through the kernels
         rows = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in plan.kept]).to(q.device)
         idx = torch.tensor(plan.kept, device=q.device)
         sub_qsl = torch.tensor([0] + [query_lens[r] for r in plan.kept]).cumsum(0).to(q.device, query_start_loc.dtype)
         out[rows] = _run_plan(plan, q[rows], kv_cache, factors, block_table[idx], seq_lens[idx], sub_qsl, scale,
-                              None, roped_keys)
+                              None, roped_keys, None if sink is None else tuple(t[idx] for t in sink))
     return out
 
 
@@ -422,7 +434,7 @@ def latent_step(q: torch.Tensor, lat: torch.Tensor, kv_cache: torch.Tensor, layo
                 cos_sin_cache: torch.Tensor, scale: float, is_neox: bool = True, out: torch.Tensor | None = None, *,
                 max_query_len: int | None = None, query_start_loc_cpu: torch.Tensor | None = None,
                 inv_freq: torch.Tensor | None = None, config: LaunchConfig | None = None,
-                roped_keys: bool = False) -> torch.Tensor:
+                roped_keys: bool = False, sink=None) -> torch.Tensor:
     """One call of the latent backend on CUDA (what ``LatentAttention.kvc_attend`` runs): this step's latent rows
     ``lat [N, width]`` (K latents of every group, then V latents) are encoded into cache rows (layout.py) and
     written at ``slot_mapping`` (padding slots < 0 skipped; packed integer rows by the fused encoder,
@@ -430,7 +442,8 @@ def latent_step(q: torch.Tensor, lat: torch.Tensor, kv_cache: torch.Tensor, layo
 
     Decode batches (``max_query_len == 1``) read nothing on the host and allocate only from the caching
     allocator, so vLLM can capture them in CUDA graphs (the backend declares ``UNIFORM_SINGLE_TOKEN_DECODE``).
-    ``roped_keys``: see :func:`latent_attention` (``q`` holds the latent queries; the rows are written alike)."""
+    ``roped_keys``, ``sink``: see :func:`latent_attention` (``q`` holds the latent queries; the rows are written
+    alike)."""
     n = lat.shape[0]
     if can_encode(layout):  # packed integer rows: one fused encoder kernel per K / V part
         encode_rows(kv_cache, slot_mapping[:n], layout, lat)
@@ -442,4 +455,4 @@ def latent_step(q: torch.Tensor, lat: torch.Tensor, kv_cache: torch.Tensor, layo
     return latent_attention(q, kv_cache, layout, block_table, seq_lens, query_start_loc, b_k, b_v, bias_k, bias_v,
                             cos_sin_cache, scale, is_neox, out=out, max_query_len=max_query_len,
                             query_start_loc_cpu=query_start_loc_cpu, inv_freq=inv_freq, config=config,
-                            roped_keys=roped_keys)
+                            roped_keys=roped_keys, sink=sink)

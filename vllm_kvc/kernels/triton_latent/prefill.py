@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .config import level_tables, next_pow2, quant_kwargs
-from .tiles import (find_request, load_dequant, load_scale, load_tile, phase_tiles, row_offsets, tile_blocks,
-                    tile_rows)
+from .config import level_tables, next_pow2, quant_kwargs, segment_columns, segment_slots, segment_table
+from .tiles import (find_request, load_dequant, load_scale, load_segments, load_tile, phase_tiles, row_offsets,
+                    tile_blocks, tile_rows)
 
 LOG2E = 1.4426950408889634
 RANK_CHUNK = 128  # key latents per rebuild dot (larger ranks take several)
@@ -33,8 +33,11 @@ RANK_CHUNK = 128  # key latents per rebuild dot (larger ranks take several)
 @triton.jit
 def _bv_epilogue(u, g, tok, head, kvj, row_ok, bv_ptr, biasv_ptr, out_ptr, stride_ot, stride_oh,
                  GS: tl.constexpr, HD: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
-                 DCH: tl.constexpr, HAS_BV: tl.constexpr):
-    """out[tok, head, :] = u @ B_v[g, :, kv head slice] (+ bias_v); u [M_P, RV_P] in the factor dtype."""
+                 DCH: tl.constexpr, HAS_BV: tl.constexpr, SINK: tl.constexpr = False, w0=None, v0_base=None):
+    """out[tok, head, :] = u @ B_v[g, :, kv head slice] (+ bias_v); u [M_P, RV_P] in the factor dtype.
+    SINK: plus ``w0 [M_P]`` (each row's softmax weight of the exact first token) times (v0 - bias_v), v0 the exact
+    value of the row's KV head at ``v0_base + j * HD`` (KV head j of the group): the bias joins B_v once per unit of
+    latent weight, so the sink's share of it is replaced by its own value."""
     cv = tl.arange(0, RV_P)
     dd = tl.arange(0, DCH)
     out_row = out_ptr + tok.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
@@ -45,7 +48,13 @@ def _bv_epilogue(u, g, tok, head, kvj, row_ok, bv_ptr, biasv_ptr, out_ptr, strid
                           mask=(cv < RV)[:, None], other=0.0)
             o = tl.dot(u, bvt)
             if HAS_BV:
-                o += tl.load(biasv_ptr + (g * GS + j) * HD + dc * DCH + dd)[None, :]
+                bvb = tl.load(biasv_ptr + (g * GS + j) * HD + dc * DCH + dd)
+                o += bvb[None, :]
+            if SINK:
+                v0 = tl.load(v0_base + j * HD + dc * DCH + dd).to(tl.float32)
+                if HAS_BV:
+                    v0 = v0 - bvb
+                o += w0[:, None] * v0[None, :]
             tl.store(out_row[:, None] + dc * DCH + dd[None, :], o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
@@ -60,7 +69,7 @@ def _latent_attn_fwd(
     bv_ptr, biasv_ptr,
     out_ptr, stride_ot, stride_oh,
     pm_ptr, pl_ptr, pacc_ptr,
-    qk_scale, num_splits, lut_ptr,
+    qk_scale, num_splits, lut_ptr, seg_ptr, sink_on_ptr,
     G: tl.constexpr, GS: tl.constexpr, QPK: tl.constexpr, HD: tl.constexpr,
     RK: tl.constexpr, RV: tl.constexpr, RCH: tl.constexpr, RV_P: tl.constexpr, WIDTH: tl.constexpr,
     BS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, M_P: tl.constexpr,
@@ -71,7 +80,8 @@ def _latent_attn_fwd(
     K_OFF: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_SOFF: tl.constexpr, K_SPG: tl.constexpr,
     K_LUT: tl.constexpr,
     V_OFF: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_SOFF: tl.constexpr, V_SPG: tl.constexpr,
-    V_LUT: tl.constexpr, ROPED: tl.constexpr = False,
+    V_LUT: tl.constexpr, ROPED: tl.constexpr = False, SEG: tl.constexpr = False, SEG_C: tl.constexpr = 16,
+    SEG_N: tl.constexpr = 1, SINK: tl.constexpr = False,
 ):
     """One program: (query tile, head group, KV split). Keys are rebuilt per KV tile by a dot in interleaved
     column order (x1_0, x2_0, x1_1, ...): ``bk_ptr`` holds B_k as [G, gs, rank_k, hd] in that order, so RoPE's
@@ -83,7 +93,13 @@ def _latent_attn_fwd(
 
     ROPED (roped keys, see reference.latent_attention): q holds each head's latent query ``[.., Hq, RK]``; the
     group's K latent tile (dequantized; int8: its per-token scales multiply the scores' rows) is dotted with the
-    latent queries of all rows of the group, in rank chunks of RCH: no B_k, no RoPE, no cos / sin (NH ignored)."""
+    latent queries of all rows of the group, in rank chunks of RCH: no B_k, no RoPE, no cos / sin (NH ignored).
+
+    SEG (with QUANT; pre-RoPE keys): transform-coded rows, each K / V tile read by :func:`~.tiles.load_segments`
+    through the layout's ``config.segment_table`` at ``seg_ptr`` (K rows, then V rows; SEG_C columns each; SEG_N
+    segment slots per part).
+    SINK: the request's position 0 is left out of the tiles where ``sink_on_ptr[r]`` is set; its exact key and
+    value join in :func:`_latent_reduce` like one more KV split (the launcher always writes split partials then)."""
     HALF: tl.constexpr = HD // 2
     HG: tl.constexpr = GS * QPK
     NRC: tl.constexpr = (RK + RCH - 1) // RCH
@@ -136,6 +152,8 @@ def _latent_attn_fwd(
     cv = tl.arange(0, RV_P)
     tt = tl.arange(0, BLOCK_T)
     bt_row = bt_ptr + r.to(tl.int64) * stride_bt
+    if SINK:
+        sink_on = tl.load(sink_on_ptr + r) != 0
 
     # loop invariants (named per piece: Triton has no lists of tensors)
     if ROPED:
@@ -178,7 +196,10 @@ def _latent_attn_fwd(
                 sv_nxt = load_scale(cache_ptr, ro_nxt, G + g, t + BLOCK_T < hi_t, WIDTH)
             t_ok, row_off = tile_rows(blk, t0, tt, t_stop, stride_cb, stride_cs, phase == 1, OFF64, BS, BLOCK_T)
             if NRC == 1:  # the key latents of this tile, shared by all pieces and heads of the group
-                if QUANT:
+                if SEG:
+                    ck1 = load_segments(cache_ptr, row_off, t_ok, seg_ptr, g, 0, K_SOFF, SEG_C, RCH, RK, SEG_N,
+                                        SCALE16, phase == 1, BLOCK_T).to(DT)
+                elif QUANT:
                     ck1 = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RK, RK, g * K_SPG, K_SPG, 1, RCH, RK,
                                        K_OFF, K_BITS, K_QG, K_SOFF, K_LUT, SCALE16, phase == 1,
                                        BLOCK_T).to(DT)
@@ -214,6 +235,10 @@ def _latent_attn_fwd(
                         for c in tl.static_range(NRC):
                             if NRC == 1:
                                 ck = ck1
+                            elif SEG:  # chunk c: coordinates c*RCH .. of the group
+                                ck = load_segments(cache_ptr, row_off, t_ok, seg_ptr, g, c * RCH, K_SOFF, SEG_C, RCH,
+                                                   (RK - c * RCH) if (RK - c * RCH) < RCH else RCH, SEG_N,
+                                                   SCALE16, True, BLOCK_T).to(DT)
                             elif QUANT:  # chunk c: values c*RCH .. of the group (scales from that value on)
                                 ck = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RK + c * RCH, RK,
                                                   g * K_SPG + (0 if K_QG == 0 else (c * RCH) // K_QG), K_SPG, 1, RCH,
@@ -263,7 +288,10 @@ def _latent_attn_fwd(
                         s = tl.dot(r2, q2t, s)
 
             s = s * qk_scale
-            if QUANT:
+            if SEG:
+                vv = load_segments(cache_ptr, row_off, t_ok, seg_ptr + 6 * SEG_C, g, 0, V_SOFF, SEG_C, RV_P, RV, SEG_N,
+                                   SCALE16, phase == 1, BLOCK_T).to(DT)
+            elif QUANT:
                 vv = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RV, RV, g * V_SPG, V_SPG, 1, RV_P, RV,
                                   V_OFF, V_BITS, V_QG, V_SOFF, V_LUT, SCALE16, phase == 1, BLOCK_T).to(DT)
             else:
@@ -272,6 +300,8 @@ def _latent_attn_fwd(
             if phase == 1:
                 valid = row_ok[None, :] & (t[:, None] <= row_pos[None, :]) & t_ok[:, None]
                 s = tl.where(valid, s, float("-inf"))
+            if SINK:  # the exact first token joins in the reduce
+                s = tl.where(((t == 0) & sink_on)[:, None], float("-inf"), s)
             m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[None, :])
@@ -295,14 +325,20 @@ def _latent_attn_fwd(
                      GS, HD, RV, RV_P, DCH, HAS_BV)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "num_reqs"])
 def _latent_reduce(
     pm_ptr, pl_ptr, pacc_ptr, bv_ptr, biasv_ptr, out_ptr, stride_ot, stride_oh, num_splits,
+    q_ptr, stride_qt, stride_qh, k0_ptr, v0_ptr, on_ptr, qsl_ptr, num_reqs, qk_scale,
     G: tl.constexpr, GS: tl.constexpr, QPK: tl.constexpr, HD: tl.constexpr,
     RV: tl.constexpr, RV_P: tl.constexpr, M_P: tl.constexpr, DCH: tl.constexpr,
-    HAS_BV: tl.constexpr,
+    HAS_BV: tl.constexpr, SINK: tl.constexpr = False, DIRECT: tl.constexpr = False,
 ):
-    """Combine the split-KV partials of one (token, group) and apply B_v once."""
+    """Combine the split-KV partials of one (token, group) and apply B_v once.
+
+    SINK: the exact first token of the token's request (``on_ptr[r]`` set; r = the token if DIRECT, else found in
+    ``qsl_ptr``) joins as one more split: its score ``q . k0`` (``k0_ptr [R, G * GS, HD]``, q in the factors'
+    head-dim order; position 0 rotates by nothing) and weight enter the softmax, and its exact value
+    (``v0_ptr [R, G * GS, HD]``) is added in the epilogue (:func:`_bv_epilogue`). Nothing is read on the host."""
     HG: tl.constexpr = GS * QPK
     tok = tl.program_id(0)
     g = tl.program_id(1)
@@ -316,6 +352,19 @@ def _latent_reduce(
     m_max = tl.full([M_P], -1.0e30, tl.float32)
     for s in range(num_splits):
         m_max = tl.maximum(m_max, tl.load(pm_ptr + base + s, mask=row_ok, other=-1.0e30))
+    if SINK:
+        if DIRECT:
+            r = tok
+        else:
+            r = find_request(qsl_ptr, num_reqs, tok)
+        on = tl.load(on_ptr + r) != 0
+        dd = tl.arange(0, HD)
+        qv = tl.load(q_ptr + tok.to(tl.int64) * stride_qt + head.to(tl.int64)[:, None] * stride_qh + dd[None, :],
+                     mask=row_ok[:, None], other=0.0).to(tl.float32)
+        k0 = tl.load(k0_ptr + (r.to(tl.int64) * (G * GS) + g * GS + kvj)[:, None] * HD + dd[None, :],
+                     mask=row_ok[:, None], other=0.0).to(tl.float32)
+        s0 = tl.where(on & row_ok, tl.sum(qv * k0, 1) * qk_scale, float("-inf"))
+        m_max = tl.maximum(m_max, s0)
     l_sum = tl.zeros([M_P], tl.float32)
     acc = tl.zeros([M_P, RV_P], tl.float32)
     for s in range(num_splits):
@@ -323,10 +372,17 @@ def _latent_reduce(
         l_sum += w * tl.load(pl_ptr + base + s, mask=row_ok, other=0.0)
         acc += w[:, None] * tl.load(pacc_ptr + (base + s)[:, None] * RV_P + cv[None, :], mask=row_ok[:, None],
                                     other=0.0)
+    if SINK:
+        p0 = tl.exp2(s0 - m_max)
+        l_sum += p0
     l_sum = tl.where(l_sum > 0, l_sum, 1.0)
     u = (acc / l_sum[:, None]).to(DT)
-    _bv_epilogue(u, g, tok + rows * 0, head, kvj, row_ok, bv_ptr, biasv_ptr, out_ptr, stride_ot, stride_oh,
-                 GS, HD, RV, RV_P, DCH, HAS_BV)
+    if SINK:
+        _bv_epilogue(u, g, tok + rows * 0, head, kvj, row_ok, bv_ptr, biasv_ptr, out_ptr, stride_ot, stride_oh,
+                     GS, HD, RV, RV_P, DCH, HAS_BV, True, p0 / l_sum, v0_ptr + (r.to(tl.int64) * G + g) * GS * HD)
+    else:
+        _bv_epilogue(u, g, tok + rows * 0, head, kvj, row_ok, bv_ptr, biasv_ptr, out_ptr, stride_ot, stride_oh,
+                     GS, HD, RV, RV_P, DCH, HAS_BV)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -346,9 +402,10 @@ def prepare_io(q, kv_cache, f, out, roped: bool = False):
     return q, out
 
 
-def split_partials(q, num_splits: int, rv_p: int, dummy):
-    """Split-KV partials (running max, denominator, latent accumulator per split), or placeholders."""
-    if num_splits == 1:
+def split_partials(q, num_splits: int, rv_p: int, dummy, force: bool = False):
+    """Split-KV partials (running max, denominator, latent accumulator per split), or placeholders (one split,
+    unless ``force``: a sink joins in the reduce)."""
+    if num_splits == 1 and not force:
         return dummy, dummy, dummy
     pm = torch.empty(q.shape[0], q.shape[1], num_splits, dtype=torch.float32, device=q.device)
     pacc = torch.empty(q.shape[0], q.shape[1], num_splits, rv_p, dtype=torch.float32, device=q.device)
@@ -360,9 +417,14 @@ def needs_off64(kv_cache) -> bool:
     return kv_cache.shape[0] * kv_cache.stride(0) >= 2 ** 31
 
 
-def launch_reduce(pm, pl, pacc, f, out, num_splits: int, gs: int, qpk: int, dummy):
-    """Combine the split-KV partials of every (token, group) and apply B_v (both kernels' partials)."""
+def launch_reduce(pm, pl, pacc, f, out, num_splits: int, gs: int, qpk: int, dummy, sink=None):
+    """Combine the split-KV partials of every (token, group) and apply B_v (both kernels' partials). ``sink``:
+    None or ``(q, k0, v0, on, qsl, direct, qk_scale)`` as :func:`_latent_reduce` reads them (the generic kernel's)."""
     layout = f.layout
+    if sink is None:
+        sq, k0, v0, on, qsl, direct, qks = out, dummy, dummy, dummy, dummy, False, 0.0
+    else:
+        sq, k0, v0, on, qsl, direct, qks = sink
     hd = out.shape[-1]
     rv_p = max(16, next_pow2(layout.rank_v))
     dch = hd
@@ -370,15 +432,19 @@ def launch_reduce(pm, pl, pacc, f, out, num_splits: int, gs: int, qpk: int, dumm
         dch //= 2
     _latent_reduce[(out.shape[0], layout.groups)](
         pm, pl, pacc, f.bv, f.bias_v if f.bias_v is not None else dummy, out, out.stride(0), out.stride(1),
-        num_splits, G=layout.groups, GS=gs, QPK=qpk, HD=hd, RV=layout.rank_v, RV_P=rv_p,
+        num_splits, sq, sq.stride(0), sq.stride(1), k0, v0, on, qsl, qsl.shape[0] - 1, qks, G=layout.groups, GS=gs, QPK=qpk, HD=hd, RV=layout.rank_v, RV_P=rv_p,
         M_P=max(16, next_pow2(gs * qpk)), DCH=dch, HAS_BV=f.bias_v is not None, num_warps=4,
+        **({"SINK": True, "DIRECT": bool(direct)} if sink is not None else {}),
     )
 
 
 def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_grid0: int, block_q: int,
-                   direct: bool, scale: float, out, cfg, roped: bool = False):
+                   direct: bool, scale: float, out, cfg, roped: bool = False, sink=None):
     """Launch :func:`_latent_attn_fwd` (and the reduce for split-KV) with the resolved config ``cfg``.
-    ``roped``: roped keys (``q`` holds the latent queries ``[n, Hq, rank_k]``; no B_k, RoPE or cos / sin)."""
+    ``roped``: roped keys (``q`` holds the latent queries ``[n, Hq, rank_k]``; no B_k, RoPE or cos / sin).
+    ``sink``: None or ``(k0 [R, Hkv, hd], v0 [R, Hkv, hd], on [R])`` on the device (the exact first token of each
+    request where ``on``; see reference.latent_attention): then the partials always go through the reduce, which
+    merges it (no host synchronisation)."""
     layout = f.layout
     n_tok, hq = q.shape[:2]
     hd = layout.head_dim
@@ -400,9 +466,20 @@ def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_gri
         stride_cos, bias1, bias2, pieces = 0, None, None, 1
     else:
         dummy, bk, cos, sin, stride_cos, bias1, bias2 = f.bk, f.bk, f.cos, f.sin, f.cos.stride(0), f.bias1, f.bias2
-    pm, pl, pacc = split_partials(q, cfg.num_splits, rv_p, dummy)
+    pm, pl, pacc = split_partials(q, cfg.num_splits, rv_p, dummy, force=sink is not None)
     qkw = quant_kwargs(layout, kv_cache)
     lut = level_tables(q.device) if qkw["QUANT"] else dummy
+    seg = segment_table(layout, q.device) if layout.segmented else dummy
+    extra = (dict(SEG=True, SEG_C=segment_columns(layout), SEG_N=segment_slots(layout)) if layout.segmented
+             else {})
+    on = dummy
+    if sink is not None:
+        k0, v0, on = sink
+        if f.perm is not None:  # the exact keys in q's head-dim order
+            k0 = k0.index_select(-1, f.perm)
+        k0, v0 = k0.contiguous(), v0.contiguous()
+        on = on.to(torch.int32)
+        extra["SINK"] = True
     num_stages = cfg.num_stages
     while True:  # packed integer tiles need more shared memory: fewer stages where they do not fit
         try:
@@ -416,22 +493,23 @@ def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_gri
                 f.bv, f.bias_v if f.bias_v is not None else dummy,
                 out, out.stride(0), out.stride(1),
                 pm, pl, pacc,
-                float(scale) * LOG2E, cfg.num_splits, lut,
+                float(scale) * LOG2E, cfg.num_splits, lut, seg, on,
                 G=G, GS=gs, QPK=qpk, HD=hd, RK=layout.rank_k, RV=layout.rank_v, RCH=min(rk_p, RANK_CHUNK),
                 RV_P=rv_p,
                 WIDTH=layout.width, BS=kv_cache.shape[1], BLOCK_T=cfg.block_t, BLOCK_Q=block_q,
-                M_P=max(16, next_pow2(block_q * gs * qpk)), SPLIT=cfg.num_splits > 1, DCH=dch,
+                M_P=max(16, next_pow2(block_q * gs * qpk)), SPLIT=cfg.num_splits > 1 or sink is not None, DCH=dch,
                 INT8=layout.is_int8,
                 HAS_BK=bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct,
                 OFF64=needs_off64(kv_cache),
                 NH=pieces, num_warps=cfg.num_warps, num_stages=num_stages, **qkw,
-                **({"ROPED": True} if roped else {}),
+                **({"ROPED": True} if roped else {}), **extra,
             )
             break
         except OutOfResources:  # raised when compiling, before anything runs
             if not qkw["QUANT"] or num_stages <= 1:
                 raise
             num_stages -= 1
-    if cfg.num_splits > 1:
-        launch_reduce(pm, pl, pacc, f, out, cfg.num_splits, gs, qpk, dummy)
+    if cfg.num_splits > 1 or sink is not None:
+        launch_reduce(pm, pl, pacc, f, out, cfg.num_splits, gs, qpk, dummy,
+                      None if sink is None else (q, k0, v0, on, qsl, direct, float(scale) * LOG2E))
     return out

@@ -68,13 +68,13 @@ def _round_half_even(x):
 
 @triton.jit
 def _phase(lat_row, k, c, p, R: tl.constexpr, QGE: tl.constexpr, NSC: tl.constexpr, NK: tl.constexpr,
-           PER: tl.constexpr):
+           PER: tl.constexpr, LR: tl.constexpr):
     """Values ``i = j * QGE + c * PER + p`` of scale group ``k = g * NSC + j`` (0 beyond the rank: the torch encoder
-    pads each group with zeros), and which of them belong to a group."""
+    pads each group with zeros), and which of them belong to a group. Head group g's values start at ``g * LR``."""
     g = k // NSC
     i = (k % NSC)[:, None] * QGE + c[None, :] * PER + p
     in_group = (k < NK)[:, None] & (c[None, :] * PER + p < QGE)
-    x = tl.load(lat_row + g[:, None] * R + i, mask=in_group & (i < R), other=0.0).to(tl.float32)
+    x = tl.load(lat_row + g[:, None] * LR + i, mask=in_group & (i < R), other=0.0).to(tl.float32)
     return x, in_group
 
 
@@ -91,14 +91,16 @@ def _encode_part(lat_ptr, stride_l, slot_ptr, cache_ptr, stride_cb, stride_cs, t
                  XOFF: tl.constexpr, G: tl.constexpr, R: tl.constexpr, QGE: tl.constexpr, NSC: tl.constexpr,
                  ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr, SOFF: tl.constexpr,
                  BS: tl.constexpr, NG: tl.constexpr, NU: tl.constexpr, L: tl.constexpr, GL: tl.constexpr,
-                 UL: tl.constexpr, FG: tl.constexpr, FU: tl.constexpr):
+                 UL: tl.constexpr, FG: tl.constexpr, FU: tl.constexpr, LR: tl.constexpr):
     """layout.pack of one K or V part of one token's latents, written at its slot (padding slots skipped).
 
     Scale groups of QGE values are tile rows ``k = g * NSC + j``; the PER = 8 / BITS values that share a byte are
     loaded as PER phase tiles (value ``c * PER + p`` of the group in column c of phase p), so the codes of a byte
     meet in one column without reshapes. 8 bits: symmetric absmax int8. 4 / 2 bits: the torch encoder's search:
     scales ``fp16(absmax * f)`` for the Gauss factors, then the uniform ones (sign -1), nearest levels, the least
-    squared error over the group (strictly less: the first wins ties), all in fp32 with IEEE division."""
+    squared error over the group (strictly less: the first wins ties), all in fp32 with IEEE division.
+    LR: values per head group in ``lat`` (R for a whole part; the part's rank for one segment of a ``seg:`` row, its
+    R values from XOFF on in each group)."""
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot < 0:
@@ -109,14 +111,14 @@ def _encode_part(lat_ptr, stride_l, slot_ptr, cache_ptr, stride_cb, stride_cs, t
     PER: tl.constexpr = 8 // BITS
     k = tl.arange(0, ROWS)
     c = tl.arange(0, COLS)
-    x0, in0 = _phase(lat_row, k, c, 0, R, QGE, NSC, NK, PER)
+    x0, in0 = _phase(lat_row, k, c, 0, R, QGE, NSC, NK, PER, LR)
     amax = tl.max(tl.abs(x0), 1)
     if PER >= 2:
-        x1, in1 = _phase(lat_row, k, c, 1, R, QGE, NSC, NK, PER)
+        x1, in1 = _phase(lat_row, k, c, 1, R, QGE, NSC, NK, PER, LR)
         amax = tl.maximum(amax, tl.max(tl.abs(x1), 1))
     if PER == 4:
-        x2, in2 = _phase(lat_row, k, c, 2, R, QGE, NSC, NK, PER)
-        x3, in3 = _phase(lat_row, k, c, 3, R, QGE, NSC, NK, PER)
+        x2, in2 = _phase(lat_row, k, c, 2, R, QGE, NSC, NK, PER, LR)
+        x3, in3 = _phase(lat_row, k, c, 3, R, QGE, NSC, NK, PER, LR)
         amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(x2), 1), tl.max(tl.abs(x3), 1)))
     g = k // NSC
     i0 = (k % NSC)[:, None] * QGE + c[None, :] * PER  # first value of each byte
@@ -204,9 +206,12 @@ def _encoder_table(bits: int, device) -> tuple[torch.Tensor, dict]:
 @functools.lru_cache(maxsize=1024)
 def can_encode(layout) -> bool:
     """Packed integer layouts (not the original int8 one) whose every head group and scale group starts on a
-    whole byte: :func:`encode_rows` writes them; others go through layout.pack and :func:`write_rows`."""
+    whole byte (transform-coded ``seg:`` rows: every segment, see config.check_supported): :func:`encode_rows` writes
+    them; others go through layout.pack and :func:`write_rows`."""
     if not layout.quantized or layout.is_int8:
         return False
+    if layout.segmented:
+        return all(w * b % 8 == 0 for w, b in layout.segments_k + layout.segments_v)
     qg = layout.quant_group
     return all(r * b % 8 == 0 and (not qg or qg * b % 8 == 0)
                for r, b in ((layout.rank_k, layout.bits_k), (layout.rank_v, layout.bits_v)))
@@ -223,10 +228,21 @@ def encode_rows(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, layout, lat:
         lat = lat.contiguous()
     G, qg = layout.groups, layout.quant_group
     soff = layout.scale_offset
-    parts = ((0, layout.rank_k, layout.bits_k, 0, soff),
-             (G * layout.rank_k, layout.rank_v, layout.bits_v, layout.k_bytes,
-              soff + 2 * G * layout.scales_per_group_k))
-    for xoff, r, bits, off, so in parts:
+    if layout.segmented:  # one launch per segment: R = its width, one scale per head group (layout._pack_segments)
+        parts, off, j = [], 0, 0
+        for xbase, rank, segs in ((0, layout.rank_k, layout.segments_k),
+                                  (G * layout.rank_k, layout.rank_v, layout.segments_v)):
+            start = 0
+            for w, b in segs:
+                parts.append((xbase + start, w, b, off, soff + 2 * G * j, rank))
+                start += w
+                off += G * w * b // 8
+                j += 1
+    else:
+        parts = ((0, layout.rank_k, layout.bits_k, 0, soff, layout.rank_k),
+                 (G * layout.rank_k, layout.rank_v, layout.bits_v, layout.k_bytes,
+                  soff + 2 * G * layout.scales_per_group_k, layout.rank_v))
+    for xoff, r, bits, off, so, lr in parts:
         qge = qg or r  # the torch encoder pads a group past the rank with zeros (and counts their error)
         nsc = -(-r // qge)
         tab, o = _encoder_table(bits if bits != 8 else 4, lat.device)
@@ -234,4 +250,4 @@ def encode_rows(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, layout, lat:
                            XOFF=xoff, G=G, R=r, QGE=qge, NSC=nsc, ROWS=next_pow2(G * nsc),
                            COLS=next_pow2(-(-qge // (8 // bits))), BITS=bits, OFF=off, SOFF=so,
                            BS=kv_cache.shape[1], NG=o["NG"], NU=o["NU"], L=o["L"], GL=o["GL"], UL=o["UL"],
-                           FG=o["FG"], FU=o["FU"])
+                           FG=o["FG"], FU=o["FU"], LR=lr)
