@@ -1,18 +1,20 @@
 """One table and one plot from several `vllm-kvc bench pareto --json` runs over the same tokens.
 
-    .venv/bin/python benchmarks/pareto_combined.py OUT.png RUN.json [RUN.json ...]
+    .venv/bin/python benchmarks/pareto_combined.py OUT.png RUN.json [RUN.json ...] [--dominance kvc-tcode-w16 ...]
 
 Perplexity through vLLM is deterministic for a given setting, corpus and token count, so runs can be joined
 when their baselines agree (checked: same corpus, tokens and baseline perplexity). A later run's point replaces
 an earlier one of the same method and memory fraction (e.g. a re-measurement after a quantizer change).
-Prints the markdown table (methods: ours first) and writes the plot.
+Prints the markdown table (methods: ours first) and writes the plot; with ``--dominance``, issue 16's checks
+(``bench.check_dominance``: the rule at each memory point, and vs every baseline at a larger memory) for each
+method named, over all the runs' points, as JSON.
 """
 from __future__ import annotations
 
 import json
 import sys
 
-from vllm_kvc.bench import _table, plot
+from vllm_kvc.bench import _table, check_dominance, plot
 
 
 def combine(paths: list[str]) -> tuple[dict, list[dict]]:
@@ -34,10 +36,14 @@ def combine(paths: list[str]) -> tuple[dict, list[dict]]:
 
 
 def main(argv: list[str]) -> int:
+    ours = argv[argv.index("--dominance") + 1:] if "--dominance" in argv else []
+    argv = argv[:argv.index("--dominance")] if ours else argv
     out, paths = argv[0], argv[1:]
     base, points = combine(paths)
     plot(points, out, f"SmolLM2-135M KV memory vs perplexity rise through vLLM ({len(paths)} runs, same tokens)")
     print(_table(points, base))
+    for m in ours:
+        print(json.dumps({"dominance": m, **check_dominance(points, m)}))
     return 0
 
 

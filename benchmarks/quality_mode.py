@@ -7,6 +7,7 @@ same transformers emulation (float32, exact sink), neither of which the statisti
 
     .venv/bin/python benchmarks/quality_mode.py --max-rise 1 2 3 5 [--tokens 4096] [--corpora heldout default]
     .venv/bin/python benchmarks/quality_mode.py --at 0.165 0.2 --validation-chunks 8   # per-chunk rises
+    .venv/bin/python benchmarks/quality_mode.py --max-rise 3 --window 16   # each query's 16 newest tokens exact
 
 Prints one JSON line per budget (``--at``: per memory fraction, the rise of every chunk of the validation text and
 of the corpora, no search).
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--window", type=int, default=0, help="each query's newest tokens exact (compression.tcode.window)")
     ap.add_argument("--at", type=float, nargs="+", help="no search: per-chunk rises at these memory fractions")
     ap.add_argument("--validation-chunks", type=int, default=8, help="with --at: chunks of the validation text")
     a = ap.parse_args()
@@ -53,17 +55,19 @@ def main() -> None:
         per_chunk(c, base, full, texts, a)
         return
     for budget in a.max_rise:
-        sk, sv, used, info = tcode.quality_config(c.model_dir, base, budget, full)
+        sk, sv, used, info = tcode.quality_config(c.model_dir, base, budget, full, window=a.window)
         model = _context(c.model_dir, base, tcode.DEFAULT_PROBE).model  # the float32 model the search used
         tensors = tcode.factors(tcode.load_stats(c.model_dir, base), sk, sv)
         specs = [segment_spec(k, v) for k, v in zip(sk, sv)]
-        row = {"max_rise_pct": budget, "memory_fraction": round(used / full, 5), "bytes_per_token": used,
+        row = {"max_rise_pct": budget, "window": a.window, "paged_fraction": round(used / full, 5),
+               # the exact rows of a sequence (sink + window) counted at the chunk length, as bench pareto does
+               "memory_fraction": round(used / full + (1 + a.window) / a.seq_len, 5), "bytes_per_token": used,
                "validation_rise_pct": info["validation_rise_pct"], "tried": info["tried"],
                "segments_k": [format_segments(s) for s in sk], "segments_v": [format_segments(s) for s in sv]}
         for name, chunks in texts.items():
             with torch.no_grad():
                 dense = perplexity(model, chunks)
-                undo = tcode.install(model, tensors, specs)
+                undo = tcode.install(model, tensors, specs, window=a.window)
                 try:
                     ppl = perplexity(model, chunks)
                 finally:

@@ -186,10 +186,12 @@ def test_allocation_fits_the_budget_and_factors_match(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_perplexity_through_vllm_matches_transformers_emulation(model_dir, tmp_path):
+@pytest.mark.parametrize("window", [0, 16])
+def test_perplexity_through_vllm_matches_transformers_emulation(model_dir, tmp_path, window):
     """A 15% tcode deployment, float32 on both sides, 2 x 512 tokens of held-out text: vLLM's perplexity
-    (segment rows in the paged cache, the first token from the sink pool) equals plain transformers with the
-    same factors and quantizer; without the sink it is worse."""
+    (segment rows in the paged cache, the first token from the sink pool; with ``window``, each query's 16 newest
+    tokens from the exact pool, prompts in chunks of 128 tokens so that windows cross chunks) equals plain
+    transformers with the same factors and quantizer; without the sink (and window) it is worse."""
     from transformers import AutoModelForCausalLM
 
     from vllm_kvc.emulate import perplexity
@@ -197,13 +199,15 @@ def test_perplexity_through_vllm_matches_transformers_emulation(model_dir, tmp_p
     from vllm_kvc.tcode import allocate_config
 
     shape = ModelShape.from_model_dir(model_dir)
-    base = CompressionConfig(method="tcode", group_size=3)
+    base = CompressionConfig(method="tcode", group_size=3, tcode={"window": window, "context": 512})
     comp, _ = get_method("tcode").allocate(model_dir, base, build_plan(CompressionConfig(), shape)
                                            .baseline_bytes_per_token(), memory=0.15)
     assert allocate_config  # (the same allocation the CLI writes)
     chunks = eval_chunks(model_dir, "heldout", 1024, 512)
     engine = {"model": model_dir, "dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "seed": 0,
               "additional_config": {"kv_compression": comp.model_dump(mode="json")}}
+    if window:  # chunked prompts: the window's rows before each chunk come from the pool
+        engine.update(max_num_batched_tokens=128, enable_chunked_prefill=True, max_num_seqs=2)
     res = run_engine(engine, chunks, "1", tmp_path / "engine.log")
     plan, path = get_method("tcode").prepare(model_dir, comp, shape)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

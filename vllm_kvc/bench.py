@@ -244,12 +244,13 @@ def pareto(config_path: str, corpus: str = "default", tokens: int = 6144, seq_le
                            "error": f"{type(e).__name__}: {e}"[:2000], "compression": comp.model_dump(mode="json")})
             log.error("pareto: %s (target %s) failed: %s; log %s", m["method"], m["target"], e, log_file)
             continue
-        frac = plan.bytes_per_token() / base_plan_bytes
+        frac = plan.counted_bytes_per_token(seq_len) / base_plan_bytes  # exact side rows at the chunk length
         ranks_k, ranks_v = plan.reported_ranks()
         p = {"method": m["method"], "is_baseline": m["is_baseline"], "memory_fraction": frac, "ppl": res["ppl"],
              "ppl_rise_pct": 100.0 * (res["ppl"] / base["ppl"] - 1.0),
              "kv_capacity_tokens": res["kv_capacity_tokens"], "target_fraction": m["target"],
-             "kv_bytes_per_token": plan.bytes_per_token(), "latent_dtype": plan.latent_dtype,
+             "kv_bytes_per_token": plan.bytes_per_token(), "sequence_bytes": plan.sequence_bytes(),
+             "latent_dtype": plan.latent_dtype,
              "rank_k_mean": sum(ranks_k) / len(ranks_k), "rank_v_mean": sum(ranks_v) / len(ranks_v),
              "ranks_k": ranks_k, "ranks_v": ranks_v,
              "factorization": "identity" if getattr(plan, "identity", False) else comp.factorization,

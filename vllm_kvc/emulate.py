@@ -195,3 +195,44 @@ def install_pod(model, groups, window: int, sinks: int) -> list:
         attn.forward = forward
         handles.append(lambda attn=attn, orig=orig: setattr(attn, "forward", orig))
     return handles
+
+
+def windowed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **_):
+    """A transformers attention function for ``install_window``: ``key`` / ``value`` carry twice the KV heads
+    (the exact ones, then the coded ones); query position i reads key j exactly where j < sinks or i - j <
+    window (``module.kvc_window = (window, sinks)``), the coded one elsewhere (one softmax over both), causal.
+    Single unpadded sequences (the perplexity chunks). -> ([B, T, Hq, hd], None)."""
+    window, sinks = module.kvc_window
+    hk = key.shape[1] // 2
+    rep = query.shape[1] // hk
+    t = query.shape[2]
+    i = torch.arange(t, device=query.device)
+    d = i[:, None] - i[None, :]
+    exact = (d < window) | (i[None, :] < sinks)
+
+    def heads(x, part):
+        return x[:, part * hk:(part + 1) * hk].repeat_interleave(rep, 1)
+
+    ke, kc, ve, vc = heads(key, 0), heads(key, 1), heads(value, 0), heads(value, 1)
+    s = torch.where(exact, query @ ke.transpose(-1, -2), query @ kc.transpose(-1, -2)) * scaling
+    p = torch.softmax(s.masked_fill(d < 0, float("-inf")).float(), -1).to(query.dtype)
+    out = (p * exact) @ ve + (p * ~exact) @ vc
+    return out.transpose(1, 2).contiguous(), None
+
+
+def install_window(model, window: int, sinks: int) -> list:
+    """Attention of every layer through :func:`windowed_attention` (the K/V projections must emit exact and coded
+    heads side by side, see tcode.install). Returns undo callables."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("kvc_window", windowed_attention)
+    old = model.config._attn_implementation
+    model.config._attn_implementation = "kvc_window"
+    for layer in model.model.layers:
+        layer.self_attn.kvc_window = (int(window), int(sinks))
+
+    def undo():
+        model.config._attn_implementation = old
+        for layer in model.model.layers:
+            del layer.self_attn.kvc_window
+    return [undo]

@@ -217,6 +217,16 @@ class Plan:
     def baseline_bytes_per_token(self, tp_size: int = 1, dtype_bytes: int | None = None) -> int:
         return dense_bytes_per_token(self.shape, tp_size, dtype_bytes)
 
+    def sequence_bytes(self, tp_size: int = 1) -> int:
+        """Bytes each running sequence holds outside the paged cache (exact sink / recent-token rows), all
+        layers, one TP rank."""
+        return 0
+
+    def counted_bytes_per_token(self, context: int, tp_size: int = 1) -> float:
+        """Bytes per token with the per-sequence bytes spread over a sequence of ``context`` tokens: what a
+        memory fraction reports (``bench pareto``: at its perplexity chunk length)."""
+        return self.bytes_per_token(tp_size) + self.sequence_bytes(tp_size) / context
+
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["shape"] = asdict(self.shape)

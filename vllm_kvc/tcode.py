@@ -209,12 +209,13 @@ def build_factors(model_dir: str, cfg, plan) -> Path:
     return build_tensors_once(factors_path(model_dir, cfg, plan), build, "tcode factors")
 
 
-def install(model, factors_file, layer_specs, sink: int = 1, kinds=(0, 1), read_bits=None) -> list:
+def install(model, factors_file, layer_specs, sink: int = 1, kinds=(0, 1), read_bits=None, window: int = 0) -> list:
     """HF transformers emulation: every layer's k_proj / v_proj output := its transform-coded round trip
     (the same quantizer as layout.py's rows); the first ``sink`` positions of each sequence exact (the
-    deployment keeps one). ``factors_file``: the factor file, or its tensors (``factors``). For analysis:
-    ``kinds`` the parts coded (0: K, 1: V), ``read_bits(bits)`` the width a segment is rounded at (16: exact).
-    Returns undo callables."""
+    deployment keeps one). With ``window``, each query also reads the keys and values of its ``window`` newest
+    positions (itself included) exactly (emulate.install_window). ``factors_file``: the factor file, or its
+    tensors (``factors``). For analysis: ``kinds`` the parts coded (0: K, 1: V), ``read_bits(bits)`` the width a
+    segment is rounded at (16: exact). Returns undo callables."""
     from vllm_kvc.plan import parse_segment_spec
 
     if isinstance(factors_file, dict):
@@ -227,6 +228,8 @@ def install(model, factors_file, layer_specs, sink: int = 1, kinds=(0, 1), read_
         segs = parse_segment_spec(layer_specs[i])
         for kind, proj in ((0, layer.self_attn.k_proj), (1, layer.self_attn.v_proj)):
             if kind not in kinds:
+                if window:  # the windowed attention reads exact and coded heads side by side: both exact
+                    undo.append(proj.register_forward_hook(lambda mod, args, out: torch.cat([out, out], -1)).remove)
                 continue
             name = "k" if kind == 0 else "v"
             a, b = tensors[f"{i}.a_{name}"].float(), tensors[f"{i}.b_{name}"].float()
@@ -242,11 +245,16 @@ def install(model, factors_file, layer_specs, sink: int = 1, kinds=(0, 1), read_
                 if mod.bias is not None:
                     y = y + mod.bias.float()
                 y = y.to(out.dtype)
+                if window:
+                    return torch.cat([out, y], -1)
                 if sink:
                     y[..., :int(sink), :] = out[..., :int(sink), :]
                 return y
 
             undo.append(proj.register_forward_hook(hook).remove)
+    if window:
+        from vllm_kvc.emulate import install_window
+        undo += install_window(model, window, int(sink))
     return undo
 
 
@@ -256,11 +264,14 @@ VALIDATION = {"corpus": "validation", "chunks": 16, "seq_len": 1024,  # what the
 
 
 def quality_config(model_dir: str, cfg, max_rise_pct: float, baseline_bytes: int, lo_frac: float = 0.08,
-                   hi_frac: float = 0.5, iters: int = 7, validation: dict | None = None):
+                   hi_frac: float = 0.5, iters: int = 7, validation: dict | None = None, window: int = 0,
+                   sink: bool = True):
     """Quality mode: the smallest memory fraction (bisection) whose allocation's *measured* perplexity rise is
     <= ``max_rise_pct``, measured in the transformers emulation (float32, the exact sink) on a validation text
     that neither the statistics nor any evaluation corpus use (``VALIDATION``: chunks spread over the library
-    reference). Returns (segments_k, segments_v, bytes per token, info); cached per settings."""
+    reference). ``window`` / ``sink``: the exact recent tokens and first token the deployment keeps (measured
+    with them; the fractions are of the paged rows). Returns (segments_k, segments_v, bytes per token, info);
+    cached per settings."""
     from vllm_kvc.allocate import _alloc_dir, _context, _fisher_key
     from vllm_kvc.artifacts import write_text_atomic
     from vllm_kvc.corpus import load_text, spread_chunks
@@ -270,7 +281,8 @@ def quality_config(model_dir: str, cfg, max_rise_pct: float, baseline_bytes: int
     val = {**VALIDATION, **(validation or {})}
     key = _fisher_key(model_dir, cfg, DEFAULT_PROBE)
     path = _alloc_dir() / (f"tcode-quality-{key}-{TCODE_FORMAT}-{max_rise_pct:g}-{baseline_bytes}-{lo_frac:g}-"
-                           f"{hi_frac:g}-{iters}-{val['corpus']}-{val['chunks']}-{val['seq_len']}-{val['sampling']}.json")
+                           f"{hi_frac:g}-{iters}-{val['corpus']}-{val['chunks']}-{val['seq_len']}-{val['sampling']}"
+                           f"{f'-w{window}' if window else ''}{'' if sink else '-nosink'}.json")
     if path.is_file():
         d = json.loads(path.read_text())
         return ([tuple(map(tuple, s)) for s in d["segments_k"]], [tuple(map(tuple, s)) for s in d["segments_v"]],
@@ -284,7 +296,8 @@ def quality_config(model_dir: str, cfg, max_rise_pct: float, baseline_bytes: int
 
     def measure(frac):
         sk, sv, used = allocate(stats, int(math.floor(frac * baseline_bytes)))
-        undo = install(ctx.model, factors(stats, sk, sv), [segment_spec(k, v) for k, v in zip(sk, sv)])
+        undo = install(ctx.model, factors(stats, sk, sv), [segment_spec(k, v) for k, v in zip(sk, sv)],
+                       int(sink), window=window)
         try:
             with torch.no_grad():
                 rise = 100.0 * (perplexity(ctx.model, chunks) / dense - 1.0)

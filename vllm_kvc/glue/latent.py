@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from vllm_kvc.calibrate import load_layer_factors
 from vllm_kvc.glue.attention import RowAttention
 from vllm_kvc.glue.sink import SinkTable
-from vllm_kvc.glue.window import RecentPool
+from vllm_kvc.glue.window import RecentPool, attend_windowed
 from vllm_kvc.kernels import cpu_latent, reference
 from vllm_kvc.layout import LatentLayout
 
@@ -78,13 +78,15 @@ class LatentAttention(RowAttention):
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, layout: LatentLayout,
                  factors_path=None, cache_config=None, prefix: str = "", sink: bool = False,
-                 roped_keys: bool = False):
+                 roped_keys: bool = False, window: int = 0):
         super().__init__(num_heads, head_size, scale, num_kv_heads, layout.row_bytes, layout.cache_dtype,
                          cache_config=cache_config, prefix=prefix)
         self.layout = layout
         self.factors_path = factors_path
         self.sink = sink
         self.roped_keys = roped_keys
+        self.window = int(window)  # newest tokens each query reads exactly (method tcode; CPU path)
+        self.window_pool: RecentPool | None = None
         self.a_k = self.q_keys = None  # roped keys: [G, gdim, rank_k] and per query head [Hq, hd, rank_k]
         self.w_kv = self.bias_kv = None  # the checkpoint's K/V projections of this rank (sink only)
         self.sink_pool: RecentPool | SinkTable | None = None
@@ -98,7 +100,10 @@ class LatentAttention(RowAttention):
         w = layer.qkv_proj.weight.data
         dt, dev = w.dtype, w.device
         a_k, b_k, a_v, b_v = load_layer_factors(self.factors_path, layer.layer_idx, layer.groups)
-        if self.sink:
+        if self.window and dev.type == "cuda":
+            raise ValueError(f"{getattr(self, 'layer_name', '')}: compression.tcode.window: exact recent tokens are "
+                             "served by the CPU path only; expected window 0 on GPUs")
+        if self.sink or self.window:
             if self.roped_keys:
                 raise ValueError(f"{getattr(self, 'layer_name', '')}: compression.tcode.sink: the exact first token "
                                  "does not combine with roped keys")
@@ -146,6 +151,10 @@ class LatentAttention(RowAttention):
                                  self.a_k)
             return self(q, torch.cat([lat_k.flatten(1).to(lat_v.dtype), lat_v], dim=-1))
         q, lat = out.split([layer.q_size, self.layout.width], dim=-1)
+        if self.window:  # exact K (roped) / V of every token ride along; kvc_attend keeps the sink and window
+            k, v = F.linear(hidden_states, self.w_kv, self.bias_kv).split(layer.kv_size, dim=-1)
+            q, k = layer.rotary_emb(positions, q.contiguous(), k.contiguous())
+            return self(q, lat.contiguous(), torch.cat([k, v], dim=-1))
         q, _ = layer.rotary_emb(positions, q.contiguous(), None)
         if self.sink:  # exact K/V of every token ride along; kvc_attend keeps those of position 0
             return self(q, lat.contiguous(), F.linear(hidden_states, self.w_kv, self.bias_kv))
@@ -171,6 +180,9 @@ class LatentAttention(RowAttention):
         lat_v = lat[:, g * rk: layout.width].reshape(n, g, rv)
         if not cpu_latent.encode_rows(cache, md.slot_mapping[:n], layout, lat_k, lat_v):  # integer rows in C
             reference.write_latents(cache, md.slot_mapping[:n], layout, lat_k, lat_v)
+        if self.window:
+            self._window_step(query[:n], value[:n], cache, md, output[:n])
+            return
         sink = self._sink_step(value[:n], md) if self.sink else None
         if cpu_latent.available(layout, cache, self.roped_keys, sink):  # attention on the C kernels
             cpu_latent.latent_attention(
@@ -182,6 +194,23 @@ class LatentAttention(RowAttention):
             q, cache, layout, md.block_table, md.seq_lens_cpu, md.query_start_loc_cpu, self.b_k, self.b_v,
             self.bias_k, self.bias_v, self.cos_sin_cache, self.scale, self.is_neox, out=output[:n], sink=sink,
             roped_keys=self.roped_keys)
+
+    def _window_step(self, q, exact, cache, md, out) -> None:
+        """Attention with each query's sink and ``window`` newest tokens read exactly (glue/window.py), the rest
+        from the latent rows (keys rebuilt, then RoPE; values rebuilt)."""
+        n, hkv, hd = q.shape[0], self.num_kv_heads, self.head_size
+        if self.window_pool is None:  # one exact row per page: a sequence holds sink + window rows, no more
+            self.window_pool = RecentPool(cache.shape[1], (2, hkv, hd), exact.dtype, exact.device, page_rows=1)
+        lay = self.layout
+
+        def decode(rows):
+            ck, cv = lay.unpack(rows[0], torch.float32)
+            k = reference.rebuild_keys(ck, self.b_k.float(), self.bias_k, lay, self.cos_sin_cache, self.is_neox)
+            return k[None], reference.rebuild_values(cv, self.b_v.float(), self.bias_v, lay)[None]
+
+        kv = exact.view(n, 2, hkv, hd)
+        attend_windowed(self.window_pool, q.view(n, -1, hd), kv[:, 0], kv[:, 1], md.slot_mapping[:n], cache, md,
+                        out.view(n, -1, hd), decode, self.window, 1 if self.sink else 0, self.scale)
 
     def _sink_step(self, exact: torch.Tensor, md):
         """Store the exact K/V of this step's position-0 tokens (keyed by their sequence's first block) and read

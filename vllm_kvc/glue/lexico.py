@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from vllm_kvc.glue.attention import RowAttention
-from vllm_kvc.glue.window import RecentPool, exact_mask, keep_positions, window_positions
+from vllm_kvc.glue.window import RecentPool, attend_windowed
 from vllm_kvc.kernels import reference
 from vllm_kvc.lexico import SparseLayout, load_dictionaries
 
@@ -68,40 +68,14 @@ class SparseAttention(RowAttention):
         self._attend_windowed(q, k, v, slots, cache, md, out)
 
     def _attend_windowed(self, q, k, v, slots, cache, md, out) -> None:
-        w = self.recent_window
         if self.pool is None:
             self.pool = RecentPool(cache.shape[1], (2, self.num_kv_heads, self.head_size), q.dtype, q.device)
-        pool = self.pool
-        pool.begin_step()
         qsl, sls = md.query_start_loc_cpu.tolist(), md.seq_lens_cpu.tolist()
-        reqs = [r for r in range(len(sls)) if qsl[r + 1] > qsl[r]]
-        k_new = {}
-        for r in reqs:
-            pos_new = torch.arange(sls[r] - (qsl[r + 1] - qsl[r]), sls[r])
-            k_new[r] = self._rope(k[qsl[r]:qsl[r + 1]], pos_new.to(k.device))
-        # read every request's window before any write, so no write recycles a page another request needs now
-        got = {r: pool.read(md.block_table[r], window_positions(sls[r], qsl[r + 1] - qsl[r], w, 0)) for r in reqs}
-        for r in reqs:
-            keep = keep_positions(sls[r], qsl[r + 1] - qsl[r], w, 0)
-            pool.write(slots[qsl[r]:qsl[r + 1]][keep], torch.stack([k_new[r][keep], v[qsl[r]:qsl[r + 1]][keep]], 1))
-        for r in reqs:
-            qs, qe, s = qsl[r], qsl[r + 1], sls[r]
-            nq = qe - qs
-            pos_new = torch.arange(s - nq, s)
-            kc, vc = self._decode(reference.gather_rows(cache, md.block_table[r], s)[None])
-            kc, vc = kc[0], vc[0]
-            # exact K/V: this chunk's own tokens, then the window positions before it from the pool
-            k_ex, v_ex = torch.zeros_like(kc), torch.zeros_like(vc)
-            have = torch.zeros(s, dtype=torch.bool)
-            k_ex[s - nq:], v_ex[s - nq:], have[s - nq:] = k_new[r], v[qs:qe], True
-            before = window_positions(s, nq, w, 0)
-            if before.numel():
-                vals, found = got[r]
-                k_ex[before], v_ex[before] = vals[:, 0].float(), vals[:, 1].float()
-                have[before] = found.cpu()
-            use = exact_mask(pos_new, s, w, 0) & have[None]
-            visible = torch.arange(s)[None, :] <= pos_new[:, None]
-            qq = q[qs:qe].float()
-            o = reference.attend_two_source(qq, k_ex, v_ex, qq, kc, vc, use.to(q.device), visible.to(q.device),
-                                            self.scale)
-            out[qs:qe] = o.to(out.dtype)
+        k_new = k.clone()
+        for r in range(len(sls)):
+            nq = qsl[r + 1] - qsl[r]
+            if nq > 0:
+                k_new[qsl[r]:qsl[r + 1]] = self._rope(k[qsl[r]:qsl[r + 1]], torch.arange(sls[r] - nq, sls[r],
+                                                                                          device=k.device))
+        attend_windowed(self.pool, q, k_new, v, slots, cache, md, out, self._decode, self.recent_window, 0,
+                        self.scale)

@@ -1,11 +1,15 @@
 """Method ``tcode`` (transform coding): lowrank's whitened latents at full rank, every latent coordinate given its
 own width (8 / 4 / 2 bits or dropped) by reverse water-filling on Fisher-weighted variances, stored as a few
 segments per layer's K and V row part (one fp16 scale per segment), and the first token of every sequence kept
-exact. The quality-per-byte format below 25% of the bf16 KV bytes (benchmarks/RESULTS.md, "Below 15%").
+exact; optionally (``window``) each query's newest tokens exact too, as KIVI's full-precision residual and POD's
+recent tokens. The quality-per-byte format below 25% of the bf16 KV bytes (benchmarks/RESULTS.md, "Below 15%",
+"Recent tokens exact"). The exact rows (sink + window, model dtype, per running sequence) live beside vLLM's
+paged cache: ``TcodePlan.sequence_bytes``; ``--memory`` and ``bench pareto`` count them at ``context`` tokens.
 
 Where its parts live: settings and plan here; statistics, allocation, factors and emulation vllm_kvc/tcode.py
-(+ bitalloc.py); row bytes layout.py (``seg:`` specs); attention glue/latent.py (``sink``) on the CPU reference
-path (kernels/reference.py). The Triton kernels do not read segment rows yet: on GPUs it is refused at start-up.
+(+ bitalloc.py); row bytes layout.py (``seg:`` specs); attention glue/latent.py (``sink``, ``window``) on the CPU
+reference path (kernels/reference.py, glue/window.py) and the Triton kernels on GPUs (segment rows and the sink;
+not yet fast, benchmarks/results/gpu_r7_notes.md; a window > 0 is refused on GPUs at start-up).
 
 Deployments list the segments per layer (``vllm-kvc allocate --method tcode --memory 0.15`` writes them)::
 
@@ -14,6 +18,7 @@ Deployments list the segments per layer (``vllm-kvc allocate --method tcode --me
       group_size: 3
       tcode:
         sink: true
+        window: 0                 # each query's newest tokens exact (CPU); configs/smollm2-tcode15w16.yaml: 16
         segments:
           k: ["64x4+96x2", ...]   # one entry per layer: width x bits, '+'-joined, bits 8/4/2 non-increasing
           v: ["72x4+112x2", ...]
@@ -51,6 +56,11 @@ class TcodeConfig(Strict):
                                                              "none: every coordinate at 4 bits")
     sink: bool = Field(True, description="keep the first token of every sequence exact (bf16, outside the paged "
                                          "bytes); the statistics leave it out either way")
+    window: int = Field(0, ge=0, le=4096, description="newest tokens each query reads exactly (the model dtype, "
+                                                      "outside the paged bytes, like the sink; CPU path): recent "
+                                                      "tokens carry most of the attention")
+    context: int = Field(1024, ge=1, description="sequence length at which the exact rows (sink + window) are "
+                                                 "counted against --memory and in the reported memory fraction")
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,11 @@ class TcodePlan(LatentPlan):
 
     layer_specs: tuple[str, ...] = ()
     sink: bool = True
+    window: int = 0
+
+    def sequence_bytes(self, tp_size: int = 1) -> int:
+        """The exact rows each running sequence keeps beside the paged cache: its sink and its window."""
+        return (int(self.sink) + self.window) * dense_bytes_per_token(self.shape, tp_size)
 
     method = "tcode"
 
@@ -115,7 +130,7 @@ class Tcode(Method):
                 parts.append(segs)
             specs.append(segment_spec(*parts))
         return TcodePlan(shape, "tcode-segments", cfg.group_size, tuple(rk), tuple(rv),
-                         layer_specs=tuple(specs), sink=tc.sink)
+                         layer_specs=tuple(specs), sink=tc.sink, window=tc.window)
 
     def prepare(self, model_dir, cfg, shape, tp_size=1, build=True):
         plan = self.plan(cfg, shape, tp_size)
@@ -134,45 +149,76 @@ class Tcode(Method):
                               head_dim=layer.head_dim, rank_k=plan.ranks_k[i], rank_v=plan.ranks_v[i],
                               dtype=plan.layer_specs[i])
         return LatentAttention(layer.num_heads, layer.head_dim, layer.scaling, layer.num_kv_heads, layout,
-                               factors_path=artifact, cache_config=cache_config, prefix=prefix, sink=plan.sink)
+                               factors_path=artifact, cache_config=cache_config, prefix=prefix, sink=plan.sink,
+                               window=plan.window)
 
     def describe(self, plan: TcodePlan) -> dict:
         return {"latent_dtype": plan.latent_dtype, "group_size": plan.group_size, "sink": plan.sink,
+                "window": plan.window, "sequence_bytes": plan.sequence_bytes(),
                 "segments": [s[4:] for s in plan.layer_specs]}
 
     def emulate(self, model, plan: TcodePlan, artifact, cfg) -> list:
         from vllm_kvc.tcode import install
 
-        return install(model, str(artifact), plan.layer_specs, plan.sink)
+        return install(model, str(artifact), plan.layer_specs, plan.sink, window=plan.window)
 
     def allocate(self, model_dir, base, baseline_bytes, memory=None, max_rise=None):
-        """``base`` plus explicit segments for ``memory`` (fraction of the bf16 KV bytes per token, scales
-        included; the exact first token is one bf16 row per sequence, outside them)."""
+        """``base`` plus explicit segments for ``memory``: the fraction of the bf16 KV bytes per token, scales
+        included, and the exact rows of each sequence (sink + window, in the model dtype) spread over
+        ``tcode.context`` tokens: the paged rows get what those leave. Quality mode (``max_rise``) measures with
+        the same sink and window."""
         from vllm_kvc.plan import format_segments
+        from vllm_kvc.settings import ConfigError
         from vllm_kvc.tcode import MENU, UNIT, allocate_config, quality_config
 
+        tc = base.tcode
+        side = (int(tc.sink) + tc.window) / tc.context  # of one bf16 token's bytes, per token at the context
         info = {}
         if memory is None:
-            sk, sv, used, info = quality_config(model_dir, base, max_rise, baseline_bytes)
+            sk, sv, used, info = quality_config(model_dir, base, max_rise, baseline_bytes, window=tc.window,
+                                                sink=tc.sink)
         else:
-            sk, sv, used = allocate_config(model_dir, base, memory, baseline_bytes)
+            if memory - side < 0.02:
+                raise ConfigError("--memory", f"{memory:g} of the bf16 bytes leaves {memory - side:.4f} for the paged "
+                                              f"rows after the exact sink and window ({side:.4f} at "
+                                              f"compression.tcode.context = {tc.context} tokens): expected more")
+            sk, sv, used = allocate_config(model_dir, base, memory - side, baseline_bytes)
         d = {k: base.model_dump()[k] for k in ("group_size", "calibration", "factorization")}  # nothing of lowrank's
-        d.update(method=self.name, tcode={"sink": base.tcode.sink,
+        d.update(method=self.name, tcode={"sink": tc.sink, "window": tc.window, "context": tc.context,
                                           "segments": {"k": [format_segments(s) for s in sk],
                                                        "v": [format_segments(s) for s in sv]}})
-        summary = {"method": self.name, "bytes_per_token": used, "memory_fraction": used / baseline_bytes,
-                   "menu_bits": list(MENU), "segment_unit": UNIT, "sink": base.tcode.sink, **info}
+        summary = {"method": self.name, "bytes_per_token": used, "memory_fraction": used / baseline_bytes + side,
+                   "paged_fraction": used / baseline_bytes, "menu_bits": list(MENU), "segment_unit": UNIT,
+                   "sink": tc.sink, "window": tc.window, "context": tc.context, **info}
         return base.model_validate(d), summary
 
-    def bench_points(self, base, shape, model_dir, points, include, **_) -> list[dict]:
-        """``kvc-tcode`` at every memory point (ours)."""
-        if include is not None and not any("kvc-tcode".startswith(i) for i in include):
-            return []
-        fresh = base.model_validate({"group_size": base.group_size, "calibration": base.calibration.model_dump(),
-                                     "method": self.name})
+    def bench_points(self, base, shape, model_dir, points, include, seq_len: int = 1024, **_) -> list[dict]:
+        """``kvc-tcode`` at every memory point (ours), and ``kvc-tcode-w<N>`` with each query's ``N`` newest
+        tokens exact (``WINDOW_POINTS`` unless named); memory counted with the exact rows at ``seq_len``."""
+        windows = tcode_windows(include)
         base_bytes = dense_bytes_per_token(shape)
         out = []
-        for f in points:
-            comp, _ = self.allocate(model_dir, fresh, base_bytes, memory=f)
-            out.append({"method": "kvc-tcode", "is_baseline": False, "target": f, "compression": comp})
+        for w in windows:
+            fresh = base.model_validate({"group_size": base.group_size, "calibration": base.calibration.model_dump(),
+                                         "method": self.name, "tcode": {"window": w, "context": seq_len}})
+            for f in points:
+                comp, _ = self.allocate(model_dir, fresh, base_bytes, memory=f)
+                out.append({"method": f"kvc-tcode-w{w}" if w else "kvc-tcode", "is_baseline": False, "target": f,
+                            "compression": comp})
         return out
+
+
+WINDOW_POINTS = (0, 16)  # the windows bench pareto runs when no kvc-tcode-w<N> is named
+
+
+def tcode_windows(include) -> list[int]:
+    """Windows of ``bench pareto``'s tcode points: ``kvc-tcode-w<N>`` names one; a prefix of ``kvc-tcode`` (or no
+    list) gives ``WINDOW_POINTS``."""
+    import re
+
+    if include is None:
+        return list(WINDOW_POINTS)
+    named = [int(m.group(1)) for i in include if (m := re.fullmatch(r"kvc-tcode-w(\d+)", i))]
+    if any("kvc-tcode".startswith(i) for i in include):
+        named += [w for w in WINDOW_POINTS if w not in named]
+    return sorted(set(named))
