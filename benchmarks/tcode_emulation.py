@@ -9,8 +9,12 @@ transform-coded round trip (``tcode.install``'s arithmetic), in variants:
 - ``no2``: 2-bit segments read at 4 bits (same allocation: the price of the 2-bit coordinates);
 - ``exactkept``: kept coordinates exact, dropped ones dropped (the price of truncation alone).
 
+``--windows``: each variant also with each query's newest N tokens exact (``compression.tcode.window``; 0: none;
+1: the query's own token). The fraction printed is the paged rows'; ``counted_fraction`` adds the exact rows
+(sinks + window) at ``--seq-len`` tokens, as ``bench pareto`` counts them.
+
     .venv/bin/python benchmarks/tcode_emulation.py --fractions 0.15 [--unit 8] [--corpus heldout] \
-        [--tokens 2048] [--seq-len 1024] [--sinks 1] [--variants all k v no2 exactkept]
+        [--tokens 2048] [--seq-len 1024] [--sinks 1] [--variants all k v no2 exactkept] [--windows 0 16]
 
 Prints one JSON line per (fraction, variant).
 """
@@ -39,6 +43,7 @@ def main() -> None:
     ap.add_argument("--sinks", type=int, default=1)
     ap.add_argument("--variants", nargs="+", default=["all", "k", "v", "no2", "exactkept"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, nargs="+", default=[0])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM
@@ -65,14 +70,17 @@ def main() -> None:
         plan = build_plan(comp, c.shape)
         tensors = tcode.factors(stats, sk, sv)  # what method.prepare caches for the deployment
         specs = [segment_spec(k, v) for k, v in zip(sk, sv)]
-        for var in a.variants:
+        for var, win in [(v, w) for v in a.variants for w in a.windows]:
             read = {"no2": lambda b: 4 if b == 2 else b, "exactkept": lambda b: 16}.get(var)
-            undo = tcode.install(model, tensors, specs, a.sinks, {"k": (0,), "v": (1,)}.get(var, (0, 1)), read)
+            undo = tcode.install(model, tensors, specs, a.sinks, {"k": (0,), "v": (1,)}.get(var, (0, 1)), read,
+                                 window=win)
             with torch.no_grad():
                 ppl = perplexity(model, chunks)
             for u in undo:
                 u()
-            print(json.dumps({"fraction": plan.bytes_per_token() / dense_bytes_per_token(c.shape), "target": frac,
+            paged = plan.bytes_per_token() / dense_bytes_per_token(c.shape)
+            print(json.dumps({"fraction": paged, "target": frac, "window": win,
+                              "counted_fraction": round(paged + (a.sinks + win) / a.seq_len, 5),
                               "unit": a.unit, "variant": var, "sinks": a.sinks, "corpus": a.corpus,
                               "tokens": sum(len(ch) for ch in chunks), "dense_ppl": round(dense, 4),
                               "ppl": round(ppl, 4), "rise_pct": round(100 * (ppl / dense - 1), 3),

@@ -796,9 +796,12 @@ def _check_step(args, lat, slots, out, cache_before):
 
 
 @pytest.mark.parametrize("spec,rk,rv", [("int4@g32", 64, 48), ("int4", 32, 32), ("int8/int4@g32", 40, 56),
-                                         ("int8/int4", 24, 30), ("int2@g32", 36, 20), ("int4@g32", 112, 112)])
+                                         ("int8/int4", 24, 30), ("int2@g32", 36, 20), ("int4@g32", 112, 112),
+                                         ("seg:8x8+24x4+32x2/16x4+32x2", 64, 48), ("seg:64x4+48x2/8x8+40x2", 112, 48),
+                                         ("seg:8x8/4x2", 8, 4)])
 def test_fused_encoder_matches_layout_pack(spec, rk, rv):
-    """write.encode_rows (one kernel per K / V part, the GPU path of latent_step) writes exactly layout.pack's
+    """write.encode_rows (one kernel per K / V part, one per segment for ``seg:`` rows; the GPU path of
+    latent_step) writes exactly layout.pack's
     bytes (codes, the scale search's choices, fp16 scales; groups padded past the rank as the torch encoder pads
     them) at the given slots, skipping padding slots."""
     tk = kernels()
@@ -1274,27 +1277,6 @@ def test_segment_table_describes_layout_bytes():
                         bits = {16: 4, 4: 2}[nlev]
                         v = float((UNIFORM_LEVELS if s < 0 else GAUSS_LEVELS)[bits][u]) * abs(s)
                     assert v == pytest.approx(float(want[n, g, c]), rel=1e-6, abs=1e-6), (n, g, c)
-
-
-@pytest.mark.parametrize("spec,rk,rv", [("seg:8x8+24x4+32x2/16x4+32x2", 64, 48), ("seg:64x4+48x2/8x8+40x2", 112, 48),
-                                         ("seg:8x8/4x2", 8, 4)])
-def test_fused_encoder_writes_segment_rows(spec, rk, rv):
-    """write.encode_rows for ``seg:`` rows (one launch per segment): layout.pack's bytes at the given slots."""
-    tk = kernels()
-    from vllm_kvc.kernels.triton_latent.write import can_encode
-    lay = LatentLayout(4, 1, 128, rk, rv, spec)
-    assert can_encode(lay)
-    gen = fresh_gen()
-    n = 7
-    lat = (torch.randn(n, lay.width, generator=gen) * 5 * torch.rand(n, 1, generator=gen)).to(torch.bfloat16)
-    slots = torch.tensor([0, 5, 3, -1, 9, 15, 2])
-    ref_cache = torch.full((4, 4, lay.row_elems), 7, dtype=torch.uint8)
-    enc = ref_cache.to(DEV, copy=True)
-    tk.encode_rows(enc, slots.to(DEV), lay, lat.to(DEV))
-    g = lay.groups
-    rows = lay.pack(lat[:, : g * rk].reshape(n, g, rk).float(), lat[:, g * rk:].reshape(n, g, rv).float())
-    ref.write_rows(ref_cache, slots, rows)
-    assert torch.equal(enc.cpu(), ref_cache)
 
 
 def test_segment_rows_refuse_roped_keys():
