@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("allocate", help="per-layer K/V rank and latent width for a memory budget or a maximum "
                                         "perplexity rise; writes a deployable config")
     s.add_argument("--config", required=True, help="the deployment to start from (model, engine, calibration)")
-    s.add_argument("--memory", type=float, help="KV bytes as a fraction of bf16 (scales included), e.g. 0.25")
+    s.add_argument("--memory", type=float, help="KV bytes as a fraction of bf16 (scales included), e.g. 0.25; "
+                   "tcode: its exact first-token / recent-window rows included, counted at compression.tcode.context "
+                   "tokens per sequence")
     s.add_argument("--max-rise", type=float, help="quality mode: largest measured perplexity rise, %% (lowrank: on its "
                    "calibration slice; tcode: on the validation text, the library reference)")
     s.add_argument("--method", choices=_allocatable(), help="what to allocate (default: the config's method): "
