@@ -702,7 +702,7 @@ def main():
                     help="worker processes compiling the kernel variants first (0: off)")
     ap.add_argument("--prefill-cases", default="1x4096,1x16384,8x2048")
     ap.add_argument("--block-size", type=int, default=BS, help="vLLM block size of the paged caches")
-    ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1[,lat=int4@g32][,roped=1],"
+    ap.add_argument("--profile", default="", help="B=64,S=4096,ratio=0.5,gs=1[,lat=int4@g32 or seg:..][,roped=1],"
                     "<LaunchConfig fields>: run that kernel 5 times and exit (for ncu; roped=1: the roped-key kernel)")
     ap.add_argument("--configs", default="", help="--formats: launch options tried instead of the built-in grid, "
                     "e.g. 'maxnreg=168;num_stages=2,maxnreg=168' (LaunchConfig fields)")
@@ -724,7 +724,10 @@ def main():
         B, S, gs = int(kv.pop("B")), int(kv.pop("S")), int(kv.pop("gs"))
         ratio = kv.pop("ratio")
         rk, rv, lat = variant_shapes(ratio if ratio == "int8" else float(ratio), gs)
-        c = DecodeCase(B, S, gs, rk, rv, kv.pop("lat", lat))
+        lat = kv.pop("lat", lat)
+        if lat.startswith("seg:"):  # ranks from the segments
+            lat, gs, rk, rv = format_shape(f"{lat}|gs{gs}")
+        c = DecodeCase(B, S, gs, rk, rv, lat)
         roped = kv.pop("roped", "0") == "1"
         cfg = LaunchConfig(**{k: (v == "1") if k in BOOL_FIELDS else int(v) for k, v in kv.items()})
         if roped:

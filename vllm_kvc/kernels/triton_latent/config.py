@@ -69,7 +69,7 @@ def next_pow2(n: int) -> int:
 def heads_supported(layout: LatentLayout, hq: int) -> bool:
     """Layouts that the multi-head decode kernel serves: group size 1, ranks <= 256, float latents or packed
     integer latents (any layout but the original int8 one, which keeps its measured path: the generic kernel, and
-    the transform-coded ``seg:`` rows, which the generic kernel reads through :func:`segment_table`)."""
+    the transform-coded ``seg:`` rows, which the generic kernel reads as :func:`segment_pieces`)."""
     return (layout.group_size == 1 and not layout.is_int8 and not layout.segmented
             and hq % layout.num_kv_heads == 0 and next_pow2(layout.rank_v) <= 256 and max(16, next_pow2(layout.rank_k)) <= 256)
 
@@ -111,68 +111,43 @@ def row_format(layout: LatentLayout) -> tuple[PartFormat, PartFormat]:
 
 
 _LUTS: dict = {}
-SEG_ROWS = 6  # rows of segment_table()
+SEG_SLOTS = 4  # piece slots per part that the generic kernel unrolls (segment_pieces)
+SEG_PIECE = 128  # the widest piece: wider segments are read as several pieces
 
 
-def segment_columns(layout: LatentLayout) -> int:
-    """Columns of each part's :func:`segment_table` (the padded tile width of the wider part, at least 16)."""
-    return max(16, next_pow2(layout.rank_k), next_pow2(layout.rank_v))
-
-
-def segment_slots(layout: LatentLayout) -> int:
-    """Segment slots the kernels unroll per part: the most segments of a part (K or V)."""
-    return max(len(layout.segments_k), len(layout.segments_v))
-
-
-def segment_rows(layout: LatentLayout):
-    """The per-column description of a transform-coded (``seg:``) row, as plain lists (host side of
-    :func:`segment_table`): for the K part, then the V part, six rows of ``segment_columns`` int32 entries, column c
-    being latent coordinate c of the part (of every head group g):
-
-    - BIT0: bit address (from the row's start) of the coordinate's code in head group 0;
-    - GSTRIDE: bits from one head group's codes of the coordinate's segment to the next group's (width x bits);
-    - NLEV: 2 ** bits (256: an int8 code, value = code * scale; 16 / 4: an unsigned code, value = level(code) *
-      |scale|, the level table by the scale's sign);
-    - SIDX: number of the fp16 scale of head group 0 (segment index over K then V, times the groups; group g adds g);
-    - SEG: the coordinate's segment within the part (its slot);
-    - SLOT: entry j (j < the part's segments) = SIDX of the part's segment j (the kernels load one scale per slot).
-
-    Columns past a part's rank repeat harmless values (the kernels mask them). One description serves every segment
-    list: the kernels read no per-format constants (layout.py is the source of the bytes)."""
-    G, C = layout.groups, segment_columns(layout)
+def segment_pieces(layout: LatentLayout) -> tuple[tuple, tuple]:
+    """A transform-coded (``seg:``) row described for the kernels: per part (K, then V) a tuple of SEG_SLOTS pieces
+    ``(C0, W, BITS, BYTE0, GBYTES, SIDX, P)``. A piece is W consecutive latent coordinates C0 .. C0 + W - 1 of one
+    segment (segments wider than SEG_PIECE are cut at multiples of it), BITS bits each; head group g's codes start
+    at byte ``BYTE0 + g * GBYTES`` of the row and use fp16 scale number ``SIDX + g``; P is the piece's tile width
+    (a power of two >= 16). Unused slots have W = 0. The kernels take the tuples as constexprs: each piece is one
+    tile with one bit width and one scale per token, so every address, shift and level formula is known when the
+    kernel is compiled (the earlier run-time table of per-coordinate entries spilled registers: 3.4 ms against
+    int4's 0.26 ms for a Llama layer, benchmarks/results/gpu_r7_notes.md). layout.py is the source of the bytes."""
+    G = layout.groups
     out = []
     bit, sidx = 0, 0
     for segs in (layout.segments_k, layout.segments_v):
-        rows = [[0] * C for _ in range(SEG_ROWS)]
-        c = 0
-        for j, (w, b) in enumerate(segs):
-            rows[5][j] = sidx * G
-            for i in range(w):
-                rows[0][c] = bit + i * b
-                rows[1][c] = w * b
-                rows[2][c] = 1 << b
-                rows[3][c] = sidx * G
-                rows[4][c] = j
-                c += 1
+        pieces, c = [], 0
+        for w, b in segs:
+            for i0 in range(0, w, SEG_PIECE):
+                pw = min(SEG_PIECE, w - i0)
+                pieces.append((c + i0, pw, b, (bit + i0 * b) // 8, w * b // 8, sidx * G, max(16, next_pow2(pw))))
+            c += w
             bit += G * w * b
             sidx += 1
-        for j in range(c, C):  # padding: an 8-bit code at the part's first byte (read masked, never used)
-            rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j] = rows[0][0], 0, 256, rows[3][0], 0
-        out.append(rows)
-    return out
+        pieces += [(0, 0, 8, 0, 0, 0, 16)] * (SEG_SLOTS - len(pieces))
+        out.append(tuple(pieces))
+    return out[0], out[1]
 
 
-_SEG_TABLES: dict = {}
-
-
-def segment_table(layout: LatentLayout, device) -> torch.Tensor:
-    """:func:`segment_rows` as one int32 tensor ``[2, SEG_ROWS, segment_columns]`` on ``device`` (copied once per
-    layout and device: launches stay free of host-to-device copies, and capturable in CUDA graphs)."""
-    key = (layout, str(device))
-    t = _SEG_TABLES.get(key)
-    if t is None:
-        t = _SEG_TABLES[key] = torch.tensor(segment_rows(layout), dtype=torch.int32).to(device)
-    return t
+def segment_runs(layout: LatentLayout) -> bool:
+    """Whether ``tiles.load_piece`` reads the 4 / 2-bit pieces of a ``seg:`` layout as byte runs (vector loads, each
+    byte staged once per code) rather than one byte load per code: where the pieces' padded widths total at most
+    256 columns (K + V). Measured on the H200 at 64 x 4096 (benchmarks/results/gpu_r8_decode4_m*.txt, best of 4 / 8
+    warps): K 80 / V 104 (224 columns) 1.26 -> 0.83 ms with runs; K 104 / V 128 (336) 1.44 -> 1.76 ms and the
+    group-size-2 K 208 / V 256 (560) 2.21 -> 3.86 ms (the staged bytes cost occupancy)."""
+    return sum(p[6] for part in segment_pieces(layout) for p in part if p[1] > 0) <= 256
 
 
 def level_tables(device: torch.device) -> torch.Tensor:
@@ -189,7 +164,7 @@ def level_tables(device: torch.device) -> torch.Tensor:
 def quant_kwargs(layout: LatentLayout, kv_cache: torch.Tensor) -> dict:
     """The constexprs of the packed-integer path (QUANT) for a launch; QUANT=False for float and original int8."""
     if not layout.quantized or layout.is_int8 or layout.segmented:
-        # (segmented rows: the generic kernel's SEG path reads segment_table(); K_SOFF / V_SOFF give the scales)
+        # (segmented rows: the generic kernel's SEG path reads segment_pieces(); K_SOFF / V_SOFF give the scales)
         z = dict(OFF=0, BITS=16, QG=0, SOFF=0, SPG=1, LUT=0)
         if layout.segmented:
             even = (kv_cache.data_ptr() % 2 == 0 and kv_cache.stride(0) % 2 == 0 and kv_cache.stride(1) % 2 == 0
@@ -229,9 +204,9 @@ def decode_defaults(layout: LatentLayout, hq: int | None = None, roped: bool = F
         return LaunchConfig(heads=2 if two else 1, block_t=64, num_warps=4, num_stages=3, pieces=1,
                             tile_rotation=not two, lazy_max=True, maxnreg=cap)
     small = layout.rank_k <= 32 and layout.head_dim >= 64
-    # transform-coded rows: 8 warps (H200, K 80 / V 104 at 64 x 4096: 7.32 -> 3.42 ms; the segment reader's
-    # per-element state spills 1376 bytes per thread at 4 warps, 104 at 8: benchmarks/results/gpu_r7_notes.md)
-    return LaunchConfig(heads=0, block_t=64, num_warps=8 if layout.segmented else 4,
+    # transform-coded rows read as constexpr pieces: 4 warps, as the other formats (H200, K 80 / V 104 at 64 x 4096:
+    # 1.26 ms with 4 warps, 2.07 with 8; no spills either way: benchmarks/results/gpu_r8_decode1.txt)
+    return LaunchConfig(heads=0, block_t=64, num_warps=4,
                         num_stages=2 if small else 3, pieces=2 if small else 1,
                         tile_rotation=False, lazy_max=False, maxnreg=0)
 
@@ -255,6 +230,10 @@ def check_supported(layout: LatentLayout) -> None:
                 if b not in (8, 4, 2) or (w * b) % 8:
                     raise NotImplementedError(f"latent dtype {layout.dtype!r}: {part} segment {w}x{b}: the kernels "
                                               "read 8, 4 and 2-bit segments whose head groups start on whole bytes")
+            n = sum(-(-w // SEG_PIECE) for w, _ in segs)
+            if n > SEG_SLOTS:
+                raise NotImplementedError(f"latent dtype {layout.dtype!r}: the {part} part is {n} pieces (segments "
+                                          f"cut at {SEG_PIECE} coordinates); the kernels read at most {SEG_SLOTS}")
     qg = layout.quantized and layout.quant_group
     if qg and qg & (qg - 1):
         raise NotImplementedError(f"latent dtype {layout.dtype!r}: the kernels need a power-of-two quant group")

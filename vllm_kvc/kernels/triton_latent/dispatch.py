@@ -256,7 +256,7 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
     return LaunchPlan("generic", False, replace(
         cfg, block_q=block_q, block_t=block_t, num_splits=splits, pieces=cfg.pieces or 1,
         num_stages=cfg.num_stages or 2,
-        num_warps=cfg.num_warps or (4 if block_q * hg <= 16 and not layout.segmented else 8)))
+        num_warps=cfg.num_warps or (4 if block_q * hg <= 16 else 8)))
 
 
 # ------------------------------------------------------------------------------------------------ entry points

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .config import level_tables, next_pow2, quant_kwargs, segment_columns, segment_slots, segment_table
-from .tiles import (find_request, load_dequant, load_scale, load_segments, load_tile, phase_tiles, row_offsets,
+from .config import level_tables, next_pow2, quant_kwargs, segment_pieces, segment_runs
+from .tiles import (find_request, load_dequant, load_piece, load_scale, load_tile, phase_tiles, row_offsets,
                     tile_blocks, tile_rows)
 
 LOG2E = 1.4426950408889634
@@ -58,6 +58,32 @@ def _bv_epilogue(u, g, tok, head, kvj, row_ok, bv_ptr, biasv_ptr, out_ptr, strid
             tl.store(out_row[:, None] + dc * DCH + dd[None, :], o.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
+@triton.jit
+def seg_bk(bk_ptr, row0, col0, HD: tl.constexpr, NCOL: tl.constexpr, C0: tl.constexpr, W: tl.constexpr,
+           BITS: tl.constexpr, BYTE0: tl.constexpr, GBYTES: tl.constexpr, SIDX: tl.constexpr, P: tl.constexpr):
+    """The rows of B_k that a key piece (the last 7 arguments, ``*piece`` of ``config.segment_pieces``) multiplies:
+    ``[P, NCOL]``, rows ``row0 + C0 + i`` (0 from i = W on), columns ``col0 ..`` of the head dim."""
+    i = tl.arange(0, P)
+    cc = tl.arange(0, NCOL)
+    return tl.load(bk_ptr + (row0 + C0 + i[:, None]) * HD + col0 + cc[None, :], mask=(i < W)[:, None], other=0.0)
+
+
+@triton.jit
+def seg_acc(M_P: tl.constexpr, C0: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr, BYTE0: tl.constexpr,
+            GBYTES: tl.constexpr, SIDX: tl.constexpr, P: tl.constexpr):
+    """A value piece's accumulator ``[P, M_P]`` (zeros; the piece: ``*piece``)."""
+    return tl.zeros([P, M_P], tl.float32)
+
+
+@triton.jit
+def seg_store(pacc_ptr, base, row_ok, sa, RV_P: tl.constexpr, C0: tl.constexpr, W: tl.constexpr,
+              BITS: tl.constexpr, BYTE0: tl.constexpr, GBYTES: tl.constexpr, SIDX: tl.constexpr, P: tl.constexpr):
+    """A value piece's accumulator ``[P, rows]`` into its columns ``C0 ..`` of the split partials (the piece:
+    ``*piece``)."""
+    i = tl.arange(0, P)
+    tl.store(pacc_ptr + base[:, None] * RV_P + C0 + i[None, :], tl.trans(sa), mask=row_ok[:, None] & (i < W)[None, :])
+
+
 @triton.jit(do_not_specialize=["num_reqs", "num_splits"])
 def _latent_attn_fwd(
     q_ptr, stride_qt, stride_qh,
@@ -69,7 +95,7 @@ def _latent_attn_fwd(
     bv_ptr, biasv_ptr,
     out_ptr, stride_ot, stride_oh,
     pm_ptr, pl_ptr, pacc_ptr,
-    qk_scale, num_splits, lut_ptr, seg_ptr, sink_on_ptr,
+    qk_scale, num_splits, lut_ptr, sink_on_ptr,
     G: tl.constexpr, GS: tl.constexpr, QPK: tl.constexpr, HD: tl.constexpr,
     RK: tl.constexpr, RV: tl.constexpr, RCH: tl.constexpr, RV_P: tl.constexpr, WIDTH: tl.constexpr,
     BS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, M_P: tl.constexpr,
@@ -80,8 +106,8 @@ def _latent_attn_fwd(
     K_OFF: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_SOFF: tl.constexpr, K_SPG: tl.constexpr,
     K_LUT: tl.constexpr,
     V_OFF: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_SOFF: tl.constexpr, V_SPG: tl.constexpr,
-    V_LUT: tl.constexpr, ROPED: tl.constexpr = False, SEG: tl.constexpr = False, SEG_C: tl.constexpr = 16,
-    SEG_N: tl.constexpr = 1, SINK: tl.constexpr = False,
+    V_LUT: tl.constexpr, ROPED: tl.constexpr = False, SEG: tl.constexpr = False, SEGK: tl.constexpr = None,
+    SEGV: tl.constexpr = None, SINK: tl.constexpr = False, SEG_RUNS: tl.constexpr = False,
 ):
     """One program: (query tile, head group, KV split). Keys are rebuilt per KV tile by a dot in interleaved
     column order (x1_0, x2_0, x1_1, ...): ``bk_ptr`` holds B_k as [G, gs, rank_k, hd] in that order, so RoPE's
@@ -95,9 +121,11 @@ def _latent_attn_fwd(
     group's K latent tile (dequantized; int8: its per-token scales multiply the scores' rows) is dotted with the
     latent queries of all rows of the group, in rank chunks of RCH: no B_k, no RoPE, no cos / sin (NH ignored).
 
-    SEG (with QUANT; pre-RoPE keys): transform-coded rows, each K / V tile read by :func:`~.tiles.load_segments`
-    through the layout's ``config.segment_table`` at ``seg_ptr`` (K rows, then V rows; SEG_C columns each; SEG_N
-    segment slots per part).
+    SEG (with QUANT and SPLIT; pre-RoPE keys): transform-coded rows described by ``config.segment_pieces`` (SEGK,
+    SEGV: 4 piece slots per part, unused ones of width 0; SEG_RUNS: how 4 / 2-bit codes are loaded). Each K piece is
+    one tile (:func:`~.tiles.load_piece`)
+    dotted with its rows of B_k; each V piece has its own accumulator, written to its columns of the split
+    partials (the reduce applies B_v).
     SINK: the request's position 0 is left out of the tiles where ``sink_on_ptr[r]`` is set; its exact key and
     value join in :func:`_latent_reduce` like one more KV split (the launcher always writes split partials then)."""
     HALF: tl.constexpr = HD // 2
@@ -167,7 +195,16 @@ def _latent_attn_fwd(
             q1t_b = tl.trans(tl.load(q_row[:, None] + PW + dp[None, :], mask=row_ok[:, None], other=0.0).to(DT))
             q2t_b = tl.trans(tl.load(q_row[:, None] + HALF + PW + dp[None, :], mask=row_ok[:, None],
                                      other=0.0).to(DT))
-    if HOIST_B and not ROPED:
+    HOIST_SEG: tl.constexpr = SEG and (GS == 1) and (NH == 1)
+    if HOIST_SEG:  # the B_k rows of each key piece, loaded once
+        bs0 = seg_bk(bk_ptr, g * RK, 0, HD, 2 * PW, *SEGK[0])
+        if SEGK[1][1] > 0:
+            bs1 = seg_bk(bk_ptr, g * RK, 0, HD, 2 * PW, *SEGK[1])
+        if SEGK[2][1] > 0:
+            bs2 = seg_bk(bk_ptr, g * RK, 0, HD, 2 * PW, *SEGK[2])
+        if SEGK[3][1] > 0:
+            bs3 = seg_bk(bk_ptr, g * RK, 0, HD, 2 * PW, *SEGK[3])
+    elif HOIST_B and not ROPED:
         bmask = (cr < RK)[:, None]
         bih_a = tl.load(bk_ptr + (g * RK + cr[:, None]) * HD + dc[None, :], mask=bmask, other=0.0)
         if NH == 2:
@@ -176,6 +213,11 @@ def _latent_attn_fwd(
     m_i = tl.full([M_P], -1.0e30, tl.float32)
     l_i = tl.zeros([M_P], tl.float32)
     acc = tl.zeros([RV_P, M_P], tl.float32)
+    if SEG:  # one accumulator per value piece
+        sa0 = seg_acc(M_P, *SEGV[0])
+        sa1 = seg_acc(M_P, *SEGV[1])
+        sa2 = seg_acc(M_P, *SEGV[2])
+        sa3 = seg_acc(M_P, *SEGV[3])
 
     for phase in tl.static_range(2):
         # block ids (and int8 scales) one tile ahead: their load latency leaves the critical path
@@ -195,11 +237,20 @@ def _latent_attn_fwd(
                 sk_nxt = load_scale(cache_ptr, ro_nxt, g, t + BLOCK_T < hi_t, WIDTH)
                 sv_nxt = load_scale(cache_ptr, ro_nxt, G + g, t + BLOCK_T < hi_t, WIDTH)
             t_ok, row_off = tile_rows(blk, t0, tt, t_stop, stride_cb, stride_cs, phase == 1, OFF64, BS, BLOCK_T)
-            if NRC == 1:  # the key latents of this tile, shared by all pieces and heads of the group
-                if SEG:
-                    ck1 = load_segments(cache_ptr, row_off, t_ok, seg_ptr, g, 0, K_SOFF, SEG_C, RCH, RK, SEG_N,
-                                        SCALE16, phase == 1, BLOCK_T).to(DT)
-                elif QUANT:
+            if SEG:  # the key latents of this tile, piece by piece, shared by all heads of the group
+                ks0 = load_piece(cache_ptr, row_off, t_ok, g, K_SOFF, SCALE16, phase == 1, BLOCK_T, SEG_RUNS,
+                                     *SEGK[0]).to(DT)
+                if SEGK[1][1] > 0:
+                    ks1 = load_piece(cache_ptr, row_off, t_ok, g, K_SOFF, SCALE16, phase == 1, BLOCK_T, SEG_RUNS,
+                                     *SEGK[1]).to(DT)
+                if SEGK[2][1] > 0:
+                    ks2 = load_piece(cache_ptr, row_off, t_ok, g, K_SOFF, SCALE16, phase == 1, BLOCK_T, SEG_RUNS,
+                                     *SEGK[2]).to(DT)
+                if SEGK[3][1] > 0:
+                    ks3 = load_piece(cache_ptr, row_off, t_ok, g, K_SOFF, SCALE16, phase == 1, BLOCK_T, SEG_RUNS,
+                                     *SEGK[3]).to(DT)
+            elif NRC == 1:  # the key latents of this tile, shared by all pieces and heads of the group
+                if QUANT:
                     ck1 = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RK, RK, g * K_SPG, K_SPG, 1, RCH, RK,
                                        K_OFF, K_BITS, K_QG, K_SOFF, K_LUT, SCALE16, phase == 1,
                                        BLOCK_T).to(DT)
@@ -232,13 +283,32 @@ def _latent_attn_fwd(
                     for hp in tl.static_range(NH):
                         # rebuild columns [hp * 2PW, (hp + 1) * 2PW) of kv head j: RoPE pairs hp*PW .. (hp+1)*PW - 1
                         kk = tl.zeros([BLOCK_T, 2 * PW], tl.float32)
-                        for c in tl.static_range(NRC):
+                        if HOIST_SEG:
+                            kk = tl.dot(ks0, bs0, kk)
+                            if SEGK[1][1] > 0:
+                                kk = tl.dot(ks1, bs1, kk)
+                            if SEGK[2][1] > 0:
+                                kk = tl.dot(ks2, bs2, kk)
+                            if SEGK[3][1] > 0:
+                                kk = tl.dot(ks3, bs3, kk)
+                        elif SEG:
+                            kk = tl.dot(ks0, seg_bk(bk_ptr, (g * GS + j) * RK, hp * 2 * PW, HD, 2 * PW,
+                                                        *SEGK[0]), kk)
+                            if SEGK[1][1] > 0:
+                                kk = tl.dot(ks1, seg_bk(bk_ptr, (g * GS + j) * RK, hp * 2 * PW, HD, 2 * PW,
+                                                        *SEGK[1]),
+                                            kk)
+                            if SEGK[2][1] > 0:
+                                kk = tl.dot(ks2, seg_bk(bk_ptr, (g * GS + j) * RK, hp * 2 * PW, HD, 2 * PW,
+                                                        *SEGK[2]),
+                                            kk)
+                            if SEGK[3][1] > 0:
+                                kk = tl.dot(ks3, seg_bk(bk_ptr, (g * GS + j) * RK, hp * 2 * PW, HD, 2 * PW,
+                                                        *SEGK[3]),
+                                            kk)
+                        for c in tl.static_range(0 if SEG else NRC):
                             if NRC == 1:
                                 ck = ck1
-                            elif SEG:  # chunk c: coordinates c*RCH .. of the group
-                                ck = load_segments(cache_ptr, row_off, t_ok, seg_ptr, g, c * RCH, K_SOFF, SEG_C, RCH,
-                                                   (RK - c * RCH) if (RK - c * RCH) < RCH else RCH, SEG_N,
-                                                   SCALE16, True, BLOCK_T).to(DT)
                             elif QUANT:  # chunk c: values c*RCH .. of the group (scales from that value on)
                                 ck = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RK + c * RCH, RK,
                                                   g * K_SPG + (0 if K_QG == 0 else (c * RCH) // K_QG), K_SPG, 1, RCH,
@@ -288,9 +358,18 @@ def _latent_attn_fwd(
                         s = tl.dot(r2, q2t, s)
 
             s = s * qk_scale
-            if SEG:
-                vv = load_segments(cache_ptr, row_off, t_ok, seg_ptr + 6 * SEG_C, g, 0, V_SOFF, SEG_C, RV_P, RV, SEG_N,
-                                   SCALE16, phase == 1, BLOCK_T).to(DT)
+            if SEG:  # the value latents, piece by piece
+                vs0 = load_piece(cache_ptr, row_off, t_ok, g, V_SOFF, SCALE16, phase == 1, BLOCK_T, SEG_RUNS,
+                                     *SEGV[0]).to(DT)
+                if SEGV[1][1] > 0:
+                    vs1 = load_piece(cache_ptr, row_off, t_ok, g, V_SOFF, SCALE16, phase == 1, BLOCK_T, SEG_RUNS,
+                                     *SEGV[1]).to(DT)
+                if SEGV[2][1] > 0:
+                    vs2 = load_piece(cache_ptr, row_off, t_ok, g, V_SOFF, SCALE16, phase == 1, BLOCK_T, SEG_RUNS,
+                                     *SEGV[2]).to(DT)
+                if SEGV[3][1] > 0:
+                    vs3 = load_piece(cache_ptr, row_off, t_ok, g, V_SOFF, SCALE16, phase == 1, BLOCK_T, SEG_RUNS,
+                                     *SEGV[3]).to(DT)
             elif QUANT:
                 vv = load_dequant(cache_ptr, row_off, t_ok, lut_ptr, g * RV, RV, g * V_SPG, V_SPG, 1, RV_P, RV,
                                   V_OFF, V_BITS, V_QG, V_SOFF, V_LUT, SCALE16, phase == 1, BLOCK_T).to(DT)
@@ -308,8 +387,18 @@ def _latent_attn_fwd(
             l_i = l_i * alpha + tl.sum(p, 0)
             if INT8:
                 p = p * sv[:, None]
-            acc = acc * alpha[None, :]
-            acc = tl.dot(tl.trans(vv), p.to(DT), acc)
+            if SEG:
+                pd = p.to(DT)
+                sa0 = tl.dot(tl.trans(vs0), pd, sa0 * alpha[None, :])
+                if SEGV[1][1] > 0:
+                    sa1 = tl.dot(tl.trans(vs1), pd, sa1 * alpha[None, :])
+                if SEGV[2][1] > 0:
+                    sa2 = tl.dot(tl.trans(vs2), pd, sa2 * alpha[None, :])
+                if SEGV[3][1] > 0:
+                    sa3 = tl.dot(tl.trans(vs3), pd, sa3 * alpha[None, :])
+            else:
+                acc = acc * alpha[None, :]
+                acc = tl.dot(tl.trans(vv), p.to(DT), acc)
             m_i = m_new
 
     acc = tl.trans(acc)
@@ -317,7 +406,16 @@ def _latent_attn_fwd(
         base = (tok.to(tl.int64) * (G * HG) + head) * num_splits + sp
         tl.store(pm_ptr + base, m_i, mask=row_ok)
         tl.store(pl_ptr + base, l_i, mask=row_ok)
-        tl.store(pacc_ptr + base[:, None] * RV_P + cv[None, :], acc, mask=row_ok[:, None])
+        if SEG:  # each value piece into its columns
+            seg_store(pacc_ptr, base, row_ok, sa0, RV_P, *SEGV[0])
+            if SEGV[1][1] > 0:
+                seg_store(pacc_ptr, base, row_ok, sa1, RV_P, *SEGV[1])
+            if SEGV[2][1] > 0:
+                seg_store(pacc_ptr, base, row_ok, sa2, RV_P, *SEGV[2])
+            if SEGV[3][1] > 0:
+                seg_store(pacc_ptr, base, row_ok, sa3, RV_P, *SEGV[3])
+        else:
+            tl.store(pacc_ptr + base[:, None] * RV_P + cv[None, :], acc, mask=row_ok[:, None])
     else:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         u = (acc / l_safe[:, None]).to(DT)
@@ -370,8 +468,8 @@ def _latent_reduce(
     for s in range(num_splits):
         w = tl.exp2(tl.load(pm_ptr + base + s, mask=row_ok, other=-1.0e30) - m_max)
         l_sum += w * tl.load(pl_ptr + base + s, mask=row_ok, other=0.0)
-        acc += w[:, None] * tl.load(pacc_ptr + (base + s)[:, None] * RV_P + cv[None, :], mask=row_ok[:, None],
-                                    other=0.0)
+        acc += w[:, None] * tl.load(pacc_ptr + (base + s)[:, None] * RV_P + cv[None, :],
+                                    mask=row_ok[:, None] & (cv < RV)[None, :], other=0.0)  # (seg: pieces end at RV)
     if SINK:
         p0 = tl.exp2(s0 - m_max)
         l_sum += p0
@@ -466,12 +564,14 @@ def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_gri
         stride_cos, bias1, bias2, pieces = 0, None, None, 1
     else:
         dummy, bk, cos, sin, stride_cos, bias1, bias2 = f.bk, f.bk, f.cos, f.sin, f.cos.stride(0), f.bias1, f.bias2
-    pm, pl, pacc = split_partials(q, cfg.num_splits, rv_p, dummy, force=sink is not None)
+    split = cfg.num_splits > 1 or sink is not None or layout.segmented  # seg: rows: B_v applied in the reduce
+    pm, pl, pacc = split_partials(q, cfg.num_splits, rv_p, dummy, force=split)
     qkw = quant_kwargs(layout, kv_cache)
     lut = level_tables(q.device) if qkw["QUANT"] else dummy
-    seg = segment_table(layout, q.device) if layout.segmented else dummy
-    extra = (dict(SEG=True, SEG_C=segment_columns(layout), SEG_N=segment_slots(layout)) if layout.segmented
-             else {})
+    extra = {}
+    if layout.segmented:
+        segk, segv = segment_pieces(layout)
+        extra = dict(SEG=True, SEGK=segk, SEGV=segv, SEG_RUNS=segment_runs(layout))
     on = dummy
     if sink is not None:
         k0, v0, on = sink
@@ -493,11 +593,11 @@ def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_gri
                 f.bv, f.bias_v if f.bias_v is not None else dummy,
                 out, out.stride(0), out.stride(1),
                 pm, pl, pacc,
-                float(scale) * LOG2E, cfg.num_splits, lut, seg, on,
+                float(scale) * LOG2E, cfg.num_splits, lut, on,
                 G=G, GS=gs, QPK=qpk, HD=hd, RK=layout.rank_k, RV=layout.rank_v, RCH=min(rk_p, RANK_CHUNK),
                 RV_P=rv_p,
                 WIDTH=layout.width, BS=kv_cache.shape[1], BLOCK_T=cfg.block_t, BLOCK_Q=block_q,
-                M_P=max(16, next_pow2(block_q * gs * qpk)), SPLIT=cfg.num_splits > 1 or sink is not None, DCH=dch,
+                M_P=max(16, next_pow2(block_q * gs * qpk)), SPLIT=split, DCH=dch,
                 INT8=layout.is_int8,
                 HAS_BK=bias1 is not None, HAS_BV=f.bias_v is not None, DIRECT=direct,
                 OFF64=needs_off64(kv_cache),
@@ -509,7 +609,7 @@ def launch_generic(q, kv_cache, f, block_table, seq_lens, qsl, tile_start, n_gri
             if not qkw["QUANT"] or num_stages <= 1:
                 raise
             num_stages -= 1
-    if cfg.num_splits > 1 or sink is not None:
+    if split:
         launch_reduce(pm, pl, pacc, f, out, cfg.num_splits, gs, qpk, dummy,
                       None if sink is None else (q, k0, v0, on, qsl, direct, float(scale) * LOG2E))
     return out

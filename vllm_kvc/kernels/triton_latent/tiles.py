@@ -261,43 +261,60 @@ def load_dequant(cache_ptr, row_off, t_ok, lut_ptr, v0, vstride, s0, sstride,
 
 
 @triton.jit
-def load_segments(cache_ptr, row_off, t_ok, tab_ptr, g, c0, SOFF: tl.constexpr, SEG_C: tl.constexpr,
-                  RP: tl.constexpr, NVAL: tl.constexpr, NSEG: tl.constexpr, SCALE16: tl.constexpr,
-                  MASKED: tl.constexpr, BLOCK_T: tl.constexpr):
-    """A tile of one part of transform-coded (``seg:``) rows, dequantized in registers to fp32: ``[BLOCK_T, RP]``,
-    column i holding coordinate ``c0 + i`` of head group ``g`` (0 from i = NVAL on). Where each coordinate's code
-    sits, its bits and its segment come from the part's rows of ``config.segment_table`` at ``tab_ptr`` (SEG_C
-    columns each): the same code reads every segment list. The fp16 scales are loaded once per segment slot and
-    token (NSEG slots: the most segments of a part) and spread over their columns by selects; 8-bit codes are
+def load_piece(cache_ptr, row_off, t_ok, g, SOFF: tl.constexpr, SCALE16: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_T: tl.constexpr, RUNS: tl.constexpr, C0: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr, BYTE0: tl.constexpr,
+               GBYTES: tl.constexpr, SIDX: tl.constexpr, P: tl.constexpr):
+    """One piece of a transform-coded (``seg:``) row (the last 7 arguments: a piece of ``config.segment_pieces``,
+    passed as ``*piece``) of head group ``g``, dequantized in registers to fp32: ``[BLOCK_T, P]``, column i < W holding
+    coordinate C0 + i of the part, 0 beyond. One fp16 scale per token (number SIDX + g); 8-bit codes are
     ``code * scale``, 4 / 2-bit ones ``level(code) * |scale|`` with the level computed, not gathered (Gauss where
     the scale is positive, uniform where negative; layout.py): 4 bits by :func:`gauss_poly4`'s polynomial (within
-    1e-4 of the table) or ``(u - 7.5) / 7.5``, 2 bits exactly (+-1 outside, +-G2_IN / +-1/3 inside)."""
-    i = tl.arange(0, RP)
-    col = c0 + i
-    ok = i < NVAL
-    bit = tl.load(tab_ptr + col) + g * tl.load(tab_ptr + SEG_C + col)
-    nlev = tl.load(tab_ptr + 2 * SEG_C + col)
-    seg = tl.load(tab_ptr + 4 * SEG_C + col)
-    ptr = cache_ptr + row_off[:, None] + (bit >> 3)[None, :]
-    m2 = ok[None, :]
-    if MASKED:
-        m2 = t_ok[:, None] & ok[None, :]
-    x = tl.load(ptr, mask=m2, other=0)
-    s = tl.zeros([BLOCK_T, RP], tl.float32)
-    for j in tl.static_range(NSEG):
-        sidx = tl.load(tab_ptr + 5 * SEG_C + j + tl.zeros([1], tl.int32)) + g
-        sj = load_scales(cache_ptr, row_off, sidx, t_ok[:, None], SOFF, SCALE16)  # [BLOCK_T, 1]
-        s = tl.where((seg == j)[None, :], sj, s)
-    u = (x.to(tl.int32) >> (bit & 7)[None, :]) & (nlev - 1)[None, :]
-    neg = s < 0
-    xc = u.to(tl.float32) - 7.5
-    x2 = xc * xc
-    l4 = tl.where(neg, xc / 7.5, xc * (G4_1 + x2 * (G4_3 + x2 * (G4_5 + x2 * (G4_7 + x2 * G4_9)))))
-    m2v = tl.where((u == 0) | (u == 3), 1.0, tl.where(neg, 1.0 / 3.0, G2_IN))
-    l2 = tl.where(u >= 2, m2v, -m2v)
-    vq = tl.where((nlev == 16)[None, :], l4, l2) * tl.abs(s)
-    v8 = x.to(tl.int8, bitcast=True).to(tl.float32) * s
-    return tl.where(m2, tl.where((nlev == 256)[None, :], v8, vq), 0.0)
+    1e-4 of the table) or ``(u - 7.5) / 7.5``, 2 bits exactly (+-1 outside, +-G2_IN / +-1/3 inside). Every piece
+    field is a constexpr, so addresses and shifts are constant per column. 4 / 2-bit codes are read with one byte
+    load each, or (RUNS) as each token's run of bytes with an axis of stride 0 over the codes of a byte: vector
+    loads, but each byte staged once per code (``config.segment_runs`` chooses, as measured)."""
+    i = tl.arange(0, P)
+    ok = i < W
+    s = load_scales(cache_ptr, row_off, tl.full([1], SIDX, tl.int32) + g, t_ok[:, None], SOFF, SCALE16)
+    if BITS == 8 or not RUNS:  # one byte load per code
+        ptr = cache_ptr + row_off[:, None] + (BYTE0 + g * GBYTES + ((i * BITS) >> 3))[None, :]
+        m2 = ok[None, :]
+        if MASKED:
+            m2 = t_ok[:, None] & ok[None, :]
+        if W >= P and not MASKED:
+            x = tl.load(ptr)
+        else:
+            x = tl.load(ptr, mask=m2, other=0)
+        if BITS == 8:
+            v = x.to(tl.int8, bitcast=True).to(tl.float32) * s
+        else:
+            u = (x.to(tl.int32) >> ((i * BITS) & 7)[None, :]) & ((1 << BITS) - 1)
+    else:  # RUNS: the piece's bytes as one contiguous run per token, read once per code they hold: [T, bytes, codes]
+        NB: tl.constexpr = 8 // BITS
+        jb = tl.arange(0, P // NB)
+        kb = tl.arange(0, NB)
+        ptr = cache_ptr + row_off[:, None, None] + (BYTE0 + g * GBYTES + jb)[None, :, None] + 0 * kb[None, None, :]
+        m3 = (jb < W // NB)[None, :, None] & (kb < NB)[None, None, :]
+        if MASKED:
+            m3 = m3 & t_ok[:, None, None]
+        if W >= P and not MASKED:
+            x = tl.load(ptr)
+        else:
+            x = tl.load(ptr, mask=m3, other=0)
+        u = tl.reshape((x.to(tl.int32) >> (kb * BITS)[None, None, :]) & ((1 << BITS) - 1), [BLOCK_T, P])
+    if BITS < 8:
+        neg = s < 0
+        if BITS == 4:
+            xc = u.to(tl.float32) - 7.5
+            x2 = xc * xc
+            lv = tl.where(neg, xc / 7.5, xc * (G4_1 + x2 * (G4_3 + x2 * (G4_5 + x2 * (G4_7 + x2 * G4_9)))))
+        else:
+            m2v = tl.where((u == 0) | (u == 3), 1.0, tl.where(neg, 1.0 / 3.0, G2_IN))
+            lv = tl.where(u >= 2, m2v, -m2v)
+        v = lv * tl.abs(s)
+    if W < P:
+        v = tl.where(ok[None, :], v, 0.0)
+    return v
 
 
 # ------------------------------------------------------------------------------------------------ 4-bit levels
