@@ -137,9 +137,9 @@ def test_every_method_implements_the_interface():
 
 def test_cuda_graph_support_follows_the_method():
     """The latent backend lets vLLM capture single-token decode batches in CUDA graphs exactly for the methods
-    whose CUDA path is capturable (Method.cuda_graphs: lowrank, quant; kernels.triton_latent.latent_step, checked
-    under a real capture and replay by the GPU test in test_kernels.py); other methods, and engines without a
-    compression config, stay eager. The flag is set where the model reads its compression config."""
+    whose CUDA path is capturable (Method.cuda_graphs: lowrank, quant, tcode; kernels.triton_latent.latent_step and
+    tcode's sink table, checked under a real capture and replay by the GPU tests in test_kernels.py); other methods,
+    and engines without a compression config, stay eager. The flag is set where the model reads its compression config."""
     from vllm.v1.attention.backend import AttentionCGSupport
 
     from vllm_kvc.glue import setup
@@ -156,7 +156,8 @@ def test_cuda_graph_support_follows_the_method():
         assert support(None) == AttentionCGSupport.NEVER
         assert support("lowrank") == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         assert support("quant") == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        assert support("tcode") == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         assert support("pod") == AttentionCGSupport.NEVER
-        assert {m.name for m in all_methods() if m.cuda_graphs} == {"lowrank", "quant"}
+        assert {m.name for m in all_methods() if m.cuda_graphs} == {"lowrank", "quant", "tcode"}
     finally:
         setup.CUDA_GRAPHS["enabled"] = False

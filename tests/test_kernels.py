@@ -1343,3 +1343,41 @@ def test_latent_step_segment_rows_with_sink(capture):
         _seg_step(tk, args, lat, slots, out, sink)
     _check_rows_written(args, lat, slots, before)
     assert rel_err(out, ref_out_sink(args, sink)) < TOL
+
+
+@pytest.mark.parametrize("capture", [False, True] if CUDA else [False], ids=lambda c: "graph" if c else "eager")
+def test_sink_table_feeds_replayed_decode_steps(capture):
+    """Method tcode's CUDA decode step as glue/latent.py runs it (``_sink_step_cuda``): the exact first tokens live
+    in a glue/sink.py SinkTable, written eagerly (vLLM runs prefills eagerly) and read inside the step by device
+    gathers. On GPUs the read and latent_step are captured in a CUDA graph; a sink rewritten and one written for
+    the first time between replays are read by the next replay; a request without one reads its latent row."""
+    tk = kernels()
+    from vllm_kvc.glue.sink import SinkTable
+    gen = fresh_gen()
+    seq = [700, 64, 1500, 9] if CUDA else [40, 7, 66, 5]
+    kw = (dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64) if CUDA else
+          dict(G=2, gs=1, qpk=2, hd=32, rk=32, rv=32, bs=16))
+    spec = "seg:8x8+24x4+32x2/16x4+48x2" if CUDA else "seg:8x8+16x4+8x2/16x4+16x2"
+    args, _ = make_case(seq, [1] * len(seq), lat_dtype=spec, gen=gen, **kw)
+    lay = args["layout"]
+    table = SinkTable(args["kv_cache"].shape[0], (2, lay.num_kv_heads, lay.head_dim), args["q"].dtype, DEV, pages=6)
+    first = args["block_table"][:, 0]
+    k0, v0, _ = make_sink(args, [True] * 4, gen)
+    table.write(first, [0, 1, 2], torch.stack([k0, v0], 1)[:3])  # request 3: no sink yet
+    lat, slots = _step_inputs(args, [s - 1 for s in seq], gen)
+    out = torch.full_like(args["q"], float("nan"))
+
+    def step():
+        vals, found = table.read(first)
+        _seg_step(tk, args, lat, slots, out, (vals[:, 0], vals[:, 1], found))
+
+    run = capture_graph(step).replay if capture else step
+    run()
+    on = torch.tensor([True, True, True, False], device=DEV)
+    assert rel_err(out, ref_out_sink(args, (k0, v0, on))) < TOL
+    k1, v1, _ = make_sink(args, [True] * 4, gen)  # request 1's sink rewritten, request 3's written (eagerly)
+    table.write(first, [1, 3], torch.stack([k1, v1], 1)[[1, 3]])
+    k0[[1, 3]], v0[[1, 3]] = k1[[1, 3]], v1[[1, 3]]
+    out.fill_(float("nan"))
+    run()
+    assert rel_err(out, ref_out_sink(args, (k0, v0, torch.ones(4, dtype=torch.bool, device=DEV)))) < TOL

@@ -236,6 +236,10 @@ class LatentAttention(RowAttention):
         host-side page choice would be frozen into it)."""
         hkv, hd = self.num_kv_heads, self.head_size
         if self.sink_pool is None:
+            if torch.cuda.is_current_stream_capturing():  # its initial fill would be replayed with every step
+                raise RuntimeError(f"{getattr(self, 'layer_name', '')}: compression.tcode.sink: the exact first "
+                                   "tokens' table must exist before CUDA-graph capture (vLLM runs an eager "
+                                   "warm-up step first); run with --enforce-eager to serve without graphs")
             self.sink_pool = SinkTable(num_blocks, (2, hkv, hd), exact.dtype, exact.device, pages=_sink_pages())
         pool = self.sink_pool
         R = md.block_table.shape[0]

@@ -8,8 +8,9 @@ paged cache: ``TcodePlan.sequence_bytes``; ``--memory`` and ``bench pareto`` cou
 
 Where its parts live: settings and plan here; statistics, allocation, factors and emulation vllm_kvc/tcode.py
 (+ bitalloc.py); row bytes layout.py (``seg:`` specs); attention glue/latent.py (``sink``, ``window``) on the CPU
-reference path (kernels/reference.py, glue/window.py) and the Triton kernels on GPUs (segment rows and the sink;
-not yet fast, benchmarks/results/gpu_r7_notes.md; a window > 0 is refused on GPUs at start-up).
+reference path (kernels/reference.py, glue/window.py) and the Triton kernels on GPUs (segment rows read as
+constexpr pieces and the sink, decode captured in CUDA graphs; still slower than dense on GPUs,
+benchmarks/RESULTS.md "GPU, round 8"; a window > 0 is refused on GPUs at start-up).
 
 Deployments list the segments per layer (``vllm-kvc allocate --method tcode --memory 0.15`` writes them)::
 
@@ -98,6 +99,8 @@ class Tcode(Method):
     section = TcodeConfig
     rank_meaning = "latent coordinates kept per head group"
     allocatable = True
+    # glue/latent.py: latent_step, the sink read by device gathers (glue/sink.py), written in eager steps only
+    cuda_graphs = True
     modules = ("vllm_kvc.tcode",)
 
     def plan(self, cfg, shape: ModelShape, tp_size: int = 1) -> TcodePlan:
