@@ -342,7 +342,7 @@ def format_shape(item: str, ratio: float = 0.5):
     return item, 1, r, r
 
 
-BOOL_FIELDS = ("tile_rotation", "lazy_max", "scale_ahead", "k_grouped")  # LaunchConfig switches (0 / 1)
+BOOL_FIELDS = ("tile_rotation", "lazy_max", "scale_ahead", "k_grouped", "explicit")  # LaunchConfig switches (0 / 1)
 CONFIGS: list = []  # --configs: replaces format_configs' grid
 ROPED_CONFIGS: list = []  # --roped-configs: tried in roped-key mode besides the defaults
 

@@ -257,7 +257,8 @@ def main():
         batch = min(a.max_batch, int(a.kv_gib * 2 ** 30 // per_seq))
         m = Model(shared, layout, batch, a.context, gen, roped)
         if cfg_text:
-            m.config = tk.LaunchConfig(**{k: (v == "1") if k in ("tile_rotation", "lazy_max") else int(v)
+            m.config = tk.LaunchConfig(**{k: (v == "1") if k in ("tile_rotation", "lazy_max", "scale_ahead",
+                                                                "k_grouped", "explicit") else int(v)
                                           for k, v in (x.split("=") for x in cfg_text.split("+"))})
         step_ms = graph_ms(m.step, a.reps)
         attn_ms = graph_ms(m.attention_only, a.reps)

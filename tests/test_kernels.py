@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -204,7 +206,7 @@ def split_kw(call_kw):
     return {k: v for k, v in call_kw.items() if k not in names}, cfg
 
 
-def plan_of(args, cfg, max_query_len=None, inv_freq=None, long_prompts=False):
+def plan_of(args, cfg, max_query_len=None, inv_freq=None, long_prompts=False, roped=False):
     """The plan latent_attention follows for a case (the same sizes and config it passes to plan_launch)."""
     tk = kernels()
     q, R = args["q"], args["seq_lens"].shape[0]
@@ -213,7 +215,80 @@ def plan_of(args, cfg, max_query_len=None, inv_freq=None, long_prompts=False):
     return tk.plan_launch(args["layout"], q.shape[1], q.shape[0], R, max_query_len=max_query_len, config=cfg,
                           angles_ok=angles_ok,
                           query_lens=[qsl[r + 1] - qsl[r] for r in range(R)] if long_prompts else None,
-                          seq_lens=args["seq_lens"].tolist() if long_prompts else None)
+                          seq_lens=args["seq_lens"].tolist() if long_prompts else None,
+                          block_size=args["kv_cache"].shape[1], explicit_ok=explicit_kernel().device_ok(q), roped=roped)
+
+
+def explicit_kernel():
+    from vllm_kvc.kernels.triton_latent import explicit
+    return explicit
+
+def test_plan_takes_the_explicit_kernel_where_it_serves():
+    """One-query-per-request batches of roped int4@g32 at rank 128 in 64-token blocks take the explicit-layout
+    kernel where the device suits it, with KV splits by the resident-program rule (4 per SM); anything else
+    (pre-RoPE keys, rank 112, other blocks, a sink, 16 query heads per KV head, prompts, explicit=False, a device
+    that does not suit) keeps the Triton kernels."""
+    tk = kernels()
+    ex = explicit_kernel()
+    lay = LatentLayout(8, 1, 128, 128, 128, "int4@g32")
+    kw = dict(max_query_len=1, roped=True, block_size=64, explicit_ok=True, sms=132, max_ctx=16384)
+    if not ex.AVAILABLE:
+        pytest.skip("this triton has no Gluon")
+    assert tk.plan_launch(lay, 32, 64, 64, **kw).config.num_splits == 1  # 512 programs fill 528 slots
+    p = tk.plan_launch(lay, 32, 16, 16, **kw)
+    assert (p.kernel, p.direct, p.config.num_splits, p.config.block_t, p.config.num_warps) == ("explicit", True, 4, 64, 4)
+    assert tk.plan_launch(lay, 32, 16, 16, **kw, config=tk.LaunchConfig(num_splits=2)).config.num_splits == 2
+    other = [dict(kw, roped=False), dict(kw, block_size=16), dict(kw, sink=True), dict(kw, explicit_ok=False),
+             dict(kw, config=tk.LaunchConfig(explicit=False))]
+    for k in other:
+        assert tk.plan_launch(lay, 32, 16, 16, **k).kernel != "explicit", k
+    assert tk.plan_launch(LatentLayout(8, 1, 128, 112, 112, "int4@g32"), 32, 16, 16, **kw).kernel == "decode"
+    assert tk.plan_launch(LatentLayout(2, 1, 128, 128, 128, "int4@g32"), 32, 16, 16, **kw).kernel == "decode"
+    assert tk.plan_launch(lay, 32, 40, 16, **dict(kw, max_query_len=9)).kernel != "explicit"
+    # the fragment permutations are permutations of the 128 coordinates, and each thread's are contiguous bytes
+    assert sorted(ex.k_rank(k) for k in range(128)) == list(range(128))
+    assert sorted(ex.v_rank(m) for m in range(128)) == list(range(128))
+    for a in range(4):  # K: thread lane % 4 = a holds positions 2a + {0, 1} + 8 j: bytes 16a .. 16a + 15
+        pos = [2 * a + r0 + 8 * j for j in range(16) for r0 in (0, 1)]
+        assert sorted(ex.k_rank(k) // 2 for k in pos) == sorted(list(range(16 * a, 16 * a + 16)) * 2)
+    for c in range(8):  # V: thread lane // 4 = c holds rows c + 8 t: bytes 8c .. 8c + 7
+        assert sorted(ex.v_rank(c + 8 * t) // 2 for t in range(16)) == sorted(list(range(8 * c, 8 * c + 8)) * 2)
+
+
+_COMPILE_EXPLICIT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from vllm_kvc.kernels.triton_latent import explicit as ex
+from vllm_kvc.kernels.triton_latent.config import row_format
+from vllm_kvc.layout import LatentLayout
+kf, vf = row_format(LatentLayout(8, 1, 128, 128, 128, "int4@g32"))
+types = {"q_ptr": "*bf16", "cache_ptr": "*u8", "bt_ptr": "*i32", "seq_lens_ptr": "*i32", "pm_ptr": "*fp32",
+         "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "qk_scale": "fp32"}
+const = dict(G=8, QPK=4, K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=64)
+fn = ex._roped_int4_decode
+sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
+ck = triton.compile(GluonASTSource(fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                    options=dict(num_warps=4))
+ptx = ck.asm["ptx"]
+print("SHARED", ck.metadata.shared, "MMA", ptx.count("mma.sync.aligned.m16n8k16"), "LDS", ptx.count("ld.shared"))
+"""
+
+
+def test_explicit_kernel_compiles_for_hopper():
+    """The explicit-layout kernel compiles for sm_90 with the installed Triton (no GPU needed; outside the
+    interpreter, in a subprocess): its layout conversions between the decoded tiles and the mma operands are
+    register renames (``assert_trivial``, checked by the compiler), and it reads no shared memory."""
+    if not explicit_kernel().AVAILABLE:
+        pytest.skip("this triton has no Gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _COMPILE_EXPLICIT], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _, shared, _, mma, _, lds = r.stdout.split()[-6:]
+    assert (int(shared), int(lds)) == (0, 0) and int(mma) >= 16, r.stdout
+
 
 def test_plan_gives_nibble_tiles_32_tokens():
     """Decode plans of layouts read as even / odd nibble tiles never use 16-token tiles (wrong results on the H200
@@ -863,7 +938,7 @@ def next_step_in_place(args, lat, slots, new_seq, gen):
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs")
 @pytest.mark.parametrize("roped", [False, True], ids=["pre_rope", "roped"])
-@pytest.mark.parametrize("lat_dtype", ["bfloat16", "int4@g32", "int8/int4", "int8"])
+@pytest.mark.parametrize("lat_dtype", ["bfloat16", "int4@g32", "int8/int4", "int8", "int4@g32-r128"])
 def test_latent_step_replays_in_a_cuda_graph(lat_dtype, roped):
     """The decode call is captured in a CUDA graph; then the cache contents, the query (roped keys: the latent
     queries), this step's latents, the slots and the cached lengths change in place, and the replay computes the
@@ -871,8 +946,12 @@ def test_latent_step_replays_in_a_cuda_graph(lat_dtype, roped):
     tk = kernels()
     gen = fresh_gen()
     seq = [700, 64, 1500, 9]
-    args, _ = make_case(seq, [1] * 4, G=8, gs=1, qpk=4, hd=128, rk=64, rv=48 if roped else 64, bs=64,
-                        lat_dtype=lat_dtype, gen=gen)
+    rank = 128 if lat_dtype.endswith("-r128") else 64  # rank 128, roped: the explicit-layout kernel
+    lat_dtype = lat_dtype.removesuffix("-r128")
+    args, _ = make_case(seq, [1] * 4, G=8, gs=1, qpk=4, hd=128, rk=rank, rv=48 if roped and rank == 64 else rank,
+                        bs=64, lat_dtype=lat_dtype, gen=gen)
+    if roped and rank == 128:
+        assert plan_of(args, tk.LaunchConfig(), 1, roped=True).kernel == "explicit"
     if roped:
         qt = roped_query(args)
         call_args, step = roped_call_args(args, qt, bare=True), _step_call_roped
@@ -996,6 +1075,12 @@ if CUDA:
          dict(G=8, gs=1, qpk=4, hd=128, rk=32, rv=32, bs=16), dict(max_query_len=1)),
         ("gpu_llama_int4_g32_r128", "int4@g32", [4096, 1, 777, 3001], [1] * 4,
          dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(max_query_len=1)),
+        # the explicit-layout kernel (explicit.py): 8 query heads per KV head, 3 KV splits (12 partials per
+        # program), bias_v, partial blocks; and the same layout on the Triton decode kernel (explicit=False)
+        ("gpu_explicit_qpk8_split3_bias", "int4@g32", [8191, 65, 1, 1000, 64], [1] * 5,
+         dict(G=2, gs=1, qpk=8, hd=128, rk=128, rv=128, bs=64, bias=True), dict(max_query_len=1, num_splits=3)),
+        ("gpu_llama_int4_g32_r128_triton", "int4@g32", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(max_query_len=1, explicit=False)),
         ("gpu_llama_int4_g32_r112_split", "int4@g32", [16384, 1, 777, 3001], [1] * 4,
          dict(G=8, gs=1, qpk=4, hd=128, rk=112, rv=112, bs=64), dict(max_query_len=1, num_splits=3)),
         ("gpu_llama_int8_r128", "int8", [3000, 17], [1, 1], dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64),
@@ -1033,8 +1118,13 @@ def test_triton_roped_keys_match_reference(name, lat, seq_lens, q_lens, case_kw,
     out = torch.full((qt.shape[0], qt.shape[1], case_kw["hd"]), float("nan"), dtype=qt.dtype, device=DEV)
     res = tk.latent_attention(**roped_call_args(args, qt, bare), out=out, config=cfg, roped_keys=True, **kw)
     assert res is out
-    plan = plan_of(args, cfg, kw.get("max_query_len"))
-    if tk.heads_supported(args["layout"], qt.shape[1]) and cfg.heads != 0 and kw.get("max_query_len") == 1:
+    plan = plan_of(args, cfg, kw.get("max_query_len"), roped=True)
+    ex = explicit_kernel()
+    served = (ex.serves(args["layout"], qt.shape[1], case_kw["bs"], True) and ex.device_ok(qt)
+              and cfg.explicit is not False and kw.get("max_query_len") == 1)
+    if served:  # roped int4@g32 of rank 128 on sm_90: the explicit-layout kernel
+        assert plan.kernel == "explicit"
+    elif tk.heads_supported(args["layout"], qt.shape[1]) and cfg.heads != 0 and kw.get("max_query_len") == 1:
         assert plan.kernel == "decode"
     err = rel_err(out, expect)
     assert err < TOL, f"{name}: rel err {err:.3e}"

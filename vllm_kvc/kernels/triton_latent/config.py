@@ -44,6 +44,8 @@ class LaunchConfig:
         one tile ahead; None: on for roped keys (measured there, round 5), off for pre-RoPE keys.
     k_grouped: decode kernel, roped keys, 4-bit K of rank 97..128 with 32 values per scale: K tiles read one scale
         group (16 bytes) per thread and token (``tiles.load_nibbles_grouped``); None: on.
+    explicit: decode batches of the layouts the explicit-layout kernel serves (``explicit.serves``: roped int4@g32
+        of rank 128, 64-token blocks, sm_90) take it; None: on, False: the Triton kernels.
     rebuild_*: long prompts (see ``dispatch.plan_launch``)."""
     heads: int | None = None
     block_t: int | None = None
@@ -57,6 +59,7 @@ class LaunchConfig:
     maxnreg: int | None = None
     scale_ahead: bool | None = None
     k_grouped: bool | None = None
+    explicit: bool | None = None
     rebuild_min_queries: int = REBUILD_MIN_QUERIES
     rebuild_min_work: int = REBUILD_MIN_WORK
     rebuild_max_tokens: int = REBUILD_MAX_TOKENS

@@ -19,6 +19,7 @@ from vllm_kvc.layout import LatentLayout
 
 from .config import (LaunchConfig, check_supported, compute_dtype, decode_defaults, default_splits, heads_supported,
                      next_pow2, num_sms, pick_heads, programs_per_sm)
+from . import explicit
 from .decode import launch_decode, nibble_split
 from .prefill import launch_generic
 from .write import can_encode, encode_rows, write_rows
@@ -169,7 +170,8 @@ class LaunchPlan:
 
     rebuilt: requests computed by rebuild-then-flash (:func:`reference.rebuild_attention`); when not empty, the
         kernels serve ``kept`` (the other requests with queries) as one sub-batch.
-    kernel: "decode" (the multi-head decode kernel), "generic", or "none" (nothing left for the kernels).
+    kernel: "explicit" (the explicit-layout decode kernel, explicit.py), "decode" (the multi-head decode kernel),
+        "generic", or "none" (nothing left for the kernels).
     direct: one query per request, program = request (else varlen: programs find their request).
     config: the launch configuration with every field resolved.
     tile_rotation: the decode kernel computes RoPE by tile rotation (else it reads the cos / sin table)."""
@@ -191,7 +193,7 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
                 max_query_len: int | None = None, config: LaunchConfig | None = None, angles_ok: bool = False,
                 max_ctx: int = 0, sms: int = 8, query_lens: Sequence[int] | None = None,
                 seq_lens: Mapping[int, int] | Sequence[int] | None = None, roped: bool = False,
-                sink: bool = False) -> LaunchPlan:
+                sink: bool = False, block_size: int = 0, explicit_ok: bool = False) -> LaunchPlan:
     """The launch plan of a batch, from host-known sizes (pure; no tensors).
 
     ``max_query_len``: the batch's longest query run (None: unknown). ``angles_ok``: the factors carry inv_freq
@@ -201,7 +203,10 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
     queries, ``rebuild_min_work`` (query, key) pairs and at most ``rebuild_max_tokens`` cached tokens are rebuilt
     (prefill is FLOP-bound and the latent kernel's prefill is slower, while the rebuild costs ~1 ms per request),
     and the plan of the others follows. ``roped``: roped keys (their measured decode defaults). ``sink``: an exact
-    first token joins (the generic kernel and its reduce merge it; the multi-head decode kernel does not)."""
+    first token joins (the generic kernel and its reduce merge it; the multi-head decode kernel does not).
+    ``block_size`` (the cache's tokens per block) and ``explicit_ok`` (the device and queries suit it,
+    ``explicit.device_ok``): one-query-per-request batches of the layouts ``explicit.serves`` take the
+    explicit-layout kernel (its KV splits by the resident-program rule: 4 programs per SM)."""
     cfg = config or LaunchConfig()
     if query_lens is not None and seq_lens is not None and max_query_len is not None:
         rebuilt = tuple(r for r in rebuild_candidates(query_lens, cfg)
@@ -213,9 +218,15 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
                 return LaunchPlan("none", rebuilt=rebuilt)
             rest = plan_launch(layout, num_heads, sum(query_lens[r] for r in kept), len(kept),
                                max_query_len=max(query_lens[r] for r in kept), config=cfg, angles_ok=angles_ok,
-                               max_ctx=max_ctx, sms=sms, roped=roped, sink=sink)
+                               max_ctx=max_ctx, sms=sms, roped=roped, sink=sink, block_size=block_size,
+                               explicit_ok=explicit_ok)
             return replace(rest, rebuilt=rebuilt, kept=kept)
     direct = max_query_len == 1 and num_tokens == num_reqs
+    if (direct and explicit_ok and cfg.explicit is not False
+            and explicit.serves(layout, num_heads, block_size, roped, sink)):
+        splits = cfg.num_splits or default_splits(num_reqs * layout.groups, max_ctx, explicit.BLOCK, sms,
+                                                  explicit.PER_SM)
+        return LaunchPlan("explicit", True, replace(cfg, block_t=explicit.BLOCK, num_warps=4, num_splits=splits))
     decode_like = (max_query_len == 1) if max_query_len is not None else num_tokens <= 2 * num_reqs
     use_decode = (heads_supported(layout, num_heads) and cfg.heads != 0 and not sink
                   and (direct or (decode_like and cfg.block_q in (None, 1))))
@@ -264,6 +275,8 @@ def _run_plan(plan: LaunchPlan, q, kv_cache, f: LatentFactors, block_table, seq_
               roped: bool = False, sink=None):
     """Launch the kernel of a plan (no rebuilt requests) over the whole batch."""
     cfg = plan.config
+    if plan.kernel == "explicit":
+        return explicit.launch(q, kv_cache, f, block_table, seq_lens, scale, out, cfg.num_splits)
     if plan.kernel == "decode":
         assert sink is None, "the multi-head decode kernel does not merge a sink (plan_launch(sink=True))"
         qsl = seq_lens if plan.direct else query_start_loc
@@ -323,7 +336,8 @@ def latent_decode(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayout,
     plan = plan_launch(layout, q.shape[1], R, R, max_query_len=1, config=config,
                        angles_ok=factors.inv_freq is not None and not roped_keys,
                        max_ctx=max_seq_len or block_table.shape[1] * kv_cache.shape[1], sms=num_sms(q.device),
-                       roped=roped_keys, sink=sink is not None)
+                       roped=roped_keys, sink=sink is not None, block_size=kv_cache.shape[1],
+                       explicit_ok=explicit.device_ok(q))
     return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, None, scale, out, roped_keys, sink)
 
 
@@ -404,7 +418,8 @@ def latent_attention(q: torch.Tensor, kv_cache: torch.Tensor, layout: LatentLayo
     plan = plan_launch(layout, q.shape[1], q.shape[0], R, max_query_len=max_query_len, config=cfg,
                        angles_ok=factors.inv_freq is not None and not roped_keys,
                        max_ctx=block_table.shape[1] * kv_cache.shape[1], sms=num_sms(q.device),
-                       query_lens=query_lens, seq_lens=lens, roped=roped_keys, sink=sink is not None)
+                       query_lens=query_lens, seq_lens=lens, roped=roped_keys, sink=sink is not None,
+                       block_size=kv_cache.shape[1], explicit_ok=explicit.device_ok(q))
     if not plan.rebuilt:
         return _run_plan(plan, q, kv_cache, factors, block_table, seq_lens, query_start_loc, scale, out,
                          roped_keys, sink)

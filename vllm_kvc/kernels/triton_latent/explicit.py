@@ -1,0 +1,226 @@
+"""The explicit-layout decode kernel (Gluon): roped 4-bit keys and values with 32-value scales, rank 128.
+
+The Triton kernels decode a value tile in whatever register layout the compiler derives backwards from the tensor-core
+operand, which for the value tile is one byte per shared-memory load with bank conflicts (benchmarks/RESULTS.md,
+GPU rounds 5-6). Here every layout is chosen (Triton's Gluon dialect): each thread loads exactly the code bytes that
+its ``mma.sync m16n8k16`` fragments need, as vector loads straight from global memory, decodes them in registers
+(the byte-permute level tables of :func:`~.tiles.nibble_lut_group`) and feeds them to the tensor cores; the
+layout conversions between the decoded tiles and the operands are register renames (checked when compiling:
+``convert_layout(..., assert_trivial=True)``). No shared memory is used at all.
+
+One program serves (request, head group, KV split) with 4 warps; each warp takes 16 of a 64-token block's tokens
+and keeps its own online softmax, so warps never wait for each other. Tokens are the M dimension of both products:
+``S [tok, head] = K [tok, k] . q^T [k, head]`` (the group's query heads padded to 8 columns) and
+``O^T [rank, head] += V^T [rank, tok] . P [tok, head]``. A latent coordinate's position in a fragment is not its
+position in the row: each thread's 16 K bytes (one scale group) and 8 V bytes (half of one) are contiguous in the
+row, and the query (K) and the output rows (V) are permuted to match (:func:`k_rank`, :func:`v_rank`). Each warp's
+(max, sum, weighted values) are written as one split-KV partial; the reduce (``prefill._latent_reduce``) merges
+them and applies ``B_v``.
+
+Served (:func:`serves`): roped keys, ``int4@g32`` latents of rank 128 (K and V), group size 1, at most 8 query
+heads per KV head, 64-token blocks, bf16 queries, decode (one query per request), no sink, sm_90. Everything else
+keeps the Triton kernels. Measured: benchmarks/RESULTS.md, "GPU speed, round 8".
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import row_format
+from .tiles import G_LO0, G_LO1, GROUP_ASM_OK, NIBBLE_ASM_GROUP, U_LO0, U_LO1
+
+try:  # Gluon: Triton's explicit-layout dialect (triton >= 3.5)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    AVAILABLE = GROUP_ASM_OK
+except ImportError:  # pragma: no cover - older triton: the Triton kernels serve every layout
+    AVAILABLE = False
+
+BLOCK = 64  # tokens per vLLM block (the kernel reads one block per step: 4 warps x 16 tokens)
+RANK = 128
+MAX_QPK = 8  # query heads per KV head: the columns of the score tile
+PER_SM = 4  # programs resident per SM (128 registers x 128 threads; no shared memory): the split rule's input
+
+
+def k_rank(k):
+    """Latent coordinate (in the row) of position k of the K fragments: thread lane % 4 = a holds positions
+    2a + r0 + 8 j0 + 16 j1 + 32 j2 + 64 j3, i.e. coordinates 32 a + r0 + 2 (j0 + 2 j1 + 4 j2 + 8 j3): its 16 bytes."""
+    return 32 * ((k // 2) % 4) + k % 2 + 2 * (k // 8)
+
+
+def v_rank(m):
+    """Latent coordinate of row m of the weighted-value tile: thread lane // 4 = c holds rows c + 8 t, i.e.
+    coordinates 16 c + t: its 8 bytes."""
+    return 16 * (m % 8) + m // 8
+
+
+def serves(layout, num_heads: int, block_size: int, roped: bool, sink: bool = False) -> bool:
+    """Whether the explicit-layout kernel serves a decode batch of this layout (the device checks are the
+    caller's: :func:`device_ok`)."""
+    return (AVAILABLE and roped and not sink and layout.dtype == "int4@g32" and layout.group_size == 1
+            and layout.rank_k == RANK and layout.rank_v == RANK and block_size == BLOCK
+            and num_heads % layout.num_kv_heads == 0 and num_heads // layout.num_kv_heads <= MAX_QPK)
+
+
+def device_ok(q: torch.Tensor) -> bool:
+    """A CUDA device of compute capability 9.0 or newer (packed bf16 multiplies), bf16 queries, not the
+    interpreter."""
+    import os
+    if not (q.is_cuda and q.dtype == torch.bfloat16) or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    return torch.cuda.get_device_capability(q.device) >= (9, 0)
+
+
+if AVAILABLE:
+    R_ = gl.constexpr(RANK)  # (globals a kernel reads must be constexprs)
+    MMA = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1], instr_shape=[1, 16, 8])
+    A_L = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_L = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    # K code bytes [warp, token, scale group a, byte j]: lane % 4 = a, lane // 4 = token (and token + 8 in a
+    # register): a thread's 16 bytes are one scale group of one token, one 16-byte load
+    KB_L = gl.BlockedLayout(size_per_thread=[1, 1, 1, 16], threads_per_warp=[1, 8, 4, 1],
+                            warps_per_cta=[4, 1, 1, 1], order=[3, 2, 1, 0])
+    # V code bytes [warp, token, block c, byte jj]: lane % 4 -> tokens 2a, 2a + 1 (+ 8), lane // 4 = c: a thread's
+    # 8 bytes of 4 tokens, one 8-byte load each
+    VB_L = gl.BlockedLayout(size_per_thread=[1, 2, 1, 8], threads_per_warp=[1, 4, 8, 1],
+                            warps_per_cta=[4, 1, 1, 1], order=[3, 1, 2, 0])
+
+    @gluon.jit
+    def _nibbles(x, s):
+        """(low-nibble, high-nibble) bf16 values of code bytes x under fp32 scales s (broadcast over x; every 4
+        consecutive bytes of a thread share a scale): the byte-permute decoder of tiles._nibble_asm_group."""
+        neg = s < 0
+        t0 = gl.where(neg, U_LO0, G_LO0)
+        t1 = gl.where(neg, U_LO1, G_LO1)
+        sa = gl.abs(s).to(gl.bfloat16)
+        return gl.inline_asm_elementwise(NIBBLE_ASM_GROUP, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r", [x, t0, t1, sa],
+                                         dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+
+    @gluon.jit
+    def _load_block(cache_ptr, bt_row, blk_i, b_hi, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, tok_v, vcol,
+                    vsc, K_SOFF: gl.constexpr, V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr):
+        """Block ``blk_i``'s K / V code bytes and fp16 scales of head group g (tokens from seq_len on read 0)."""
+        live = blk_i < b_hi
+        blk = gl.load(bt_row + blk_i, mask=live, other=0)
+        base = cache_ptr + blk.to(gl.int64) * stride_cb
+        t0 = blk_i * BS
+        okk = ((t0 + tok_k) < seq_len) & live  # [4, 16, 1]
+        rowk = base + tok_k * stride_cs
+        kx = gl.load(gl.expand_dims(rowk, 3) + g * (R_ // 2) + kcol, mask=gl.expand_dims(okk, 3), other=0)
+        ks = gl.load((rowk + K_SOFF).to(gl.pointer_type(gl.float16)) + g * 4 + ksc, mask=okk, other=0.0)
+        okv = ((t0 + tok_v) < seq_len) & live
+        rowv = base + tok_v * stride_cs
+        vx = gl.load(gl.expand_dims(rowv, 3) + V_OFF + g * (R_ // 2) + vcol, mask=gl.expand_dims(okv, 3), other=0)
+        vs = gl.load((rowv + V_SOFF).to(gl.pointer_type(gl.float16)) + g * 4 + vsc, mask=okv, other=0.0)
+        return kx, ks, vx, vs
+
+    @gluon.jit
+    def _roped_int4_decode(q_ptr, stride_qt, stride_qh, cache_ptr, stride_cb, stride_cs, bt_ptr, stride_bt,
+                           seq_lens_ptr, pm_ptr, pl_ptr, pacc_ptr, qk_scale, num_splits,
+                           G: gl.constexpr, QPK: gl.constexpr, K_SOFF: gl.constexpr, V_OFF: gl.constexpr,
+                           V_SOFF: gl.constexpr, BS: gl.constexpr):
+        """Program (request r, head group g, split sp): the blocks of its split, one per step; per warp the
+        partial (max, sum, weighted value latents) of its 16 tokens of each block -> split sp * 4 + warp."""
+        r = gl.program_id(0)
+        g = gl.program_id(1)
+        sp = gl.program_id(2)
+        seq_len = gl.load(seq_lens_ptr + r)
+        n_blk = gl.cdiv(seq_len, BS)
+        per = gl.cdiv(n_blk, num_splits)
+        b_lo = sp * per
+        b_hi = gl.minimum(n_blk, b_lo + per)
+
+        # the latent queries as the B operand [warp, fragment position k, head n] (heads >= QPK zero)
+        qb_w = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, B_L)))
+        qb_k = gl.arange(0, R_, layout=gl.SliceLayout(0, gl.SliceLayout(2, B_L)))
+        qb_n = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, B_L)))
+        phys_k = 32 * ((qb_k // 2) % 4) + qb_k % 2 + 2 * (qb_k // 8)  # k_rank
+        n3 = gl.expand_dims(gl.expand_dims(qb_n, 0), 1)
+        w3 = gl.expand_dims(gl.expand_dims(qb_w, 1), 2)
+        q_ptrs = (q_ptr + r.to(gl.int64) * stride_qt + (g * QPK + n3) * stride_qh
+                  + gl.expand_dims(gl.expand_dims(phys_k, 0), 2) + 0 * w3)
+        qb = gl.load(q_ptrs, mask=(n3 < QPK) & (w3 >= 0), other=0.0).to(gl.bfloat16)
+
+        # addresses within a block: K [warp, token, scale group, byte], V [warp, token, 8-byte block, byte]
+        kb_w = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, KB_L))))
+        kb_t = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, KB_L))))
+        kb_a = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, KB_L))))
+        kb_j = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, KB_L))))
+        tok_k = gl.expand_dims(gl.expand_dims(kb_w, 1) * 16 + gl.expand_dims(kb_t, 0), 2)
+        kcol = (gl.expand_dims(gl.expand_dims(gl.expand_dims(kb_a * 16, 0), 1), 3)
+                + gl.expand_dims(gl.expand_dims(gl.expand_dims(kb_j, 0), 1), 2))
+        ksc = gl.expand_dims(gl.expand_dims(kb_a, 0), 1)
+        vb_w = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, VB_L))))
+        vb_t = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, VB_L))))
+        vb_c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, VB_L))))
+        vb_j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, VB_L))))
+        tok_v = gl.expand_dims(gl.expand_dims(vb_w, 1) * 16 + gl.expand_dims(vb_t, 0), 2)
+        vcol = (gl.expand_dims(gl.expand_dims(gl.expand_dims(vb_c * 8, 0), 1), 3)
+                + gl.expand_dims(gl.expand_dims(gl.expand_dims(vb_j, 0), 1), 2))
+        vsc = gl.expand_dims(gl.expand_dims(vb_c // 2, 0), 1)
+        s_w = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, MMA)))
+        s_t = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
+        tok_s = gl.expand_dims(gl.expand_dims(s_w * 16, 1) + gl.expand_dims(s_t, 0), 2)  # score rows' tokens
+
+        m_i = gl.full([4, 8], -1.0e30, gl.float32, layout=gl.SliceLayout(1, MMA))
+        l_i = gl.full([4, 8], 0.0, gl.float32, layout=gl.SliceLayout(1, MMA))
+        acc = gl.full([4, R_, 8], 0.0, gl.float32, layout=MMA)
+        bt_row = bt_ptr + r.to(gl.int64) * stride_bt
+        for blk_i in range(b_lo, b_hi):
+            kx, ks, vx, vs = _load_block(cache_ptr, bt_row, blk_i, b_hi, seq_len, g, stride_cb, stride_cs, tok_k,
+                                         kcol, ksc, tok_v, vcol, vsc, K_SOFF, V_OFF, V_SOFF, BS)
+            klo, khi = _nibbles(kx, gl.expand_dims(ks.to(gl.float32), 3))
+            ka = gl.reshape(gl.join(klo, khi), [4, 16, 4, 2, 2, 2, 2, 2])  # (w, t, a, j3, j2, j1, j0, nibble)
+            ka = gl.reshape(gl.permute(ka, (0, 1, 3, 4, 5, 6, 2, 7)), [4, 16, R_])  # fragment position k
+            ka = gl.convert_layout(ka, A_L, assert_trivial=True)
+            s = mma_v2(ka, qb, gl.full([4, 16, 8], 0.0, gl.float32, layout=MMA))
+            s = gl.where((blk_i * BS + tok_s) < seq_len, s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = acc * gl.expand_dims(alpha, 1)
+            m_i = m_new
+            pb = gl.convert_layout(p.to(gl.bfloat16), B_L)
+            vlo, vhi = _nibbles(vx, gl.expand_dims(vs.to(gl.float32), 3))
+            va = gl.permute(gl.join(vlo, vhi), (0, 3, 4, 2, 1))  # (w, t, c, jj, nibble) -> (w, jj, nibble, c, t)
+            va = gl.convert_layout(gl.reshape(va, [4, R_, 16]), A_L, assert_trivial=True)
+            acc = mma_v2(va, pb, acc)
+
+        # partials of split sp * 4 + warp; row m of acc holds latent coordinate v_rank(m)
+        o_m = gl.arange(0, R_, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
+        o_n = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
+        w2 = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(1, MMA))), 1)
+        base = (r.to(gl.int64) * (G * QPK) + g * QPK + gl.expand_dims(o_n, 0)) * (num_splits * 4) + sp * 4 + w2
+        ok = (gl.expand_dims(o_n, 0) < QPK) & (w2 >= 0)
+        gl.store(pm_ptr + base, m_i, mask=ok)
+        gl.store(pl_ptr + base, l_i, mask=ok)
+        col = gl.expand_dims(gl.expand_dims(16 * (o_m % 8) + o_m // 8, 0), 2)  # v_rank
+        gl.store(pacc_ptr + gl.expand_dims(base, 1) * R_ + col, acc, mask=gl.expand_dims(ok, 1) & (col >= 0))
+
+
+def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits: int):
+    """Decode over ``kv_cache`` for ``q [R, Hq, rank 128]`` (latent queries, bf16) of the layout of ``f`` (one of
+    :func:`serves`), then the split-KV reduce (``B_v``) into ``out`` ([R, Hq, head_dim], allocated if None)."""
+    from .prefill import LOG2E, launch_reduce
+    layout = f.layout
+    R, hq = q.shape[:2]
+    qpk = hq // layout.num_kv_heads
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty(R, hq, layout.head_dim, dtype=q.dtype, device=q.device)
+    nsp = 4 * num_splits
+    pm = torch.empty(R, hq, nsp, dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(R, hq, nsp, RANK, dtype=torch.float32, device=q.device)
+    kf, vf = row_format(layout)
+    _roped_int4_decode[(R, layout.groups, num_splits)](
+        q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1), block_table,
+        block_table.stride(0), seq_lens, pm, pl, pacc, float(scale) * LOG2E, num_splits,
+        G=layout.groups, QPK=qpk, K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=BLOCK, num_warps=4)
+    launch_reduce(pm, pl, pacc, f, out, nsp, 1, qpk, f.bv)
+    return out
+
+
+__all__ = ["AVAILABLE", "BLOCK", "device_ok", "k_rank", "launch", "serves", "v_rank"]
