@@ -97,6 +97,20 @@ if AVAILABLE:
                                          dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
 
     @gluon.jit
+    def _block_offsets(L: gl.constexpr, NPART: gl.constexpr, NB: gl.constexpr, PER_SCALE: gl.constexpr):
+        """Addressing of a block's code bytes laid out as [warp, token, part, byte] in layout L: each row's token in
+        the block [4, 16, 1], each element's byte in the head group's codes [1, 1, NPART, NB] (part p: bytes
+        NB p ..), each part's scale within the head group [1, 1, NPART] (PER_SCALE parts per scale)."""
+        w = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L))))
+        t = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L))))
+        p = gl.arange(0, NPART, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L))))
+        j = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L))))
+        tok = gl.expand_dims(gl.expand_dims(w, 1) * 16 + gl.expand_dims(t, 0), 2)
+        col = (gl.expand_dims(gl.expand_dims(gl.expand_dims(p * NB, 0), 1), 3)
+               + gl.expand_dims(gl.expand_dims(gl.expand_dims(j, 0), 1), 2))
+        return tok, col, gl.expand_dims(gl.expand_dims(p // PER_SCALE, 0), 1)
+
+    @gluon.jit
     def _load_block(cache_ptr, bt_row, blk_i, b_hi, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, tok_v, vcol,
                     vsc, K_SOFF: gl.constexpr, V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr):
         """Block ``blk_i``'s K / V code bytes and fp16 scales of head group g (tokens from seq_len on read 0)."""
@@ -142,22 +156,8 @@ if AVAILABLE:
         qb = gl.load(q_ptrs, mask=(n3 < QPK) & (w3 >= 0), other=0.0).to(gl.bfloat16)
 
         # addresses within a block: K [warp, token, scale group, byte], V [warp, token, 8-byte block, byte]
-        kb_w = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, KB_L))))
-        kb_t = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, KB_L))))
-        kb_a = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, KB_L))))
-        kb_j = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, KB_L))))
-        tok_k = gl.expand_dims(gl.expand_dims(kb_w, 1) * 16 + gl.expand_dims(kb_t, 0), 2)
-        kcol = (gl.expand_dims(gl.expand_dims(gl.expand_dims(kb_a * 16, 0), 1), 3)
-                + gl.expand_dims(gl.expand_dims(gl.expand_dims(kb_j, 0), 1), 2))
-        ksc = gl.expand_dims(gl.expand_dims(kb_a, 0), 1)
-        vb_w = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, VB_L))))
-        vb_t = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, VB_L))))
-        vb_c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, VB_L))))
-        vb_j = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, VB_L))))
-        tok_v = gl.expand_dims(gl.expand_dims(vb_w, 1) * 16 + gl.expand_dims(vb_t, 0), 2)
-        vcol = (gl.expand_dims(gl.expand_dims(gl.expand_dims(vb_c * 8, 0), 1), 3)
-                + gl.expand_dims(gl.expand_dims(gl.expand_dims(vb_j, 0), 1), 2))
-        vsc = gl.expand_dims(gl.expand_dims(vb_c // 2, 0), 1)
+        tok_k, kcol, ksc = _block_offsets(gl.constexpr(KB_L), 4, 16, 1)
+        tok_v, vcol, vsc = _block_offsets(gl.constexpr(VB_L), 8, 8, 2)
         s_w = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, MMA)))
         s_t = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
         tok_s = gl.expand_dims(gl.expand_dims(s_w * 16, 1) + gl.expand_dims(s_t, 0), 2)  # score rows' tokens
