@@ -7,6 +7,9 @@ Defaults: one Llama-3-8B layer's decode launch at rank 64, ``int4@g32`` latents 
 ``QUANT=False K_BITS=16 V_BITS=16 K_SPLIT=False V_SPLIT=False`` gives the bf16-latent kernel. Prints the shared
 memory, the layout conversions in the TTGIR and the PTX instruction mix of the main tile loop (per thread and
 tile): with 64 x (rank_k + rank_v) latent values per tile over 128 threads, instructions per value follow.
+EXPLICIT=1: the explicit-layout kernel (kernels/triton_latent/explicit.py, Gluon) for a Llama-3-8B layer
+instead, compiled as a launch specialises it (16-byte aligned pointers and strides), with the SASS report (its
+one loop is the block loop: one warp's 16 tokens, 64 K and 64 V values per thread).
 SASS=1 also assembles the PTX with the ptxas that Triton's package carries (its PTX version lowered to what that
 ptxas reads) and prints registers, spills and the SASS instructions of each loop (the PTX counts miss what ptxas
 adds: constants moved into registers for ``prmt``, spill traffic); MAXNREG=N caps the registers as Triton's
@@ -39,7 +42,31 @@ CONST = dict(ROPED=False, G=8, QPK=4, HD=128, RK=64, RK_P=64, RV=64, RV_P=64, NK
              V_OFF=256, V_BITS=4, V_QG=32, V_SOFF=544, V_SPG=2, V_LUT=0, K_SPLIT=True, V_SPLIT=True, K_OVER=True, V_OVER=True)
 
 
+def explicit_report():
+    """EXPLICIT=1: compile the explicit-layout kernel for sm_90a and print its SASS report."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from vllm_kvc.kernels.triton_latent import explicit
+    from vllm_kvc.kernels.triton_latent.config import row_format
+    from vllm_kvc.layout import LatentLayout
+    kf, vf = row_format(LatentLayout(8, 1, 128, 128, 128, "int4@g32"))
+    const = dict(G=8, QPK=4, K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=64)
+    fn = explicit._roped_int4_decode
+    sig = {n: "constexpr" if n in const else PTRS.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+           for n in fn.arg_names}
+    sig["cache_ptr"] = "*u8"
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n.endswith("_ptr") or n.startswith("stride_")}
+    ck = triton.compile(GluonASTSource(fn, signature=sig, constexprs=const, attrs=attrs),
+                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    print(f"explicit-layout kernel: shared memory {ck.metadata.shared} B")
+    sass_report(ck.asm["ptx"])
+
+
 def main():
+    if os.environ.get("EXPLICIT"):
+        return explicit_report()
     const = dict(CONST)
     for kv in sys.argv[1:]:
         k, v = kv.split("=")
@@ -86,7 +113,6 @@ def main():
 def sass_report(ptx: str):
     """Registers, spills and per-loop SASS instruction counts of the PTX, assembled for sm_90a."""
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.8", ptx, flags=re.M)  # what the bundled ptxas reads
     if os.environ.get("MAXNREG"):
         ptx = re.sub(r"^(\.reqntid .*)$", r"\1\n.maxnreg " + os.environ["MAXNREG"], ptx, count=1, flags=re.M)
     with tempfile.TemporaryDirectory() as d:
@@ -94,6 +120,11 @@ def sass_report(ptx: str):
         open(src, "w").write(ptx)
         r = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", src, "-o", obj],
                            capture_output=True, text=True)
+        m = re.search(r"Unsupported \.version [\d.]+; current version is '([\d.]+)'", r.stderr)
+        if r.returncode and m:  # a newer Triton's PTX for the ptxas it carries: lower the version it claims
+            open(src, "w").write(re.sub(r"^\.version \d+\.\d+", f".version {m.group(1)}", ptx, flags=re.M))
+            r = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", src, "-o", obj],
+                               capture_output=True, text=True)
         if r.returncode:
             print("ptxas failed:", r.stderr[-500:])
             return
