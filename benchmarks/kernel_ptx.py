@@ -36,7 +36,7 @@ from vllm_kvc.kernels.triton_latent.decode import _latent_decode_heads  # noqa: 
 PTRS = {"cache_ptr": "*u8", "q_ptr": "*bf16", "bk_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
         "bv_ptr": "*bf16", "out_ptr": "*bf16", "bt_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32",
         "flag_ptr": "*i32", "qk_scale": "fp32"}
-CONST = dict(ROPED=False, G=8, QPK=4, HD=128, RK=64, RK_P=64, RV=64, RV_P=64, NKV=1, M_P=16, BS=64, BLOCK_T=64, SPLIT=False,
+CONST = dict(ROPED=False, AHEAD=False, KGRP=False, G=8, QPK=4, HD=128, RK=64, RK_P=64, RV=64, RV_P=64, NKV=1, M_P=16, BS=64, BLOCK_T=64, SPLIT=False,
              DCH=128, HAS_BK=False, HAS_BV=False, DIRECT=True, OFF64=False, PACKED=True, TILE_ROT=True, LAZY=1,
              PDL=True, QUANT=True, SCALE16=True, K_OFF=0, K_BITS=4, K_QG=32, K_SOFF=512, K_SPG=2, K_LUT=0,
              V_OFF=256, V_BITS=4, V_QG=32, V_SOFF=544, V_SPG=2, V_LUT=0, K_SPLIT=True, V_SPLIT=True, K_OVER=True, V_OVER=True)
