@@ -118,6 +118,7 @@ SEG_SLOTS = 4  # piece slots per part that the generic kernel unrolls (segment_p
 SEG_PIECE = 128  # the widest piece: wider segments are read as several pieces
 
 
+@functools.lru_cache(maxsize=256)
 def segment_pieces(layout: LatentLayout) -> tuple[tuple, tuple]:
     """A transform-coded (``seg:``) row described for the kernels: per part (K, then V) a tuple of SEG_SLOTS pieces
     ``(C0, W, BITS, BYTE0, GBYTES, SIDX, P)``. A piece is W consecutive latent coordinates C0 .. C0 + W - 1 of one
@@ -126,7 +127,8 @@ def segment_pieces(layout: LatentLayout) -> tuple[tuple, tuple]:
     (a power of two >= 16). Unused slots have W = 0. The kernels take the tuples as constexprs: each piece is one
     tile with one bit width and one scale per token, so every address, shift and level formula is known when the
     kernel is compiled (the earlier run-time table of per-coordinate entries spilled registers: 3.4 ms against
-    int4's 0.26 ms for a Llama layer, benchmarks/results/gpu_r7_notes.md). layout.py is the source of the bytes."""
+    int4's 0.26 ms for a Llama layer, benchmarks/results/gpu_r7_notes.md). layout.py is the source of the bytes.
+    Cached per layout (read on every launch)."""
     G = layout.groups
     out = []
     bit, sidx = 0, 0
@@ -144,6 +146,7 @@ def segment_pieces(layout: LatentLayout) -> tuple[tuple, tuple]:
     return out[0], out[1]
 
 
+@functools.lru_cache(maxsize=256)
 def segment_runs(layout: LatentLayout) -> bool:
     """Whether ``tiles.load_piece`` reads the 4 / 2-bit pieces of a ``seg:`` layout as byte runs (vector loads, each
     byte staged once per code) rather than one byte load per code: where the pieces' padded widths total at most

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import row_format
+from .config import device_props, interpreting, row_format
 from .tiles import G_LO0, G_LO1, GROUP_ASM_OK, NIBBLE_ASM_GROUP, U_LO0, U_LO1
 
 try:  # Gluon: Triton's explicit-layout dialect (triton >= 3.5)
@@ -64,11 +64,9 @@ def serves(layout, num_heads: int, block_size: int, roped: bool, sink: bool = Fa
 
 def device_ok(q: torch.Tensor) -> bool:
     """A CUDA device of compute capability 9.0 or newer (packed bf16 multiplies), bf16 queries, not the
-    interpreter."""
-    import os
-    if not (q.is_cuda and q.dtype == torch.bfloat16) or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return False
-    return torch.cuda.get_device_capability(q.device) >= (9, 0)
+    interpreter (the device's properties are looked up once: this runs on every attention call)."""
+    return (q.is_cuda and q.dtype == torch.bfloat16 and not interpreting()
+            and device_props(q.device).major >= 9)
 
 
 if AVAILABLE:
