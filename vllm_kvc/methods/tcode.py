@@ -10,7 +10,7 @@ Where its parts live: settings and plan here; statistics, allocation, factors an
 (+ bitalloc.py); row bytes layout.py (``seg:`` specs); attention glue/latent.py (``sink``, ``window``) on the CPU
 reference path (kernels/reference.py, glue/window.py) and the Triton kernels on GPUs (segment rows read as
 constexpr pieces and the sink, decode captured in CUDA graphs; still slower than dense on GPUs,
-benchmarks/RESULTS.md "GPU, round 8"; a window > 0 is refused on GPUs at start-up).
+benchmarks/RESULTS.md "GPU speed, round 8"; a window > 0 is refused on GPUs at start-up).
 
 Deployments list the segments per layer (``vllm-kvc allocate --method tcode --memory 0.15`` writes them)::
 
