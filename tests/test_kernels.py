@@ -224,10 +224,10 @@ def explicit_kernel():
     return explicit
 
 def test_plan_takes_the_explicit_kernel_where_it_serves():
-    """One-query-per-request batches of roped int4@g32 at rank 128 in 64-token blocks take the explicit-layout
-    kernel where the device suits it, with KV splits by the resident-program rule (4 per SM); anything else
-    (pre-RoPE keys, rank 112, other blocks, a sink, 16 query heads per KV head, prompts, explicit=False, a device
-    that does not suit) keeps the Triton kernels."""
+    """One-query-per-request batches of roped int4@g32 at even ranks up to 128 in 64-token blocks take the
+    explicit-layout kernel where the device suits it, with KV splits by the resident-program rule (4 per SM, 5
+    under a 96-register cap); anything else (pre-RoPE keys, odd ranks, other blocks, a sink, 16 query
+    heads per KV head, prompts, explicit=False, a device that does not suit) keeps the Triton kernels."""
     tk = kernels()
     ex = explicit_kernel()
     lay = LatentLayout(8, 1, 128, 128, 128, "int4@g32")
@@ -242,7 +242,10 @@ def test_plan_takes_the_explicit_kernel_where_it_serves():
              dict(kw, config=tk.LaunchConfig(explicit=False))]
     for k in other:
         assert tk.plan_launch(lay, 32, 16, 16, **k).kernel != "explicit", k
-    assert tk.plan_launch(LatentLayout(8, 1, 128, 112, 112, "int4@g32"), 32, 16, 16, **kw).kernel == "decode"
+    for rk, rv in ((112, 112), (48, 80), (128, 2)):
+        assert tk.plan_launch(LatentLayout(8, 1, 128, rk, rv, "int4@g32"), 32, 16, 16, **kw).kernel == "explicit"
+    assert tk.plan_launch(LatentLayout(8, 1, 128, 113, 112, "int4@g32"), 32, 16, 16, **kw).kernel == "decode"
+    assert ex.per_sm() == 4 and ex.per_sm(96) == 5
     assert tk.plan_launch(LatentLayout(2, 1, 128, 128, 128, "int4@g32"), 32, 16, 16, **kw).kernel == "decode"
     assert tk.plan_launch(lay, 32, 40, 16, **dict(kw, max_query_len=9)).kernel != "explicit"
     # the fragment permutations are permutations of the 128 coordinates, and each thread's are contiguous bytes
@@ -256,16 +259,18 @@ def test_plan_takes_the_explicit_kernel_where_it_serves():
 
 
 _COMPILE_EXPLICIT = """
+import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from vllm_kvc.kernels.triton_latent import explicit as ex
 from vllm_kvc.kernels.triton_latent.config import row_format
 from vllm_kvc.layout import LatentLayout
-kf, vf = row_format(LatentLayout(8, 1, 128, 128, 128, "int4@g32"))
+rk, rv = int(sys.argv[1]), int(sys.argv[2])
+kf, vf = row_format(LatentLayout(8, 1, 128, rk, rv, "int4@g32"))
 types = {"q_ptr": "*bf16", "cache_ptr": "*u8", "bt_ptr": "*i32", "seq_lens_ptr": "*i32", "pm_ptr": "*fp32",
          "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "qk_scale": "fp32"}
-const = dict(G=8, QPK=4, K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=64)
+const = dict(G=8, QPK=4, RK=rk, RV=rv, RV_P=max(16, 1 << (rv - 1).bit_length()), K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=64)
 fn = ex._roped_int4_decode
 sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
 ck = triton.compile(GluonASTSource(fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
@@ -275,15 +280,17 @@ print("SHARED", ck.metadata.shared, "MMA", ptx.count("mma.sync.aligned.m16n8k16"
 """
 
 
-def test_explicit_kernel_compiles_for_hopper():
+@pytest.mark.parametrize("rk,rv", [(128, 128), (120, 72)])
+def test_explicit_kernel_compiles_for_hopper(rk, rv):
     """The explicit-layout kernel compiles for sm_90 with the installed Triton (no GPU needed; outside the
-    interpreter, in a subprocess): its layout conversions between the decoded tiles and the mma operands are
-    register renames (``assert_trivial``, checked by the compiler), and it reads no shared memory."""
+    interpreter, in a subprocess), at full rank and at ranks below it: its layout conversions between the decoded
+    tiles and the mma operands are register renames (``assert_trivial``, checked by the compiler), and it reads no
+    shared memory."""
     if not explicit_kernel().AVAILABLE:
         pytest.skip("this triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _COMPILE_EXPLICIT], env=env, cwd=root, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _COMPILE_EXPLICIT, str(rk), str(rv)], env=env, cwd=root, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     _, shared, _, mma, _, lds = r.stdout.split()[-6:]
@@ -739,14 +746,16 @@ def test_nibble_asm_reproduces_the_tables():
                 assert (env[reg] >> (16 * k)) & 0xFFFF == bits(want), (reg, k, code, sc[i])
 
 
-def test_grouped_nibble_asm_reproduces_the_tables():
+@pytest.mark.parametrize("by_byte", [False, True])
+def test_grouped_nibble_asm_reproduces_the_tables(by_byte):
     """The GPU's 4-bit decode for 2 + 2 bytes of two scale groups (``tiles._nibble_asm_group``: each pair's
     table words chosen by its scale's sign before the call, its |scale| as a bf16 pair), run by the PTX interpreter
-    on every code byte in every position: bf16 of table[code] * |scale| bit for bit, both tables, mixed pairs."""
+    on every code byte in every position: bf16 of table[code] * |scale| bit for bit, both tables, mixed pairs;
+    output registers as (low, high nibbles of bytes 0, 1), or ``by_byte`` (low, high nibble of one byte)."""
     kernels()
     from vllm_kvc.kernels.triton_latent import tiles
     from vllm_kvc.layout import GAUSS_LEVELS, UNIFORM_LEVELS
-    asm = tiles._nibble_asm_group()
+    asm = tiles._nibble_asm_group(by_byte)
     assert asm is not None and tiles.GROUP_ASM_OK
     bits = lambda v: int(torch.tensor([v], dtype=torch.bfloat16).view(torch.int16)) & 0xFFFF  # noqa: E731
     gen = torch.Generator().manual_seed(1)
@@ -761,8 +770,12 @@ def test_grouped_nibble_asm_reproduces_the_tables():
             regs.update({t0: words[0].value & 0xFFFFFFFF, t1: words[1].value & 0xFFFFFFFF,
                          sa: bits(abs(sc[p])) | bits(abs(sc[p])) << 16})
         env = _run_ptx(asm, regs)
-        for reg, (i0, high) in {"$0": (0, False), "$1": (2, False), "$2": (0, True), "$3": (2, True)}.items():
-            for k, i in enumerate((i0, i0 + 1)):
+        # register -> its two values as (byte, high nibble)
+        layout = ({"$0": ((0, 0), (0, 1)), "$2": ((1, 0), (1, 1)), "$1": ((2, 0), (2, 1)), "$3": ((3, 0), (3, 1))}
+                  if by_byte else
+                  {"$0": ((0, 0), (1, 0)), "$1": ((2, 0), (3, 0)), "$2": ((0, 1), (1, 1)), "$3": ((2, 1), (3, 1))})
+        for reg, vals in layout.items():
+            for k, (i, high) in enumerate(vals):
                 code = xb[i] >> 4 if high else xb[i] & 15
                 s = sc[i // 2]
                 table = GAUSS_LEVELS[4] if s > 0 else UNIFORM_LEVELS[4]
@@ -1090,7 +1103,13 @@ if CUDA:
         ("gpu_llama_int8_int4_rk64_rv48", "int8/int4", [2049, 513, 100], [1] * 3,
          dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=48, bs=16), dict(max_query_len=1)),
         ("gpu_llama_int4_g32_r112_heads2", "int4@g32", [2049, 513, 100], [1] * 3,
-         dict(G=8, gs=1, qpk=4, hd=128, rk=112, rv=112, bs=64), dict(max_query_len=1, heads=2)),
+         dict(G=8, gs=1, qpk=4, hd=128, rk=112, rv=112, bs=64), dict(max_query_len=1, heads=2, explicit=False)),
+        # the explicit kernel below rank 128 (bytes and scales past the rank masked): K and V ranks apart, one KV
+        # head (the V codes of the last group end near the row's end), and the odd scale groups of rank 120 / 72
+        ("gpu_explicit_rk48_rv80", "int4@g32", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=48, rv=80, bs=64), dict(max_query_len=1)),
+        ("gpu_explicit_one_group_rk120_rv72_bias", "int4@g32", [1000, 64, 65, 1], [1] * 4,
+         dict(G=1, gs=1, qpk=8, hd=128, rk=120, rv=72, bs=64, bias=True), dict(max_query_len=1, num_splits=2)),
         ("gpu_llama_prefill_chunked", "bfloat16", [1000, 300, 517], [1000, 1, 77],
          dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64), dict()),
         ("gpu_llama_int4_g32_prefill_rk48_rv80", "int4@g32", [1000, 300, 517], [1000, 1, 77],

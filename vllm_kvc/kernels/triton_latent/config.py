@@ -45,7 +45,7 @@ class LaunchConfig:
     k_grouped: decode kernel, roped keys, 4-bit K of rank 97..128 with 32 values per scale: K tiles read one scale
         group (16 bytes) per thread and token (``tiles.load_nibbles_grouped``); None: on.
     explicit: decode batches of the layouts the explicit-layout kernel serves (``explicit.serves``: roped int4@g32
-        of rank 128, 64-token blocks, sm_90) take it; None: on, False: the Triton kernels.
+        of even ranks up to 128, 64-token blocks, sm_90) take it; None: on, False: the Triton kernels.
     rebuild_*: long prompts (see ``dispatch.plan_launch``)."""
     heads: int | None = None
     block_t: int | None = None

@@ -225,7 +225,7 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
     if (direct and explicit_ok and cfg.explicit is not False
             and explicit.serves(layout, num_heads, block_size, roped, sink)):
         splits = cfg.num_splits or default_splits(num_reqs * layout.groups, max_ctx, explicit.BLOCK, sms,
-                                                  explicit.PER_SM)
+                                                  explicit.per_sm(cfg.maxnreg))
         return LaunchPlan("explicit", True, replace(cfg, block_t=explicit.BLOCK, num_warps=4, num_splits=splits))
     decode_like = (max_query_len == 1) if max_query_len is not None else num_tokens <= 2 * num_reqs
     use_decode = (heads_supported(layout, num_heads) and cfg.heads != 0 and not sink
@@ -276,7 +276,7 @@ def _run_plan(plan: LaunchPlan, q, kv_cache, f: LatentFactors, block_table, seq_
     """Launch the kernel of a plan (no rebuilt requests) over the whole batch."""
     cfg = plan.config
     if plan.kernel == "explicit":
-        return explicit.launch(q, kv_cache, f, block_table, seq_lens, scale, out, cfg.num_splits)
+        return explicit.launch(q, kv_cache, f, block_table, seq_lens, scale, out, cfg.num_splits, cfg.maxnreg)
     if plan.kernel == "decode":
         assert sink is None, "the multi-head decode kernel does not merge a sink (plan_launch(sink=True))"
         qsl = seq_lens if plan.direct else query_start_loc

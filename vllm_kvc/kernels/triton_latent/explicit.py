@@ -1,10 +1,11 @@
-"""The explicit-layout decode kernel (Gluon): roped 4-bit keys and values with 32-value scales, rank 128.
+"""The explicit-layout decode kernel (Gluon): roped 4-bit keys and values with 32-value scales, ranks up to 128.
 
 The Triton kernels decode a value tile in whatever register layout the compiler derives backwards from the tensor-core
 operand, which for the value tile is one byte per shared-memory load with bank conflicts (benchmarks/RESULTS.md,
 GPU rounds 5-6). Here every layout is chosen (Triton's Gluon dialect): each thread loads exactly the code bytes that
 its ``mma.sync m16n8k16`` fragments need, as vector loads straight from global memory, decodes them in registers
-(the byte-permute level tables of :func:`~.tiles.nibble_lut_group`) and feeds them to the tensor cores; the
+(the byte-permute level tables of :func:`~.tiles.nibble_lut_group`; keys as (low, high) nibble pairs of one byte,
+the pairs an A fragment holds) and feeds them to the tensor cores; the
 layout conversions between the decoded tiles and the operands are register renames (checked when compiling:
 ``convert_layout(..., assert_trivial=True)``). No shared memory is used at all.
 
@@ -17,16 +18,17 @@ row, and the query (K) and the output rows (V) are permuted to match (:func:`k_r
 (max, sum, weighted values) are written as one split-KV partial; the reduce (``prefill._latent_reduce``) merges
 them and applies ``B_v``.
 
-Served (:func:`serves`): roped keys, ``int4@g32`` latents of rank 128 (K and V), group size 1, at most 8 query
-heads per KV head, 64-token blocks, bf16 queries, decode (one query per request), no sink, sm_90. Everything else
-keeps the Triton kernels. Measured: benchmarks/RESULTS.md, "GPU speed, round 8".
+Served (:func:`serves`): roped keys, ``int4@g32`` latents of even ranks up to 128 (K and V apart; the fragments
+stay 128 wide, the bytes and scales past a rank are read as zeros and its output rows dropped), group size 1, at
+most 8 query heads per KV head, 64-token blocks, bf16 queries, decode (one query per request), no sink, sm_90.
+Everything else keeps the Triton kernels. Measured: benchmarks/RESULTS.md, "GPU speed, round 8" and "round 9".
 """
 from __future__ import annotations
 
 import torch
 
-from .config import device_props, interpreting, row_format
-from .tiles import G_LO0, G_LO1, GROUP_ASM_OK, NIBBLE_ASM_GROUP, U_LO0, U_LO1
+from .config import device_props, interpreting, next_pow2, row_format
+from .tiles import G_LO0, G_LO1, GROUP_ASM_OK, NIBBLE_ASM_BYTES, NIBBLE_ASM_GROUP, U_LO0, U_LO1
 
 try:  # Gluon: Triton's explicit-layout dialect (triton >= 3.5)
     from triton.experimental import gluon
@@ -37,9 +39,13 @@ except ImportError:  # pragma: no cover - older triton: the Triton kernels serve
     AVAILABLE = False
 
 BLOCK = 64  # tokens per vLLM block (the kernel reads one block per step: 4 warps x 16 tokens)
-RANK = 128
+RANK = 128  # the largest K / V rank: the fragments' width (smaller ranks read masked, as zeros)
 MAX_QPK = 8  # query heads per KV head: the columns of the score tile
-PER_SM = 4  # programs resident per SM (128 registers x 128 threads; no shared memory): the split rule's input
+
+
+def per_sm(maxnreg: int | None = None) -> int:
+    """Programs resident per SM (4 warps each, no shared memory) under a register cap (None / 0: 128)."""
+    return max(1, 65536 // ((maxnreg or 128) * 32 * 4))
 
 
 def k_rank(k):
@@ -58,7 +64,7 @@ def serves(layout, num_heads: int, block_size: int, roped: bool, sink: bool = Fa
     """Whether the explicit-layout kernel serves a decode batch of this layout (the device checks are the
     caller's: :func:`device_ok`)."""
     return (AVAILABLE and roped and not sink and layout.dtype == "int4@g32" and layout.group_size == 1
-            and layout.rank_k == RANK and layout.rank_v == RANK and block_size == BLOCK
+            and all(0 < r <= RANK and r % 2 == 0 for r in (layout.rank_k, layout.rank_v)) and block_size == BLOCK
             and num_heads % layout.num_kv_heads == 0 and num_heads // layout.num_kv_heads <= MAX_QPK)
 
 
@@ -84,14 +90,16 @@ if AVAILABLE:
                             warps_per_cta=[4, 1, 1, 1], order=[3, 1, 2, 0])
 
     @gluon.jit
-    def _nibbles(x, s):
-        """(low-nibble, high-nibble) bf16 values of code bytes x under fp32 scales s (broadcast over x; every 4
-        consecutive bytes of a thread share a scale): the byte-permute decoder of tiles._nibble_asm_group."""
+    def _nibbles(x, s, ASM: gl.constexpr):
+        """Two bf16 tensors of x's shape: the values of code bytes x under fp32 scales s (broadcast over x; every 4
+        consecutive bytes of a thread share a scale) by the byte-permute decoder of tiles._nibble_asm_group: with
+        ``NIBBLE_ASM_GROUP`` (low-nibble, high-nibble) values; with ``NIBBLE_ASM_BYTES`` (in each 4 bytes) the
+        (low, high) values of bytes 0, 2 and of bytes 1, 3."""
         neg = s < 0
         t0 = gl.where(neg, U_LO0, G_LO0)
         t1 = gl.where(neg, U_LO1, G_LO1)
         sa = gl.abs(s).to(gl.bfloat16)
-        return gl.inline_asm_elementwise(NIBBLE_ASM_GROUP, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r", [x, t0, t1, sa],
+        return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r", [x, t0, t1, sa],
                                          dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
 
     @gluon.jit
@@ -109,28 +117,43 @@ if AVAILABLE:
         return tok, col, gl.expand_dims(gl.expand_dims(p // PER_SCALE, 0), 1)
 
     @gluon.jit
-    def _load_block(cache_ptr, bt_row, blk_i, b_hi, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, tok_v, vcol,
-                    vsc, K_SOFF: gl.constexpr, V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr):
-        """Block ``blk_i``'s K / V code bytes and fp16 scales of head group g (tokens from seq_len on read 0)."""
-        live = blk_i < b_hi
-        blk = gl.load(bt_row + blk_i, mask=live, other=0)
-        base = cache_ptr + blk.to(gl.int64) * stride_cb
-        t0 = blk_i * BS
+    def _load_k(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, RK: gl.constexpr,
+                K_SOFF: gl.constexpr):
+        """Block ``blk``'s (its first token ``t0``) K code bytes and fp16 scales of head group g (tokens from
+        seq_len on, and all where not ``live``, read 0; so do the bytes and scales past rank RK)."""
         okk = ((t0 + tok_k) < seq_len) & live  # [4, 16, 1]
-        rowk = base + tok_k * stride_cs
-        kx = gl.load(gl.expand_dims(rowk, 3) + g * (R_ // 2) + kcol, mask=gl.expand_dims(okk, 3), other=0)
-        ks = gl.load((rowk + K_SOFF).to(gl.pointer_type(gl.float16)) + g * 4 + ksc, mask=okk, other=0.0)
+        rowk = cache_ptr + blk.to(gl.int64) * stride_cb + tok_k * stride_cs
+        ok_x = gl.expand_dims(okk, 3)
+        ok_s = okk
+        if RK < R_:
+            ok_x = ok_x & (kcol < RK // 2)
+            ok_s = ok_s & (ksc < (RK + 31) // 32)
+        kx = gl.load(gl.expand_dims(rowk, 3) + g * (RK // 2) + kcol, mask=ok_x, other=0)
+        ks = gl.load((rowk + K_SOFF).to(gl.pointer_type(gl.float16)) + g * ((RK + 31) // 32) + ksc, mask=ok_s,
+                     other=0.0)
+        return kx, ks
+
+    @gluon.jit
+    def _load_v(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_v, vcol, vsc, RV: gl.constexpr,
+                V_OFF: gl.constexpr, V_SOFF: gl.constexpr):
+        """:func:`_load_k` for the V code bytes and scales (rank RV)."""
         okv = ((t0 + tok_v) < seq_len) & live
-        rowv = base + tok_v * stride_cs
-        vx = gl.load(gl.expand_dims(rowv, 3) + V_OFF + g * (R_ // 2) + vcol, mask=gl.expand_dims(okv, 3), other=0)
-        vs = gl.load((rowv + V_SOFF).to(gl.pointer_type(gl.float16)) + g * 4 + vsc, mask=okv, other=0.0)
-        return kx, ks, vx, vs
+        rowv = cache_ptr + blk.to(gl.int64) * stride_cb + tok_v * stride_cs
+        ok_x = gl.expand_dims(okv, 3)
+        ok_s = okv
+        if RV < R_:
+            ok_x = ok_x & (vcol < RV // 2)
+            ok_s = ok_s & (vsc < (RV + 31) // 32)
+        vx = gl.load(gl.expand_dims(rowv, 3) + V_OFF + g * (RV // 2) + vcol, mask=ok_x, other=0)
+        vs = gl.load((rowv + V_SOFF).to(gl.pointer_type(gl.float16)) + g * ((RV + 31) // 32) + vsc, mask=ok_s,
+                     other=0.0)
+        return vx, vs
 
     @gluon.jit
     def _roped_int4_decode(q_ptr, stride_qt, stride_qh, cache_ptr, stride_cb, stride_cs, bt_ptr, stride_bt,
                            seq_lens_ptr, pm_ptr, pl_ptr, pacc_ptr, qk_scale, num_splits,
-                           G: gl.constexpr, QPK: gl.constexpr, K_SOFF: gl.constexpr, V_OFF: gl.constexpr,
-                           V_SOFF: gl.constexpr, BS: gl.constexpr):
+                           G: gl.constexpr, QPK: gl.constexpr, RK: gl.constexpr, RV: gl.constexpr, RV_P: gl.constexpr,
+                           K_SOFF: gl.constexpr, V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr):
         """Program (request r, head group g, split sp): the blocks of its split, one per step; per warp the
         partial (max, sum, weighted value latents) of its 16 tokens of each block -> split sp * 4 + warp."""
         r = gl.program_id(0)
@@ -151,7 +174,8 @@ if AVAILABLE:
         w3 = gl.expand_dims(gl.expand_dims(qb_w, 1), 2)
         q_ptrs = (q_ptr + r.to(gl.int64) * stride_qt + (g * QPK + n3) * stride_qh
                   + gl.expand_dims(gl.expand_dims(phys_k, 0), 2) + 0 * w3)
-        qb = gl.load(q_ptrs, mask=(n3 < QPK) & (w3 >= 0), other=0.0).to(gl.bfloat16)
+        q_ok = (n3 < QPK) & (w3 >= 0) & (gl.expand_dims(gl.expand_dims(phys_k, 0), 2) < RK)
+        qb = gl.load(q_ptrs, mask=q_ok, other=0.0).to(gl.bfloat16)
 
         # addresses within a block: K [warp, token, scale group, byte], V [warp, token, 8-byte block, byte]
         tok_k, kcol, ksc = _block_offsets(gl.constexpr(KB_L), 4, 16, 1)
@@ -164,12 +188,18 @@ if AVAILABLE:
         l_i = gl.full([4, 8], 0.0, gl.float32, layout=gl.SliceLayout(1, MMA))
         acc = gl.full([4, R_, 8], 0.0, gl.float32, layout=MMA)
         bt_row = bt_ptr + r.to(gl.int64) * stride_bt
+        blk = gl.load(bt_row + b_lo, mask=b_lo < b_hi, other=0)
         for blk_i in range(b_lo, b_hi):
-            kx, ks, vx, vs = _load_block(cache_ptr, bt_row, blk_i, b_hi, seq_len, g, stride_cb, stride_cs, tok_k,
-                                         kcol, ksc, tok_v, vcol, vsc, K_SOFF, V_OFF, V_SOFF, BS)
-            klo, khi = _nibbles(kx, gl.expand_dims(ks.to(gl.float32), 3))
-            ka = gl.reshape(gl.join(klo, khi), [4, 16, 4, 2, 2, 2, 2, 2])  # (w, t, a, j3, j2, j1, j0, nibble)
-            ka = gl.reshape(gl.permute(ka, (0, 1, 3, 4, 5, 6, 2, 7)), [4, 16, R_])  # fragment position k
+            # the next block's id now, a register carried to the next step (its load is off the critical path)
+            nxt = gl.load(bt_row + blk_i + 1, mask=blk_i + 1 < b_hi, other=0)
+            kx, ks = _load_k(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_k,
+                             kcol, ksc, RK, K_SOFF)
+            vx, vs = _load_v(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_v, vcol,
+                             vsc, RV, V_OFF, V_SOFF)
+            # byte j = 4 w + 2 e + T of the 16, nibble r: fragment position k = r + 2 a + 8 T + 16 e + 32 w
+            k02, k13 = _nibbles(kx, gl.expand_dims(ks.to(gl.float32), 3), NIBBLE_ASM_BYTES)
+            ka = gl.reshape(gl.join(k02, k13), [4, 16, 4, 2, 2, 2, 2, 2])  # (warp, t, a, w1, w0, e, r, T)
+            ka = gl.reshape(gl.permute(ka, (0, 1, 3, 4, 5, 7, 2, 6)), [4, 16, R_])
             ka = gl.convert_layout(ka, A_L, assert_trivial=True)
             s = mma_v2(ka, qb, gl.full([4, 16, 8], 0.0, gl.float32, layout=MMA))
             s = gl.where((blk_i * BS + tok_s) < seq_len, s * qk_scale, float("-inf"))
@@ -180,10 +210,11 @@ if AVAILABLE:
             acc = acc * gl.expand_dims(alpha, 1)
             m_i = m_new
             pb = gl.convert_layout(p.to(gl.bfloat16), B_L)
-            vlo, vhi = _nibbles(vx, gl.expand_dims(vs.to(gl.float32), 3))
+            vlo, vhi = _nibbles(vx, gl.expand_dims(vs.to(gl.float32), 3), NIBBLE_ASM_GROUP)
             va = gl.permute(gl.join(vlo, vhi), (0, 3, 4, 2, 1))  # (w, t, c, jj, nibble) -> (w, jj, nibble, c, t)
             va = gl.convert_layout(gl.reshape(va, [4, R_, 16]), A_L, assert_trivial=True)
             acc = mma_v2(va, pb, acc)
+            blk = nxt
 
         # partials of split sp * 4 + warp; row m of acc holds latent coordinate v_rank(m)
         o_m = gl.arange(0, R_, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
@@ -194,12 +225,14 @@ if AVAILABLE:
         gl.store(pm_ptr + base, m_i, mask=ok)
         gl.store(pl_ptr + base, l_i, mask=ok)
         col = gl.expand_dims(gl.expand_dims(16 * (o_m % 8) + o_m // 8, 0), 2)  # v_rank
-        gl.store(pacc_ptr + gl.expand_dims(base, 1) * R_ + col, acc, mask=gl.expand_dims(ok, 1) & (col >= 0))
+        gl.store(pacc_ptr + gl.expand_dims(base, 1) * RV_P + col, acc, mask=gl.expand_dims(ok, 1) & (col < RV))
 
 
-def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits: int):
-    """Decode over ``kv_cache`` for ``q [R, Hq, rank 128]`` (latent queries, bf16) of the layout of ``f`` (one of
-    :func:`serves`), then the split-KV reduce (``B_v``) into ``out`` ([R, Hq, head_dim], allocated if None)."""
+def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits: int, maxnreg: int | None = None):
+    """Decode over ``kv_cache`` for ``q [R, Hq, rank_k]`` (latent queries, bf16) of the layout of ``f`` (one of
+    :func:`serves`), then the split-KV reduce (``B_v``) into ``out`` ([R, Hq, head_dim], allocated if None).
+    ``maxnreg``: a register cap (Triton's; None: 128, the compiler's own choice at rank 128 and what keeps 4
+    programs per SM at smaller ranks without spills; 0: the compiler's choice)."""
     from .prefill import LOG2E, launch_reduce
     layout = f.layout
     R, hq = q.shape[:2]
@@ -211,12 +244,14 @@ def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits:
     nsp = 4 * num_splits
     pm = torch.empty(R, hq, nsp, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
-    pacc = torch.empty(R, hq, nsp, RANK, dtype=torch.float32, device=q.device)
+    rv_p = max(16, next_pow2(layout.rank_v))  # the reduce's row of partial values
+    pacc = torch.empty(R, hq, nsp, rv_p, dtype=torch.float32, device=q.device)
     kf, vf = row_format(layout)
     _roped_int4_decode[(R, layout.groups, num_splits)](
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1), block_table,
         block_table.stride(0), seq_lens, pm, pl, pacc, float(scale) * LOG2E, num_splits,
-        G=layout.groups, QPK=qpk, K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=BLOCK, num_warps=4)
+        G=layout.groups, QPK=qpk, RK=layout.rank_k, RV=layout.rank_v, RV_P=rv_p, K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=BLOCK, num_warps=4,
+        **({"maxnreg": 128 if maxnreg is None else maxnreg} if maxnreg != 0 else {}))
     launch_reduce(pm, pl, pacc, f, out, nsp, 1, qpk, f.bv)
     return out
 

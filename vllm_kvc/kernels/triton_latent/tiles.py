@@ -359,15 +359,17 @@ _NIBBLE_INDEX = ("\nand.b32 b, $4, 0x88888888;\nshr.u32 t, b, 3;\nsub.u32 t, b, 
                  "\nlop3.b32 m, $4, t, 0x77777777, 0x82;\nshr.u32 sb, m, 16;\nshl.b32 xs, $4, 4;")
 
 
-def _nibble_signed_out(pmsel: str, oe: str, oo: str, sa: str) -> str:
-    """PTX: the sign of each level from its code (byte mask by prmt's sign mode), then the even and odd values
-    (levels lb / hb interleaved) times the bf16 |scale| ``sa`` into ``oe`` / ``oo``."""
+def _nibble_signed_out(pmsel: str, oe: str, oo: str, sa: str, by_byte: bool = False) -> str:
+    """PTX: the sign of each level from its code (byte mask by prmt's sign mode), then the values of the 4 nibbles
+    (levels lb / hb interleaved) times the bf16 |scale| ``sa``: ``oe`` / ``oo`` the low / high nibbles of the two
+    bytes, or with ``by_byte`` the (low, high) nibbles of the first / of the second byte."""
+    se, so = ("0x5140", "0x7362") if by_byte else ("0x6240", "0x7351")
     return f"""
 prmt.b32 pm, xs, $4, {pmsel};
 lop3.b32 hb, hb, pm, 0x80808080, 0xD2;
-prmt.b32 e, lb, hb, 0x6240;
+prmt.b32 e, lb, hb, {se};
 mul.rn.bf16x2 {oe}, e, {sa};
-prmt.b32 e, lb, hb, 0x7351;
+prmt.b32 e, lb, hb, {so};
 mul.rn.bf16x2 {oo}, e, {sa};"""
 
 
@@ -420,7 +422,7 @@ def _signed(word: str) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def _nibble_asm_group() -> str | None:
+def _nibble_asm_group(by_byte: bool = False) -> str | None:
     """:func:`_nibble_asm` for 4 code bytes of which bytes 0, 1 share one scale and bytes 2, 3 share one (each pair
     from one scale group of one token), the table chosen before the call: $4 the 4 code bytes; per byte (pack=4
     operands) $5..$8 and $9..$12 the low bytes of the 8 positive levels of its scale's table (Gauss where the
@@ -429,7 +431,12 @@ def _nibble_asm_group() -> str | None:
     pair. Outputs as :func:`_nibble_asm`'s. The high bytes of the levels are immediates, shared by both tables
     (None where they are not: no such decoder). 22 PTX instructions per 8 values instead of 30, and the table
     words come in registers (no per-use moves). Pairs, not quadruples: where Triton runs the decode in the wgmma
-    operand layout, a thread's 4 consecutive bytes are 2 of one token, then 2 of a token 8 rows on."""
+    operand layout, a thread's 4 consecutive bytes are 2 of one token, then 2 of a token 8 rows on.
+
+    ``by_byte``: each output register holds the (low, high) nibble values of one byte (bytes 0, 2, 1, 3 in $0 ..
+    $3), the pairs a tensor-core operand takes where a byte's two values are consecutive in its k dimension (the
+    explicit kernel's keys): no re-pairing after. As elements of the two pack=4 outputs: the first holds (low,
+    high) of bytes 0 and 2, the second of bytes 1 and 3."""
     g2, g3 = _byte_planes(GAUSS_LEVELS[4])[2:]
     if (g2, g3) != _byte_planes(UNIFORM_LEVELS[4])[2:]:
         return None
@@ -437,7 +444,7 @@ def _nibble_asm_group() -> str | None:
     def half(sel: str, pmsel: str, oe: str, oo: str, t0: str, t1: str, sa: str) -> str:
         return f"""
 prmt.b32 lb, {t0}, {t1}, {sel};
-prmt.b32 hb, {g2}, {g3}, {sel};""" + _nibble_signed_out(pmsel, oe, oo, sa)
+prmt.b32 hb, {g2}, {g3}, {sel};""" + _nibble_signed_out(pmsel, oe, oo, sa, by_byte)
 
     return ("{\n.reg .b32 b, t, m, sb, xs, lb, hb, pm, e;" + _NIBBLE_INDEX
             + half("m", "0xD9C8", "$0", "$2", "$5", "$9", "$13") + half("sb", "0xFBEA", "$1", "$3", "$7", "$11", "$14")
@@ -447,6 +454,7 @@ prmt.b32 hb, {g2}, {g3}, {sel};""" + _nibble_signed_out(pmsel, oe, oo, sa)
 _GW = _byte_planes(GAUSS_LEVELS[4])
 _UW = _byte_planes(UNIFORM_LEVELS[4])
 NIBBLE_ASM_GROUP = tl.constexpr(_nibble_asm_group() or "")
+NIBBLE_ASM_BYTES = tl.constexpr(_nibble_asm_group(by_byte=True) or "")
 GROUP_ASM_OK = _nibble_asm_group() is not None  # (host side: whether load_nibbles_grouped can run on GPUs)
 G_LO0, G_LO1, U_LO0, U_LO1 = (tl.constexpr(_signed(w)) for w in (_GW[0], _GW[1], _UW[0], _UW[1]))
 
