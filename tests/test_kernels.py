@@ -266,35 +266,40 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from vllm_kvc.kernels.triton_latent import explicit as ex
 from vllm_kvc.kernels.triton_latent.config import row_format
 from vllm_kvc.layout import LatentLayout
-rk, rv = int(sys.argv[1]), int(sys.argv[2])
+rk, rv, stages = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 kf, vf = row_format(LatentLayout(8, 1, 128, rk, rv, "int4@g32"))
 types = {"q_ptr": "*bf16", "cache_ptr": "*u8", "bt_ptr": "*i32", "seq_lens_ptr": "*i32", "pm_ptr": "*fp32",
          "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "qk_scale": "fp32"}
-const = dict(G=8, QPK=4, RK=rk, RV=rv, RV_P=max(16, 1 << (rv - 1).bit_length()), K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=64)
+const = dict(G=8, QPK=4, RK=rk, RV=rv, RV_P=max(16, 1 << (rv - 1).bit_length()), K_SOFF=kf.soff, V_OFF=vf.off,
+             V_SOFF=vf.soff, BS=64, STAGES=stages)
 fn = ex._roped_int4_decode
 sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
-ck = triton.compile(GluonASTSource(fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+names = list(sig)  # 16-byte aligned pointers and strides, as a launch on a cache of 16-byte rows specialises it
+attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n.startswith("stride_")}
+ck = triton.compile(GluonASTSource(fn, signature=sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                     options=dict(num_warps=4))
 ptx = ck.asm["ptx"]
-print("SHARED", ck.metadata.shared, "MMA", ptx.count("mma.sync.aligned.m16n8k16"), "LDS", ptx.count("ld.shared"))
+print("SHARED", ck.metadata.shared, "MMA", ptx.count("mma.sync.aligned.m16n8k16"), "LDS", ptx.count("ld.shared"),
+      "CPASYNC", ptx.count("cp.async.cg") + ptx.count("cp.async.ca"))
 """
 
 
-@pytest.mark.parametrize("rk,rv", [(128, 128), (120, 72)])
-def test_explicit_kernel_compiles_for_hopper(rk, rv):
+@pytest.mark.parametrize("rk,rv,stages", [(128, 128, 0), (120, 72, 0), (128, 128, 4), (120, 72, 2)])
+def test_explicit_kernel_compiles_for_hopper(rk, rv, stages):
     """The explicit-layout kernel compiles for sm_90 with the installed Triton (no GPU needed; outside the
     interpreter, in a subprocess), at full rank and at ranks below it: its layout conversions between the decoded
-    tiles and the mma operands are register renames (``assert_trivial``, checked by the compiler), and it reads no
-    shared memory."""
+    tiles and the mma operands are register renames (``assert_trivial``, checked by the compiler); with stages=0 it
+    uses no shared memory, with rings of 2 or 4 blocks their bytes (8 KB a block) filled by cp.async."""
     if not explicit_kernel().AVAILABLE:
         pytest.skip("this triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _COMPILE_EXPLICIT, str(rk), str(rv)], env=env, cwd=root, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _COMPILE_EXPLICIT, str(rk), str(rv), str(stages)], env=env, cwd=root, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    _, shared, _, mma, _, lds = r.stdout.split()[-6:]
-    assert (int(shared), int(lds)) == (0, 0) and int(mma) >= 16, r.stdout
+    _, shared, _, mma, _, lds, _, cp_async = r.stdout.split()[-8:]
+    assert int(shared) == 8192 * stages and int(mma) >= 16, r.stdout
+    assert (int(lds) > 0, int(cp_async) > 0) == (stages > 0, stages > 0), r.stdout
 
 
 def test_plan_gives_nibble_tiles_32_tokens():
@@ -1110,6 +1115,11 @@ if CUDA:
          dict(G=8, gs=1, qpk=4, hd=128, rk=48, rv=80, bs=64), dict(max_query_len=1)),
         ("gpu_explicit_one_group_rk120_rv72_bias", "int4@g32", [1000, 64, 65, 1], [1] * 4,
          dict(G=1, gs=1, qpk=8, hd=128, rk=120, rv=72, bs=64, bias=True), dict(max_query_len=1, num_splits=2)),
+        # its code bytes through shared-memory rings of 2 and 4 blocks (the default loads them straight)
+        ("gpu_explicit_r112_ring2", "int4@g32", [4095, 1, 129, 64, 3000], [1] * 5,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=112, rv=112, bs=64), dict(max_query_len=1, stages=2)),
+        ("gpu_explicit_r128_ring4", "int4@g32", [4095, 1, 129, 64, 3000], [1] * 5,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(max_query_len=1, stages=4, num_splits=2)),
         ("gpu_llama_prefill_chunked", "bfloat16", [1000, 300, 517], [1000, 1, 77],
          dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64), dict()),
         ("gpu_llama_int4_g32_prefill_rk48_rv80", "int4@g32", [1000, 300, 517], [1000, 1, 77],

@@ -46,6 +46,8 @@ class LaunchConfig:
         group (16 bytes) per thread and token (``tiles.load_nibbles_grouped``); None: on.
     explicit: decode batches of the layouts the explicit-layout kernel serves (``explicit.serves``: roped int4@g32
         of even ranks up to 128, 64-token blocks, sm_90) take it; None: on, False: the Triton kernels.
+    stages: explicit kernel: blocks of code bytes in flight per program (shared-memory rings filled by cp.async;
+        a power of two, 0: straight loads into registers); None: ``explicit.STAGES`` (0).
     rebuild_*: long prompts (see ``dispatch.plan_launch``)."""
     heads: int | None = None
     block_t: int | None = None
@@ -60,6 +62,7 @@ class LaunchConfig:
     scale_ahead: bool | None = None
     k_grouped: bool | None = None
     explicit: bool | None = None
+    stages: int | None = None
     rebuild_min_queries: int = REBUILD_MIN_QUERIES
     rebuild_min_work: int = REBUILD_MIN_WORK
     rebuild_max_tokens: int = REBUILD_MAX_TOKENS

@@ -276,7 +276,8 @@ def _run_plan(plan: LaunchPlan, q, kv_cache, f: LatentFactors, block_table, seq_
     """Launch the kernel of a plan (no rebuilt requests) over the whole batch."""
     cfg = plan.config
     if plan.kernel == "explicit":
-        return explicit.launch(q, kv_cache, f, block_table, seq_lens, scale, out, cfg.num_splits, cfg.maxnreg)
+        return explicit.launch(q, kv_cache, f, block_table, seq_lens, scale, out, cfg.num_splits, cfg.maxnreg,
+                              cfg.stages)
     if plan.kernel == "decode":
         assert sink is None, "the multi-head decode kernel does not merge a sink (plan_launch(sink=True))"
         qsl = seq_lens if plan.direct else query_start_loc

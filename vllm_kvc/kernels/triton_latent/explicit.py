@@ -2,15 +2,17 @@
 
 The Triton kernels decode a value tile in whatever register layout the compiler derives backwards from the tensor-core
 operand, which for the value tile is one byte per shared-memory load with bank conflicts (benchmarks/RESULTS.md,
-GPU rounds 5-6). Here every layout is chosen (Triton's Gluon dialect): each thread loads exactly the code bytes that
-its ``mma.sync m16n8k16`` fragments need, as vector loads straight from global memory, decodes them in registers
-(the byte-permute level tables of :func:`~.tiles.nibble_lut_group`; keys as (low, high) nibble pairs of one byte,
-the pairs an A fragment holds) and feeds them to the tensor cores; the
-layout conversions between the decoded tiles and the operands are register renames (checked when compiling:
-``convert_layout(..., assert_trivial=True)``). No shared memory is used at all.
+GPU rounds 5-6). Here every layout is chosen (Triton's Gluon dialect): each thread reads exactly the code bytes that
+its ``mma.sync m16n8k16`` fragments need, as vector loads, decodes them in registers (the byte-permute level tables
+of :func:`~.tiles.nibble_lut_group`; keys as (low, high) nibble pairs of one byte, the pairs an A fragment holds)
+and feeds them to the tensor cores; the layout conversions between the decoded tiles and the operands are register
+renames (checked when compiling: ``convert_layout(..., assert_trivial=True)``). The code bytes are loaded straight
+into registers, or (``stages`` > 0, :data:`STAGES`) through shared-memory rings that ``cp.async`` fills a few
+blocks ahead, each thread copying the bytes it will read back (16- and 8-byte copies, the same layout both ways;
+:func:`ring_ok`), with the fp16 scales loaded one block ahead into registers.
 
 One program serves (request, head group, KV split) with 4 warps; each warp takes 16 of a 64-token block's tokens
-and keeps its own online softmax, so warps never wait for each other. Tokens are the M dimension of both products:
+and keeps its own online softmax (no barriers, but two per block with the rings). Tokens are the M dimension of both products:
 ``S [tok, head] = K [tok, k] . q^T [k, head]`` (the group's query heads padded to 8 columns) and
 ``O^T [rank, head] += V^T [rank, tok] . P [tok, head]``. A latent coordinate's position in a fragment is not its
 position in the row: each thread's 16 K bytes (one scale group) and 8 V bytes (half of one) are contiguous in the
@@ -33,7 +35,9 @@ from .tiles import G_LO0, G_LO1, GROUP_ASM_OK, NIBBLE_ASM_BYTES, NIBBLE_ASM_GROU
 try:  # Gluon: Triton's explicit-layout dialect (triton >= 3.5)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    # global -> shared copies (cp.async): triton 3.6 names it async_copy_global_to_shared, later ones async_load
+    _ASYNC_LOAD = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     AVAILABLE = GROUP_ASM_OK
 except ImportError:  # pragma: no cover - older triton: the Triton kernels serve every layout
     AVAILABLE = False
@@ -41,6 +45,10 @@ except ImportError:  # pragma: no cover - older triton: the Triton kernels serve
 BLOCK = 64  # tokens per vLLM block (the kernel reads one block per step: 4 warps x 16 tokens)
 RANK = 128  # the largest K / V rank: the fragments' width (smaller ranks read masked, as zeros)
 MAX_QPK = 8  # query heads per KV head: the columns of the score tile
+# blocks of code bytes in flight per program (shared-memory rings filled by cp.async, a power of two); 0, the
+# default: straight loads into registers (the rings hide the loads' latency but add ~115 instructions and two
+# barriers per step: 12 % slower per layer in one wave, 2 % faster in the whole model; RESULTS.md, round 9)
+STAGES = 0
 
 
 def per_sm(maxnreg: int | None = None) -> int:
@@ -68,6 +76,14 @@ def serves(layout, num_heads: int, block_size: int, roped: bool, sink: bool = Fa
             and num_heads % layout.num_kv_heads == 0 and num_heads // layout.num_kv_heads <= MAX_QPK)
 
 
+def ring_ok(layout, kv_cache: torch.Tensor) -> bool:
+    """Whether the code bytes can go through the shared-memory rings: cp.async copies 4, 8 or 16 bytes, so every
+    head group's K and V codes must start 4-byte aligned (ranks multiples of 8) in rows of a multiple of 16 bytes
+    (what the launch specialises on); otherwise the kernel loads them straight into registers."""
+    return (layout.rank_k % 8 == 0 and layout.rank_v % 8 == 0 and kv_cache.stride(1) % 16 == 0
+            and kv_cache.stride(0) % 16 == 0 and kv_cache.data_ptr() % 16 == 0)
+
+
 def device_ok(q: torch.Tensor) -> bool:
     """A CUDA device of compute capability 9.0 or newer (packed bf16 multiplies), bf16 queries, not the
     interpreter (the device's properties are looked up once: this runs on every attention call)."""
@@ -88,6 +104,9 @@ if AVAILABLE:
     # 8 bytes of 4 tokens, one 8-byte load each
     VB_L = gl.BlockedLayout(size_per_thread=[1, 2, 1, 8], threads_per_warp=[1, 4, 8, 1],
                             warps_per_cta=[4, 1, 1, 1], order=[3, 1, 2, 0])
+    # the code-byte rings [stage, warp, token, part, byte] (a layout of the 4 inner dimensions), unswizzled: each
+    # thread reads back what it copied; stages a power of two (Gluon)
+    RING5 = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[3, 2, 1, 0])
 
     @gluon.jit
     def _nibbles(x, s, ASM: gl.constexpr):
@@ -117,43 +136,58 @@ if AVAILABLE:
         return tok, col, gl.expand_dims(gl.expand_dims(p // PER_SCALE, 0), 1)
 
     @gluon.jit
-    def _load_k(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, RK: gl.constexpr,
-                K_SOFF: gl.constexpr):
-        """Block ``blk``'s (its first token ``t0``) K code bytes and fp16 scales of head group g (tokens from
-        seq_len on, and all where not ``live``, read 0; so do the bytes and scales past rank RK)."""
-        okk = ((t0 + tok_k) < seq_len) & live  # [4, 16, 1]
-        rowk = cache_ptr + blk.to(gl.int64) * stride_cb + tok_k * stride_cs
-        ok_x = gl.expand_dims(okk, 3)
-        ok_s = okk
-        if RK < R_:
-            ok_x = ok_x & (kcol < RK // 2)
-            ok_s = ok_s & (ksc < (RK + 31) // 32)
-        kx = gl.load(gl.expand_dims(rowk, 3) + g * (RK // 2) + kcol, mask=ok_x, other=0)
-        ks = gl.load((rowk + K_SOFF).to(gl.pointer_type(gl.float16)) + g * ((RK + 31) // 32) + ksc, mask=ok_s,
-                     other=0.0)
-        return kx, ks
+    def _part_ptrs(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R: gl.constexpr,
+                   OFF: gl.constexpr, SOFF: gl.constexpr):
+        """Pointers and masks of block ``blk``'s (its first token ``t0``) code bytes and fp16 scales of head group g
+        in one part of a row (K or V) of rank R, its codes from byte OFF and its scales from SOFF (``tok``, ``col``,
+        ``sc``: :func:`_block_offsets`): tokens from seq_len on, all where not ``live``, and bytes and scales past
+        rank R masked (read as 0)."""
+        ok = ((t0 + tok) < seq_len) & live  # [4, 16, 1]
+        row = cache_ptr + blk.to(gl.int64) * stride_cb + tok * stride_cs
+        ok_x = gl.expand_dims(ok, 3)
+        ok_s = ok
+        if R < R_:
+            ok_x = ok_x & (col < R // 2)
+            ok_s = ok_s & (sc < (R + 31) // 32)
+        return (gl.expand_dims(row, 3) + OFF + g * (R // 2) + col, ok_x,
+                (row + SOFF).to(gl.pointer_type(gl.float16)) + g * ((R + 31) // 32) + sc, ok_s)
 
     @gluon.jit
-    def _load_v(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_v, vcol, vsc, RV: gl.constexpr,
-                V_OFF: gl.constexpr, V_SOFF: gl.constexpr):
-        """:func:`_load_k` for the V code bytes and scales (rank RV)."""
-        okv = ((t0 + tok_v) < seq_len) & live
-        rowv = cache_ptr + blk.to(gl.int64) * stride_cb + tok_v * stride_cs
-        ok_x = gl.expand_dims(okv, 3)
-        ok_s = okv
-        if RV < R_:
-            ok_x = ok_x & (vcol < RV // 2)
-            ok_s = ok_s & (vsc < (RV + 31) // 32)
-        vx = gl.load(gl.expand_dims(rowv, 3) + V_OFF + g * (RV // 2) + vcol, mask=ok_x, other=0)
-        vs = gl.load((rowv + V_SOFF).to(gl.pointer_type(gl.float16)) + g * ((RV + 31) // 32) + vsc, mask=ok_s,
-                     other=0.0)
-        return vx, vs
+    def _load_part(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R: gl.constexpr,
+                   OFF: gl.constexpr, SOFF: gl.constexpr):
+        """(code bytes, fp16 scales) of :func:`_part_ptrs`, loaded."""
+        xp, ok_x, sp, ok_s = _part_ptrs(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R,
+                                        OFF, SOFF)
+        return gl.load(xp, mask=ok_x, other=0), gl.load(sp, mask=ok_s, other=0.0)
+
+    @gluon.jit
+    def _load_scales(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R: gl.constexpr,
+                     OFF: gl.constexpr, SOFF: gl.constexpr):
+        """The fp16 scales of :func:`_part_ptrs`, loaded."""
+        _xp, _okx, sp, ok_s = _part_ptrs(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R,
+                                         OFF, SOFF)
+        return gl.load(sp, mask=ok_s, other=0.0)
+
+    @gluon.jit
+    def _copy_codes(ring_k, ring_v, cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc,
+                    tok_v, vcol, vsc, RK: gl.constexpr, RV: gl.constexpr, K_SOFF: gl.constexpr, V_OFF: gl.constexpr,
+                    V_SOFF: gl.constexpr):
+        """Block ``blk``'s K and V code bytes into one stage of the rings (cp.async; masked bytes written as 0), one
+        commit group. Each thread copies the bytes it will read back (same layout), so no barrier is needed."""
+        xp, ok_x, _sp, _oks = _part_ptrs(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc,
+                                         RK, 0, K_SOFF)
+        _ASYNC_LOAD(ring_k, xp, mask=ok_x)
+        xp, ok_x, _sp, _oks = _part_ptrs(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_v, vcol, vsc,
+                                         RV, V_OFF, V_SOFF)
+        _ASYNC_LOAD(ring_v, xp, mask=ok_x)
+        async_copy.commit_group()
 
     @gluon.jit
     def _roped_int4_decode(q_ptr, stride_qt, stride_qh, cache_ptr, stride_cb, stride_cs, bt_ptr, stride_bt,
                            seq_lens_ptr, pm_ptr, pl_ptr, pacc_ptr, qk_scale, num_splits,
                            G: gl.constexpr, QPK: gl.constexpr, RK: gl.constexpr, RV: gl.constexpr, RV_P: gl.constexpr,
-                           K_SOFF: gl.constexpr, V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr):
+                           K_SOFF: gl.constexpr, V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr,
+                           STAGES: gl.constexpr):
         """Program (request r, head group g, split sp): the blocks of its split, one per step; per warp the
         partial (max, sum, weighted value latents) of its 16 tokens of each block -> split sp * 4 + warp."""
         r = gl.program_id(0)
@@ -189,13 +223,44 @@ if AVAILABLE:
         acc = gl.full([4, R_, 8], 0.0, gl.float32, layout=MMA)
         bt_row = bt_ptr + r.to(gl.int64) * stride_bt
         blk = gl.load(bt_row + b_lo, mask=b_lo < b_hi, other=0)
+        if STAGES > 0:
+            # code bytes through shared-memory rings of STAGES blocks, copied STAGES - 1 blocks ahead; the scales
+            # one block ahead in registers
+            ring_k = gl.allocate_shared_memory(gl.uint8, [STAGES, 4, 16, 4, 16], RING5)
+            ring_v = gl.allocate_shared_memory(gl.uint8, [STAGES, 4, 16, 8, 8], RING5)
+            for st in gl.static_range(STAGES - 1):
+                bid = gl.load(bt_row + b_lo + st, mask=b_lo + st < b_hi, other=0)
+                _copy_codes(ring_k.index(st), ring_v.index(st), cache_ptr, bid, b_lo + st < b_hi, (b_lo + st) * BS,
+                            seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, tok_v, vcol, vsc, RK, RV, K_SOFF,
+                            V_OFF, V_SOFF)
+            ks_n = _load_scales(cache_ptr, blk, b_lo < b_hi, b_lo * BS, seq_len, g, stride_cb, stride_cs, tok_k, kcol,
+                                ksc, RK, 0, K_SOFF)
+            vs_n = _load_scales(cache_ptr, blk, b_lo < b_hi, b_lo * BS, seq_len, g, stride_cb, stride_cs, tok_v, vcol,
+                                vsc, RV, V_OFF, V_SOFF)
         for blk_i in range(b_lo, b_hi):
             # the next block's id now, a register carried to the next step (its load is off the critical path)
             nxt = gl.load(bt_row + blk_i + 1, mask=blk_i + 1 < b_hi, other=0)
-            kx, ks = _load_k(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_k,
-                             kcol, ksc, RK, K_SOFF)
-            vx, vs = _load_v(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_v, vcol,
-                             vsc, RV, V_OFF, V_SOFF)
+            if STAGES > 0:
+                ahead = blk_i + STAGES - 1
+                stage = (blk_i - b_lo) % STAGES
+                bid = gl.load(bt_row + ahead, mask=ahead < b_hi, other=0)
+                _copy_codes(ring_k.index((stage + STAGES - 1) % STAGES), ring_v.index((stage + STAGES - 1) % STAGES),
+                            cache_ptr, bid, ahead < b_hi, ahead * BS, seq_len, g, stride_cb, stride_cs, tok_k, kcol,
+                            ksc, tok_v, vcol, vsc, RK, RV, K_SOFF, V_OFF, V_SOFF)
+                ks = ks_n
+                vs = vs_n
+                ks_n = _load_scales(cache_ptr, nxt, blk_i + 1 < b_hi, (blk_i + 1) * BS, seq_len, g, stride_cb,
+                                    stride_cs, tok_k, kcol, ksc, RK, 0, K_SOFF)
+                vs_n = _load_scales(cache_ptr, nxt, blk_i + 1 < b_hi, (blk_i + 1) * BS, seq_len, g, stride_cb,
+                                    stride_cs, tok_v, vcol, vsc, RV, V_OFF, V_SOFF)
+                async_copy.wait_group(STAGES - 1)  # this block's copies (this thread's own bytes) have landed
+                kx = ring_k.index(stage).load(KB_L)
+                vx = ring_v.index(stage).load(VB_L)
+            else:
+                kx, ks = _load_part(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_k,
+                                    kcol, ksc, RK, 0, K_SOFF)
+                vx, vs = _load_part(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_v,
+                                    vcol, vsc, RV, V_OFF, V_SOFF)
             # byte j = 4 w + 2 e + T of the 16, nibble r: fragment position k = r + 2 a + 8 T + 16 e + 32 w
             k02, k13 = _nibbles(kx, gl.expand_dims(ks.to(gl.float32), 3), NIBBLE_ASM_BYTES)
             ka = gl.reshape(gl.join(k02, k13), [4, 16, 4, 2, 2, 2, 2, 2])  # (warp, t, a, w1, w0, e, r, T)
@@ -215,6 +280,8 @@ if AVAILABLE:
             va = gl.convert_layout(gl.reshape(va, [4, R_, 16]), A_L, assert_trivial=True)
             acc = mma_v2(va, pb, acc)
             blk = nxt
+        if STAGES > 0:
+            async_copy.wait_group(0)  # the copies past the end (masked, zero-filled) land before the program exits
 
         # partials of split sp * 4 + warp; row m of acc holds latent coordinate v_rank(m)
         o_m = gl.arange(0, R_, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
@@ -228,11 +295,13 @@ if AVAILABLE:
         gl.store(pacc_ptr + gl.expand_dims(base, 1) * RV_P + col, acc, mask=gl.expand_dims(ok, 1) & (col < RV))
 
 
-def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits: int, maxnreg: int | None = None):
+def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits: int, maxnreg: int | None = None,
+           stages: int | None = None):
     """Decode over ``kv_cache`` for ``q [R, Hq, rank_k]`` (latent queries, bf16) of the layout of ``f`` (one of
     :func:`serves`), then the split-KV reduce (``B_v``) into ``out`` ([R, Hq, head_dim], allocated if None).
     ``maxnreg``: a register cap (Triton's; None: 128, the compiler's own choice at rank 128 and what keeps 4
-    programs per SM at smaller ranks without spills; 0: the compiler's choice)."""
+    programs per SM at smaller ranks without spills; 0: the compiler's choice). ``stages``: blocks in the
+    shared-memory rings of code bytes (0: loads straight into registers; None: :data:`STAGES`)."""
     from .prefill import LOG2E, launch_reduce
     layout = f.layout
     R, hq = q.shape[:2]
@@ -247,13 +316,18 @@ def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits:
     rv_p = max(16, next_pow2(layout.rank_v))  # the reduce's row of partial values
     pacc = torch.empty(R, hq, nsp, rv_p, dtype=torch.float32, device=q.device)
     kf, vf = row_format(layout)
+    if stages is None:
+        stages = STAGES
+    if stages and not ring_ok(layout, kv_cache):
+        stages = 0
     _roped_int4_decode[(R, layout.groups, num_splits)](
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1), block_table,
         block_table.stride(0), seq_lens, pm, pl, pacc, float(scale) * LOG2E, num_splits,
-        G=layout.groups, QPK=qpk, RK=layout.rank_k, RV=layout.rank_v, RV_P=rv_p, K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=BLOCK, num_warps=4,
+        G=layout.groups, QPK=qpk, RK=layout.rank_k, RV=layout.rank_v, RV_P=rv_p, K_SOFF=kf.soff, V_OFF=vf.off,
+        V_SOFF=vf.soff, BS=BLOCK, STAGES=stages, num_warps=4,
         **({"maxnreg": 128 if maxnreg is None else maxnreg} if maxnreg != 0 else {}))
     launch_reduce(pm, pl, pacc, f, out, nsp, 1, qpk, f.bv)
     return out
 
 
-__all__ = ["AVAILABLE", "BLOCK", "device_ok", "k_rank", "launch", "serves", "v_rank"]
+__all__ = ["AVAILABLE", "BLOCK", "STAGES", "device_ok", "k_rank", "launch", "ring_ok", "serves", "v_rank"]
