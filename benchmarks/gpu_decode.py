@@ -258,7 +258,9 @@ def cfg_text(cfg: dict) -> str:
             f"p{cfg.get('pieces') or 1} s{cfg['num_splits']}"
             f"{'' if rot is None else (' tile rotation' if rot else ' table')}"
             f"{'' if lazy is None else (' lazy max' if lazy else ' running max')}"
-            f"{' maxnreg %d' % cfg['maxnreg'] if cfg.get('maxnreg') else ''}")
+            f"{' maxnreg %d' % cfg['maxnreg'] if cfg.get('maxnreg') else ''}"
+            f"{'' if cfg.get('explicit') is None else (' explicit' if cfg['explicit'] else ' triton')}"
+            f"{' rings %d' % cfg['stages'] if cfg.get('stages') else ''}")
 
 
 def _warm_job(job):
@@ -316,7 +318,8 @@ DEFAULT_FORMATS = ("bfloat16:0.5,int8:0.5,int4@g32:0.5,int8/int4:0.5,int8/int4@g
 
 
 def parse_formats(text: str):
-    """'int4@g32:0.5,int8/int4:0.5' -> [(latent spec, ratio)] (gs = 1, rank = ratio * head_dim for K and V).
+    """'int4@g32:0.5,int8/int4:0.5' -> [(latent spec, ratio)] (gs = 1, rank = ratio * head_dim for K and V;
+    'int4@g32:0.5|gs2': head groups of 2 KV heads, rank = ratio * 2 * head_dim, the spec keeps the suffix).
     Transform-coded items ``seg:<K>/<V>|gsN`` keep their spec with the suffix as the first element (see
     :func:`format_shape`) and their ratio of ranks to the head group's dims as the second."""
     out = []
@@ -326,34 +329,32 @@ def parse_formats(text: str):
             out.append((item, (rk + rv) / (2 * gs * HD)))
             continue
         spec, _, ratio = item.partition(":")
-        out.append((spec, float(ratio or 0.5)))
+        ratio, _, gs = ratio.partition("|gs")  # 'int4@g32:0.5|gs2': head groups of 2 KV heads
+        out.append((spec + (f"|gs{gs}" if gs else ""), float(ratio or 0.5)))
     return out
 
 
 def format_shape(item: str, ratio: float = 0.5):
     """(latent spec, group size, rank_k, rank_v) of a --formats item: 'seg:<K>/<V>|gsN' (ranks from the segments),
-    else gs 1 and ranks ratio * head_dim."""
+    else gs 1 (or N after '|gsN') and ranks ratio * gs * head_dim."""
     if item.startswith("seg:"):
         from vllm_kvc.plan import parse_segment_spec
         spec, _, gs = item.partition("|gs")
         k, v = parse_segment_spec(spec)
         return spec, int(gs or 1), sum(w for w, _ in k), sum(w for w, _ in v)
-    r = int(round(ratio * HD))
-    return item, 1, r, r
+    item, _, gs = item.partition("|gs")
+    gs = int(gs or 1)
+    r = int(round(ratio * HD * gs))
+    return item, gs, r, r
 
 
-BOOL_FIELDS = ("tile_rotation", "lazy_max", "scale_ahead", "k_grouped", "explicit")  # LaunchConfig switches (0 / 1)
 CONFIGS: list = []  # --configs: replaces format_configs' grid
 ROPED_CONFIGS: list = []  # --roped-configs: tried in roped-key mode besides the defaults
 
 
 def parse_configs(text: str) -> list[LaunchConfig]:
     """'num_stages=2;maxnreg=168,num_splits=2': one LaunchConfig per ';'-separated item (booleans as 0 / 1)."""
-    out = []
-    for item in filter(None, text.split(";")):
-        kv = dict(x.split("=") for x in item.split(","))
-        out.append(LaunchConfig(**{k: (v == "1") if k in BOOL_FIELDS else int(v) for k, v in kv.items()}))
-    return out
+    return [LaunchConfig.parse(item) for item in filter(None, text.split(";"))]
 
 
 def format_configs(spec: str) -> list[LaunchConfig]:
@@ -412,7 +413,7 @@ def run_formats(args, bw, mm, results):
             best = min(ok, key=lambda x: x["ms"]) if ok else None
             dflt = tried[0] if "ms" in tried[0] else None
             kb = c.kernel_bytes()
-            row = dict(B=B, S=S, spec=spec, gs=gs, ratio=ratio, rank=r, rank_v=rv, row_bytes=c.layout.row_bytes,
+            row = dict(B=B, S=S, spec=spec + (f" gs{gs}" if gs > 1 else ""), gs=gs, ratio=ratio, rank=r, rank_v=rv, row_bytes=c.layout.row_bytes,
                        dense_row_bytes=c.layout.dense_row_bytes(), dense_ms=dense_best, dense_paths=dense_t,
                        dense_floor_ms=dense_floor, bytes=kb, bytes_floor_ms=kb / bw * 1e3,
                        flop_floor_ms=c.kernel_flops() / mm * 1e3, default=dflt, best=best, tried=tried,
@@ -454,6 +455,9 @@ def time_roped(c: DecodeCase, spec: str, bw: float, results) -> dict:
         print(f"  {'roped':>15} r={c.layout.rank_k:3d}: dflt {d['ms'] if d else float('nan'):.4f} ms, best "
               f"{best['ms']:.4f} ms [{cfg_text(best['cfg'])}] err {best['err']:.1e}; floor {r['bytes_floor_ms']:.4f}"
               " ms", flush=True)
+        for x in tried[1:]:
+            print(f"  {'':>15}   [{cfg_text(x['cfg'])}] " + (f"{x['ms']:.4f} ms, err {x['err']:.1e}" if "ms" in x
+                                                             else x["error"]), flush=True)
     return r
 
 
@@ -729,7 +733,7 @@ def main():
             lat, gs, rk, rv = format_shape(f"{lat}|gs{gs}")
         c = DecodeCase(B, S, gs, rk, rv, lat)
         roped = kv.pop("roped", "0") == "1"
-        cfg = LaunchConfig(**{k: (v == "1") if k in BOOL_FIELDS else int(v) for k, v in kv.items()})
+        cfg = LaunchConfig.parse(",".join(f"{k}={v}" for k, v in kv.items()))
         if roped:
             c.setup_roped()
         for _ in range(5):
@@ -747,15 +751,14 @@ def main():
           f"triton {triton.__version__}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True)
     if args.formats:
         if args.precompile:
-            jobs = [("decode", 1, format_shape(spec, ratio)[2], format_shape(spec, ratio)[3], spec,
-                     dataclasses.replace(cfg, num_splits=ns))
-                    for spec, ratio in parse_formats(args.formats)
+            shapes = [format_shape(item, ratio) for item, ratio in parse_formats(args.formats)]
+            jobs = [("decode", gs, rk, rv, spec, dataclasses.replace(cfg, num_splits=ns))
+                    for spec, gs, rk, rv in shapes
                     for cfg in [LaunchConfig()] + ([] if args.no_sweep else format_configs(spec))
                     for ns in ((cfg.num_splits,) if cfg.num_splits else (1, 2))]
             if args.roped:
-                jobs += [("roped", 1, int(round(ratio * HD)), int(round(ratio * HD)), spec,
-                          dataclasses.replace(cfg, num_splits=ns))
-                         for spec, ratio in parse_formats(args.formats) if not spec.startswith("seg:")
+                jobs += [("roped", gs, rk, rv, spec, dataclasses.replace(cfg, num_splits=ns))
+                         for spec, gs, rk, rv in shapes if not spec.startswith("seg:")
                          for cfg in [LaunchConfig()] + list(ROPED_CONFIGS)
                          for ns in ((cfg.num_splits,) if cfg.num_splits else (1, 2))]
             precompile(jobs, args.precompile)

@@ -20,7 +20,8 @@ Per format: the largest batch whose caches fit ``--kv-gib`` at ``--context`` tok
 full: the step reads ``context`` cached tokens and writes one), the whole step (32 layers + final norm + LM head)
 captured in one CUDA graph, the median of ``--reps`` replays, tokens/s = batch / step time, and the attention
 calls alone (their own graph) for the share of the step. Formats: ``dense`` or ``<latent dtype>:<rank>`` (rank of
-K and of V per head group, group size 1), optionally ``<latent dtype>:<rank>:roped`` (before any '|').
+K and of V per head group, group size 1), ``<latent dtype>:<rank>:gsN`` (head groups of N KV heads), optionally
+``...:roped`` (before any '|').
 
 ``:roped``: the roped-key mode (``keys: roped``), as glue/latent.py runs it: the fused matmul gives Q, the full K
 projection and the V latents (``x A_v``); RoPE on q and k; the K latent ``c_k = RoPE(k) A_k`` per head group
@@ -95,8 +96,9 @@ def parse_format(spec: str):
     if spec == "dense":
         return None
     lat, _, rank = spec.partition(":")
-    r = int(rank)
-    return LatentLayout(HKV, 1, HD, r, r, lat)
+    rank, _, gs = rank.partition(":gs")  # 'int4@g32:128:gs2': head groups of 2 KV heads
+    r, gs = int(rank), int(gs or 1)
+    return LatentLayout(HKV // gs, gs, HD, r, r, lat)
 
 
 def bytes_per_token(layout) -> int:
@@ -129,12 +131,12 @@ class Model:
             self.rows = torch.arange(batch, device=DEV)
             return
         L = layout
-        self.b_k = [(torch.randn(L.groups, L.rank_k, HD, device=DEV, generator=gen) / math.sqrt(L.rank_k))
+        gdim = L.group_size * HD
+        self.b_k = [(torch.randn(L.groups, L.rank_k, gdim, device=DEV, generator=gen) / math.sqrt(L.rank_k))
                     .to(torch.bfloat16) for _ in range(LAYERS)]
-        self.b_v = [(torch.randn(L.groups, L.rank_v, HD, device=DEV, generator=gen) / math.sqrt(L.rank_v))
+        self.b_v = [(torch.randn(L.groups, L.rank_v, gdim, device=DEV, generator=gen) / math.sqrt(L.rank_v))
                     .to(torch.bfloat16) for _ in range(LAYERS)]
         if roped:  # A_k per group [G, gdim, rank_k]; per query head its KV head's B_k rows [Hq, hd, rank_k]
-            gdim = L.group_size * HD
             self.a_k = [(torch.randn(L.groups, gdim, L.rank_k, device=DEV, generator=gen) / math.sqrt(gdim))
                         .to(torch.bfloat16) for _ in range(LAYERS)]
             self.q_keys = [reference.head_key_views(bk, L, HQ).contiguous() for bk in self.b_k]
@@ -257,9 +259,7 @@ def main():
         batch = min(a.max_batch, int(a.kv_gib * 2 ** 30 // per_seq))
         m = Model(shared, layout, batch, a.context, gen, roped)
         if cfg_text:
-            m.config = tk.LaunchConfig(**{k: (v == "1") if k in ("tile_rotation", "lazy_max", "scale_ahead",
-                                                                "k_grouped", "explicit") else int(v)
-                                          for k, v in (x.split("=") for x in cfg_text.split("+"))})
+            m.config = tk.LaunchConfig.parse(cfg_text, sep="+")
         step_ms = graph_ms(m.step, a.reps)
         attn_ms = graph_ms(m.attention_only, a.reps)
         run = dict(format=spec, bytes_per_token_layer=bpt, fraction_of_bf16=bpt / dense_bpt, batch=batch,

@@ -224,10 +224,11 @@ def explicit_kernel():
     return explicit
 
 def test_plan_takes_the_explicit_kernel_where_it_serves():
-    """One-query-per-request batches of roped int4@g32 at even ranks up to 128 in 64-token blocks take the
-    explicit-layout kernel where the device suits it, with KV splits by the resident-program rule (4 per SM, 5
-    under a 96-register cap); anything else (pre-RoPE keys, odd ranks, other blocks, a sink, 16 query
-    heads per KV head, prompts, explicit=False, a device that does not suit) keeps the Triton kernels."""
+    """One-query-per-request batches of roped int4@g32 or int8/int4@g32 at even ranks up to 128 in 64-token blocks
+    take the explicit-layout kernel where the device suits it, with KV splits by the resident-program rule (4 per SM, 5
+    under a 96-register cap), head groups of several KV heads included; anything else (pre-RoPE keys, odd ranks,
+    other blocks, a sink, 16 query heads per head group, prompts, explicit=False, a device that does not suit) keeps
+    the Triton kernels."""
     tk = kernels()
     ex = explicit_kernel()
     lay = LatentLayout(8, 1, 128, 128, 128, "int4@g32")
@@ -245,8 +246,13 @@ def test_plan_takes_the_explicit_kernel_where_it_serves():
     for rk, rv in ((112, 112), (48, 80), (128, 2)):
         assert tk.plan_launch(LatentLayout(8, 1, 128, rk, rv, "int4@g32"), 32, 16, 16, **kw).kernel == "explicit"
     assert tk.plan_launch(LatentLayout(8, 1, 128, 113, 112, "int4@g32"), 32, 16, 16, **kw).kernel == "decode"
+    for spec, kernel in (("int8/int4@g32", "explicit"), ("int8/int4", "decode"), ("int8@g32", "decode")):
+        assert tk.plan_launch(LatentLayout(8, 1, 128, 128, 120, spec), 32, 16, 16, **kw).kernel == kernel, spec
     assert ex.per_sm() == 4 and ex.per_sm(96) == 5
     assert tk.plan_launch(LatentLayout(2, 1, 128, 128, 128, "int4@g32"), 32, 16, 16, **kw).kernel == "decode"
+    # head groups of 2 KV heads: their 8 query heads are the score tile's 8 columns; of 4: 16, too many
+    for gs, spec, kernel in ((2, "int4@g32", "explicit"), (2, "int8/int4@g32", "explicit"), (4, "int4@g32", "generic")):
+        assert tk.plan_launch(LatentLayout(8 // gs, gs, 128, 128, 96, spec), 32, 16, 16, **kw).kernel == kernel, gs
     assert tk.plan_launch(lay, 32, 40, 16, **dict(kw, max_query_len=9)).kernel != "explicit"
     # the fragment permutations are permutations of the 128 coordinates, and each thread's are contiguous bytes
     assert sorted(ex.k_rank(k) for k in range(128)) == list(range(128))
@@ -267,11 +273,12 @@ from vllm_kvc.kernels.triton_latent import explicit as ex
 from vllm_kvc.kernels.triton_latent.config import row_format
 from vllm_kvc.layout import LatentLayout
 rk, rv, stages = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-kf, vf = row_format(LatentLayout(8, 1, 128, rk, rv, "int4@g32"))
+lay = LatentLayout(8, 1, 128, rk, rv, sys.argv[4])
+kf, vf = row_format(lay)
 types = {"q_ptr": "*bf16", "cache_ptr": "*u8", "bt_ptr": "*i32", "seq_lens_ptr": "*i32", "pm_ptr": "*fp32",
          "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "qk_scale": "fp32"}
 const = dict(G=8, QPK=4, RK=rk, RV=rv, RV_P=max(16, 1 << (rv - 1).bit_length()), K_SOFF=kf.soff, V_OFF=vf.off,
-             V_SOFF=vf.soff, BS=64, STAGES=stages)
+             V_SOFF=vf.soff, BS=64, STAGES=stages, K_BITS=lay.bits_k)
 fn = ex._roped_int4_decode
 sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
 names = list(sig)  # 16-byte aligned pointers and strides, as a launch on a cache of 16-byte rows specialises it
@@ -284,17 +291,21 @@ print("SHARED", ck.metadata.shared, "MMA", ptx.count("mma.sync.aligned.m16n8k16"
 """
 
 
-@pytest.mark.parametrize("rk,rv,stages", [(128, 128, 0), (120, 72, 0), (128, 128, 4), (120, 72, 2)])
-def test_explicit_kernel_compiles_for_hopper(rk, rv, stages):
+@pytest.mark.parametrize("rk,rv,stages,dtype", [(128, 128, 0, "int4@g32"), (120, 72, 0, "int4@g32"),
+                                                (128, 128, 4, "int4@g32"), (120, 72, 2, "int4@g32"),
+                                                (128, 128, 0, "int8/int4@g32"), (120, 72, 0, "int8/int4@g32")])
+def test_explicit_kernel_compiles_for_hopper(rk, rv, stages, dtype):
     """The explicit-layout kernel compiles for sm_90 with the installed Triton (no GPU needed; outside the
     interpreter, in a subprocess), at full rank and at ranks below it: its layout conversions between the decoded
     tiles and the mma operands are register renames (``assert_trivial``, checked by the compiler); with stages=0 it
-    uses no shared memory, with rings of 2 or 4 blocks their bytes (8 KB a block) filled by cp.async."""
+    uses no shared memory, with rings of 2 or 4 blocks their bytes (8 KB a block) filled by cp.async; 4- and 8-bit
+    keys (the latter as fp16 operands)."""
     if not explicit_kernel().AVAILABLE:
         pytest.skip("this triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _COMPILE_EXPLICIT, str(rk), str(rv), str(stages)], env=env, cwd=root, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _COMPILE_EXPLICIT, str(rk), str(rv), str(stages), dtype],
+                       env=env, cwd=root, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     _, shared, _, mma, _, lds, _, cp_async = r.stdout.split()[-8:]
@@ -688,7 +699,8 @@ def test_nibble_levels_reproduce_the_tables():
 
 
 def _run_ptx(asm: str, regs: dict) -> dict:
-    """A tiny interpreter for the integer / bf16x2 PTX of ``tiles._nibble_asm`` (32-bit registers as ints)."""
+    """A tiny interpreter for the integer / bf16x2 / f16x2 PTX of ``tiles._nibble_asm`` and ``explicit.INT8_ASM``
+    (32-bit registers as ints)."""
     env = dict(regs)
 
     def val(t):
@@ -706,16 +718,18 @@ def _run_ptx(asm: str, regs: dict) -> dict:
         return sum(((f >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
                    for i in range(32))
 
-    def bf16x2_mul(a, b):
-        x, y = (torch.tensor([w & 0xFFFF, w >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-                for w in (a, b))
-        z = (x.float() * y.float()).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
-        return int(z[0]) | int(z[1]) << 16
+    def x2(dt, fn):  # an elementwise op on two 16-bit floats per register, rounded once (exact in fp32 here)
+        def op(a, b):
+            x, y = (torch.tensor([w & 0xFFFF, w >> 16], dtype=torch.int32).to(torch.int16).view(dt) for w in (a, b))
+            z = fn(x.float(), y.float()).to(dt).view(torch.int16).to(torch.int32) & 0xFFFF
+            return int(z[0]) | int(z[1]) << 16
+        return op
 
     ops = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
            "not.b32": lambda a: ~a, "shr.u32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b,
-           "sub.u32": lambda a, b: a - b, "mul.lo.u32": lambda a, b: a * b, "lop3.b32": lop3, "prmt.b32": prmt,
-           "mul.rn.bf16x2": bf16x2_mul}
+           "sub.u32": lambda a, b: a - b, "mul.lo.u32": lambda a, b: a * b, "lop3.b32": lop3, "prmt.b32": prmt, "mov.b32": lambda a: a,
+           "mul.rn.bf16x2": x2(torch.bfloat16, torch.mul), "mul.rn.f16x2": x2(torch.float16, torch.mul),
+           "sub.rn.f16x2": x2(torch.float16, torch.sub)}
     for line in asm.splitlines():
         line = line.strip().rstrip(";")
         if not line or line[0] in "{}.":
@@ -786,6 +800,26 @@ def test_grouped_nibble_asm_reproduces_the_tables(by_byte):
                 table = GAUSS_LEVELS[4] if s > 0 else UNIFORM_LEVELS[4]
                 want = float(table[code].to(torch.bfloat16).float() * abs(s))
                 assert (env[reg] >> (16 * k)) & 0xFFFF == bits(want), (reg, k, code, s)
+
+
+def test_int8_asm_reproduces_code_times_scale():
+    """The explicit kernel's 8-bit key decode (``explicit.INT8_ASM``: the biased byte as the mantissa of 1024 + u by
+    a byte permute, minus 1152, times the fp16 scale), run by the PTX interpreter on every code byte in every
+    position: fp16 of code * scale bit for bit, as the kernel's operand order wants it (bytes 0, 1 in $0, 2, 3 in
+    $1; the 4 bytes share the scale in $3)."""
+    from vllm_kvc.kernels.triton_latent import explicit
+    bits = lambda v: int(torch.tensor([v], dtype=torch.float16).view(torch.int16)) & 0xFFFF  # noqa: E731
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.cat([torch.randperm(256, generator=gen) for _ in range(4)]).view(-1, 4).tolist()
+    for trial, xb in enumerate(codes):
+        sc = float(torch.tensor((float(torch.rand(1, generator=gen)) + 0.01) * (10.0 ** (trial % 5 - 3)))
+                   .to(torch.float16))
+        env = _run_ptx(explicit.INT8_ASM, {"$2": xb[0] | xb[1] << 8 | xb[2] << 16 | xb[3] << 24,
+                                           "$3": bits(sc) | bits(sc) << 16})
+        for reg, pair in (("$0", (0, 1)), ("$1", (2, 3))):
+            for k, i in enumerate(pair):
+                code = xb[i] - 256 if xb[i] > 127 else xb[i]  # int8 codes, two's complement
+                assert (env[reg] >> (16 * k)) & 0xFFFF == bits(code * sc), (reg, k, code, sc)
 
 
 def test_triton_row_format_matches_layout():
@@ -956,7 +990,8 @@ def next_step_in_place(args, lat, slots, new_seq, gen):
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs")
 @pytest.mark.parametrize("roped", [False, True], ids=["pre_rope", "roped"])
-@pytest.mark.parametrize("lat_dtype", ["bfloat16", "int4@g32", "int8/int4", "int8", "int4@g32-r128"])
+@pytest.mark.parametrize("lat_dtype", ["bfloat16", "int4@g32", "int8/int4", "int8", "int4@g32-r128",
+                                       "int8/int4@g32-r128"])
 def test_latent_step_replays_in_a_cuda_graph(lat_dtype, roped):
     """The decode call is captured in a CUDA graph; then the cache contents, the query (roped keys: the latent
     queries), this step's latents, the slots and the cached lengths change in place, and the replay computes the
@@ -1120,6 +1155,17 @@ if CUDA:
          dict(G=8, gs=1, qpk=4, hd=128, rk=112, rv=112, bs=64), dict(max_query_len=1, stages=2)),
         ("gpu_explicit_r128_ring4", "int4@g32", [4095, 1, 129, 64, 3000], [1] * 5,
          dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(max_query_len=1, stages=4, num_splits=2)),
+        # 8-bit keys (fp16 operands, the query divided by its maximum): ranks apart, one KV head, bias, splits; and
+        # the same layout on the Triton decode kernel
+        ("gpu_explicit_int8_int4_one_group_rk120_rv72", "int8/int4@g32", [1000, 64, 65, 1], [1] * 4,
+         dict(G=1, gs=1, qpk=8, hd=128, rk=120, rv=72, bs=64, bias=True), dict(max_query_len=1, num_splits=2)),
+        ("gpu_llama_int8_int4_g32_r128_triton", "int8/int4@g32", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=8, gs=1, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(max_query_len=1, explicit=False)),
+        # head groups of 2 KV heads (8 query heads: the score tile's 8 columns), 4- and 8-bit keys, ranks apart
+        ("gpu_explicit_gs2_r128", "int4@g32", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=4, gs=2, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(max_query_len=1)),
+        ("gpu_explicit_gs2_int8_int4_rk120_rv72_bias", "int8/int4@g32", [1000, 64, 65, 1], [1] * 4,
+         dict(G=2, gs=2, qpk=2, hd=128, rk=120, rv=72, bs=64, bias=True), dict(max_query_len=1, num_splits=2)),
         ("gpu_llama_prefill_chunked", "bfloat16", [1000, 300, 517], [1000, 1, 77],
          dict(G=8, gs=1, qpk=4, hd=128, rk=64, rv=64, bs=64), dict()),
         ("gpu_llama_int4_g32_prefill_rk48_rv80", "int4@g32", [1000, 300, 517], [1000, 1, 77],

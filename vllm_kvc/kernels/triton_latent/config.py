@@ -45,7 +45,8 @@ class LaunchConfig:
     k_grouped: decode kernel, roped keys, 4-bit K of rank 97..128 with 32 values per scale: K tiles read one scale
         group (16 bytes) per thread and token (``tiles.load_nibbles_grouped``); None: on.
     explicit: decode batches of the layouts the explicit-layout kernel serves (``explicit.serves``: roped int4@g32
-        of even ranks up to 128, 64-token blocks, sm_90) take it; None: on, False: the Triton kernels.
+        or int8/int4@g32 of even ranks up to 128, at most 8 query heads per head group, 64-token blocks, sm_90)
+        take it; None: on, False: the Triton kernels.
     stages: explicit kernel: blocks of code bytes in flight per program (shared-memory rings filled by cp.async;
         a power of two, 0: straight loads into registers); None: ``explicit.STAGES`` (0).
     rebuild_*: long prompts (see ``dispatch.plan_launch``)."""
@@ -66,6 +67,28 @@ class LaunchConfig:
     rebuild_min_queries: int = REBUILD_MIN_QUERIES
     rebuild_min_work: int = REBUILD_MIN_WORK
     rebuild_max_tokens: int = REBUILD_MAX_TOKENS
+
+    @classmethod
+    def parse(cls, text: str, sep: str = ",") -> "LaunchConfig":
+        """'maxnreg=168,pairs=1' (``sep``-separated field=value; switches as 0 / 1): a LaunchConfig, or ValueError
+        naming the field and what it takes."""
+        import dataclasses
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        out = {}
+        for item in filter(None, text.split(sep)):
+            k, eq, v = item.partition("=")
+            if k not in kinds or not eq:
+                raise ValueError(f"launch option {item!r}: expected field=value with field one of {sorted(kinds)}")
+            if "bool" in str(kinds[k]):
+                if v not in ("0", "1"):
+                    raise ValueError(f"launch option {k}: expected 0 or 1, got {v!r}")
+                out[k] = v == "1"
+            else:
+                try:
+                    out[k] = int(v)
+                except ValueError:
+                    raise ValueError(f"launch option {k}: expected an integer, got {v!r}") from None
+        return cls(**out)
 
 
 def next_pow2(n: int) -> int:

@@ -1,11 +1,13 @@
-"""The explicit-layout decode kernel (Gluon): roped 4-bit keys and values with 32-value scales, ranks up to 128.
+"""The explicit-layout decode kernel (Gluon): roped 4- or 8-bit keys and 4-bit values with 32-value scales, ranks up
+to 128, head groups of up to 8 query heads.
 
 The Triton kernels decode a value tile in whatever register layout the compiler derives backwards from the tensor-core
 operand, which for the value tile is one byte per shared-memory load with bank conflicts (benchmarks/RESULTS.md,
 GPU rounds 5-6). Here every layout is chosen (Triton's Gluon dialect): each thread reads exactly the code bytes that
 its ``mma.sync m16n8k16`` fragments need, as vector loads, decodes them in registers (the byte-permute level tables
-of :func:`~.tiles.nibble_lut_group`; keys as (low, high) nibble pairs of one byte, the pairs an A fragment holds)
-and feeds them to the tensor cores; the layout conversions between the decoded tiles and the operands are register
+of :func:`~.tiles.nibble_lut_group`; keys as (low, high) nibble pairs of one byte, the pairs an A fragment holds;
+8-bit keys as fp16 by a byte permute, :data:`INT8_ASM`, against the query scaled to at most 1 in fp16) and feeds
+them to the tensor cores; the layout conversions between the decoded tiles and the operands are register
 renames (checked when compiling: ``convert_layout(..., assert_trivial=True)``). The code bytes are loaded straight
 into registers, or (``stages`` > 0, :data:`STAGES`) through shared-memory rings that ``cp.async`` fills a few
 blocks ahead, each thread copying the bytes it will read back (16- and 8-byte copies, the same layout both ways;
@@ -20,10 +22,11 @@ row, and the query (K) and the output rows (V) are permuted to match (:func:`k_r
 (max, sum, weighted values) are written as one split-KV partial; the reduce (``prefill._latent_reduce``) merges
 them and applies ``B_v``.
 
-Served (:func:`serves`): roped keys, ``int4@g32`` latents of even ranks up to 128 (K and V apart; the fragments
-stay 128 wide, the bytes and scales past a rank are read as zeros and its output rows dropped), group size 1, at
-most 8 query heads per KV head, 64-token blocks, bf16 queries, decode (one query per request), no sink, sm_90.
-Everything else keeps the Triton kernels. Measured: benchmarks/RESULTS.md, "GPU speed, round 8" and "round 9".
+Served (:func:`serves`): roped keys, ``int4@g32`` or ``int8/int4@g32`` latents of even ranks up to 128 (K and V
+apart; the fragments stay 128 wide, the bytes and scales past a rank are read as zeros and its output rows dropped),
+any group size with at most 8 query heads per head group (a group's KV heads share its latents: their query heads
+are the score tile's columns), 64-token blocks, bf16 queries, decode (one query per request), no sink, sm_90.
+Everything else keeps the Triton kernels. Measured: benchmarks/RESULTS.md, "GPU speed", rounds 8-10.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ except ImportError:  # pragma: no cover - older triton: the Triton kernels serve
 
 BLOCK = 64  # tokens per vLLM block (the kernel reads one block per step: 4 warps x 16 tokens)
 RANK = 128  # the largest K / V rank: the fragments' width (smaller ranks read masked, as zeros)
-MAX_QPK = 8  # query heads per KV head: the columns of the score tile
+MAX_QPK = 8  # query heads per head group: the columns of the score tile
+DTYPES = ("int4@g32", "int8/int4@g32")  # 4- or 8-bit keys, 4-bit values, 32 values per scale
 # blocks of code bytes in flight per program (shared-memory rings filled by cp.async, a power of two); 0, the
 # default: straight loads into registers (the rings hide the loads' latency but add ~115 instructions and two
 # barriers per step: 12 % slower per layer in one wave, 2 % faster in the whole model; RESULTS.md, round 9)
@@ -71,16 +75,32 @@ def v_rank(m):
 def serves(layout, num_heads: int, block_size: int, roped: bool, sink: bool = False) -> bool:
     """Whether the explicit-layout kernel serves a decode batch of this layout (the device checks are the
     caller's: :func:`device_ok`)."""
-    return (AVAILABLE and roped and not sink and layout.dtype == "int4@g32" and layout.group_size == 1
+    return (AVAILABLE and roped and not sink and layout.dtype in DTYPES
             and all(0 < r <= RANK and r % 2 == 0 for r in (layout.rank_k, layout.rank_v)) and block_size == BLOCK
-            and num_heads % layout.num_kv_heads == 0 and num_heads // layout.num_kv_heads <= MAX_QPK)
+            and num_heads % layout.num_kv_heads == 0
+            and layout.group_size * (num_heads // layout.num_kv_heads) <= MAX_QPK)
+
+
+# int8 codes -> fp16, 4 per instance ($2: the bytes, $3: the fp16 scale of bytes 0, 1 twice): the biased byte
+# u = b + 128 as the mantissa of 1024 + u (a byte permute against 0x64 high bytes), minus 1152 exactly, times the scale
+INT8_ASM = """{
+.reg .b32 u, h, c;
+xor.b32 u, $2, 0x80808080;
+mov.b32 c, 0x64806480;
+prmt.b32 h, u, 0x64646464, 0x4140;
+sub.rn.f16x2 h, h, c;
+mul.rn.f16x2 $0, h, $3;
+prmt.b32 h, u, 0x64646464, 0x4342;
+sub.rn.f16x2 h, h, c;
+mul.rn.f16x2 $1, h, $3;
+}"""
 
 
 def ring_ok(layout, kv_cache: torch.Tensor) -> bool:
     """Whether the code bytes can go through the shared-memory rings: cp.async copies 4, 8 or 16 bytes, so every
     head group's K and V codes must start 4-byte aligned (ranks multiples of 8) in rows of a multiple of 16 bytes
     (what the launch specialises on); otherwise the kernel loads them straight into registers."""
-    return (layout.rank_k % 8 == 0 and layout.rank_v % 8 == 0 and kv_cache.stride(1) % 16 == 0
+    return (layout.bits_k == 4 and layout.rank_k % 8 == 0 and layout.rank_v % 8 == 0 and kv_cache.stride(1) % 16 == 0
             and kv_cache.stride(0) % 16 == 0 and kv_cache.data_ptr() % 16 == 0)
 
 
@@ -93,6 +113,7 @@ def device_ok(q: torch.Tensor) -> bool:
 
 if AVAILABLE:
     R_ = gl.constexpr(RANK)  # (globals a kernel reads must be constexprs)
+    INT8_ASM_C = gl.constexpr(INT8_ASM)
     MMA = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1], instr_shape=[1, 16, 8])
     A_L = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_L = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -100,6 +121,9 @@ if AVAILABLE:
     # register): a thread's 16 bytes are one scale group of one token, one 16-byte load
     KB_L = gl.BlockedLayout(size_per_thread=[1, 1, 1, 16], threads_per_warp=[1, 8, 4, 1],
                             warps_per_cta=[4, 1, 1, 1], order=[3, 2, 1, 0])
+    # 8-bit K codes likewise: a thread's 32 bytes are one scale group of one token, two 16-byte loads
+    KB8_L = gl.BlockedLayout(size_per_thread=[1, 1, 1, 32], threads_per_warp=[1, 8, 4, 1],
+                             warps_per_cta=[4, 1, 1, 1], order=[3, 2, 1, 0])
     # V code bytes [warp, token, block c, byte jj]: lane % 4 -> tokens 2a, 2a + 1 (+ 8), lane // 4 = c: a thread's
     # 8 bytes of 4 tokens, one 8-byte load each
     VB_L = gl.BlockedLayout(size_per_thread=[1, 2, 1, 8], threads_per_warp=[1, 4, 8, 1],
@@ -122,6 +146,12 @@ if AVAILABLE:
                                          dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
 
     @gluon.jit
+    def _int8s(x, s):
+        """fp16 values of int8 codes x (as uint8) times their fp16 scales s (broadcast over x; every 4 consecutive
+        bytes of a thread share a scale), element by element: :data:`INT8_ASM`."""
+        return gl.inline_asm_elementwise(INT8_ASM_C, "=r,=r,r,r,r", [x, s], dtype=gl.float16, is_pure=True, pack=4)
+
+    @gluon.jit
     def _block_offsets(L: gl.constexpr, NPART: gl.constexpr, NB: gl.constexpr, PER_SCALE: gl.constexpr):
         """Addressing of a block's code bytes laid out as [warp, token, part, byte] in layout L: each row's token in
         the block [4, 16, 1], each element's byte in the head group's codes [1, 1, NPART, NB] (part p: bytes
@@ -137,27 +167,27 @@ if AVAILABLE:
 
     @gluon.jit
     def _part_ptrs(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R: gl.constexpr,
-                   OFF: gl.constexpr, SOFF: gl.constexpr):
+                   OFF: gl.constexpr, SOFF: gl.constexpr, BITS: gl.constexpr = 4):
         """Pointers and masks of block ``blk``'s (its first token ``t0``) code bytes and fp16 scales of head group g
-        in one part of a row (K or V) of rank R, its codes from byte OFF and its scales from SOFF (``tok``, ``col``,
-        ``sc``: :func:`_block_offsets`): tokens from seq_len on, all where not ``live``, and bytes and scales past
-        rank R masked (read as 0)."""
+        in one part of a row (K or V) of rank R at BITS per value, its codes from byte OFF and its scales from SOFF
+        (``tok``, ``col``, ``sc``: :func:`_block_offsets`): tokens from seq_len on, all where not ``live``, and bytes
+        and scales past rank R masked (read as 0)."""
         ok = ((t0 + tok) < seq_len) & live  # [4, 16, 1]
         row = cache_ptr + blk.to(gl.int64) * stride_cb + tok * stride_cs
         ok_x = gl.expand_dims(ok, 3)
         ok_s = ok
         if R < R_:
-            ok_x = ok_x & (col < R // 2)
+            ok_x = ok_x & (col < R * BITS // 8)
             ok_s = ok_s & (sc < (R + 31) // 32)
-        return (gl.expand_dims(row, 3) + OFF + g * (R // 2) + col, ok_x,
+        return (gl.expand_dims(row, 3) + OFF + g * (R * BITS // 8) + col, ok_x,
                 (row + SOFF).to(gl.pointer_type(gl.float16)) + g * ((R + 31) // 32) + sc, ok_s)
 
     @gluon.jit
     def _load_part(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R: gl.constexpr,
-                   OFF: gl.constexpr, SOFF: gl.constexpr):
+                   OFF: gl.constexpr, SOFF: gl.constexpr, BITS: gl.constexpr = 4):
         """(code bytes, fp16 scales) of :func:`_part_ptrs`, loaded."""
         xp, ok_x, sp, ok_s = _part_ptrs(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R,
-                                        OFF, SOFF)
+                                        OFF, SOFF, BITS)
         return gl.load(xp, mask=ok_x, other=0), gl.load(sp, mask=ok_s, other=0.0)
 
     @gluon.jit
@@ -183,11 +213,42 @@ if AVAILABLE:
         async_copy.commit_group()
 
     @gluon.jit
+    def _attend(kx, ks, vx, vs, t0, seq_len, qb, s_mul, tok_s, m_i, l_i, acc, K_BITS: gl.constexpr):
+        """One block (its first token t0) of code bytes and scales (kx, ks: keys, vx, vs: values) into the running
+        (max, sum, weighted value latents) of each warp's 16 tokens."""
+        if K_BITS == 8:
+            # byte j = 2 J + r of the 32 (J = 8 j3 + 4 j2 + 2 j1 + j0): fragment position
+            # k = r + 2 a + 8 j0 + 16 j1 + 32 j2 + 64 j3 (the coordinates k_rank gives, as for 4 bits)
+            kv = _int8s(kx, gl.expand_dims(ks, 3))
+            ka = gl.reshape(kv, [4, 16, 4, 2, 2, 2, 2, 2])  # (warp, t, a, j3, j2, j1, j0, r)
+            ka = gl.reshape(gl.permute(ka, (0, 1, 3, 4, 5, 6, 2, 7)), [4, 16, R_])
+        else:
+            # byte j = 4 w + 2 e + T of the 16, nibble r: fragment position k = r + 2 a + 8 T + 16 e + 32 w
+            k02, k13 = _nibbles(kx, gl.expand_dims(ks.to(gl.float32), 3), NIBBLE_ASM_BYTES)
+            ka = gl.reshape(gl.join(k02, k13), [4, 16, 4, 2, 2, 2, 2, 2])  # (warp, t, a, w1, w0, e, r, T)
+            ka = gl.reshape(gl.permute(ka, (0, 1, 3, 4, 5, 7, 2, 6)), [4, 16, R_])
+        ka = gl.convert_layout(ka, A_L, assert_trivial=True)
+        s = mma_v2(ka, qb, gl.full([4, 16, 8], 0.0, gl.float32, layout=MMA))
+        s = gl.where((t0 + tok_s) < seq_len, s * s_mul, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * gl.expand_dims(alpha, 1)
+        m_i = m_new
+        pb = gl.convert_layout(p.to(gl.bfloat16), B_L)
+        vlo, vhi = _nibbles(vx, gl.expand_dims(vs.to(gl.float32), 3), NIBBLE_ASM_GROUP)
+        va = gl.permute(gl.join(vlo, vhi), (0, 3, 4, 2, 1))  # (w, t, c, jj, nibble) -> (w, jj, nibble, c, t)
+        va = gl.convert_layout(gl.reshape(va, [4, R_, 16]), A_L, assert_trivial=True)
+        acc = mma_v2(va, pb, acc)
+        return m_i, l_i, acc
+
+    @gluon.jit
     def _roped_int4_decode(q_ptr, stride_qt, stride_qh, cache_ptr, stride_cb, stride_cs, bt_ptr, stride_bt,
                            seq_lens_ptr, pm_ptr, pl_ptr, pacc_ptr, qk_scale, num_splits,
                            G: gl.constexpr, QPK: gl.constexpr, RK: gl.constexpr, RV: gl.constexpr, RV_P: gl.constexpr,
                            K_SOFF: gl.constexpr, V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr,
-                           STAGES: gl.constexpr):
+                           STAGES: gl.constexpr, K_BITS: gl.constexpr):
         """Program (request r, head group g, split sp): the blocks of its split, one per step; per warp the
         partial (max, sum, weighted value latents) of its 16 tokens of each block -> split sp * 4 + warp."""
         r = gl.program_id(0)
@@ -209,10 +270,23 @@ if AVAILABLE:
         q_ptrs = (q_ptr + r.to(gl.int64) * stride_qt + (g * QPK + n3) * stride_qh
                   + gl.expand_dims(gl.expand_dims(phys_k, 0), 2) + 0 * w3)
         q_ok = (n3 < QPK) & (w3 >= 0) & (gl.expand_dims(gl.expand_dims(phys_k, 0), 2) < RK)
-        qb = gl.load(q_ptrs, mask=q_ok, other=0.0).to(gl.bfloat16)
+        qf = gl.load(q_ptrs, mask=q_ok, other=0.0).to(gl.float32)
+        if K_BITS == 8:
+            # 8-bit keys are fp16 tensor-core operands (exact integers times an fp16 scale): so is the query, divided
+            # by its absolute maximum (each warp holds the whole query) and the scores multiplied back
+            qmax = gl.maximum(gl.max(gl.max(gl.abs(qf), 2), 1), 1.0e-30)  # [warp]
+            qb = (qf / gl.expand_dims(gl.expand_dims(qmax, 1), 2)).to(gl.float16)
+            s_mul = gl.expand_dims(gl.expand_dims(gl.convert_layout(
+                qmax, gl.SliceLayout(1, gl.SliceLayout(2, MMA))), 1), 2) * qk_scale
+        else:
+            qb = qf.to(gl.bfloat16)
+            s_mul = qk_scale
 
         # addresses within a block: K [warp, token, scale group, byte], V [warp, token, 8-byte block, byte]
-        tok_k, kcol, ksc = _block_offsets(gl.constexpr(KB_L), 4, 16, 1)
+        if K_BITS == 8:
+            tok_k, kcol, ksc = _block_offsets(gl.constexpr(KB8_L), 4, 32, 1)
+        else:
+            tok_k, kcol, ksc = _block_offsets(gl.constexpr(KB_L), 4, 16, 1)
         tok_v, vcol, vsc = _block_offsets(gl.constexpr(VB_L), 8, 8, 2)
         s_w = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, MMA)))
         s_t = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
@@ -258,27 +332,10 @@ if AVAILABLE:
                 vx = ring_v.index(stage).load(VB_L)
             else:
                 kx, ks = _load_part(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_k,
-                                    kcol, ksc, RK, 0, K_SOFF)
+                                    kcol, ksc, RK, 0, K_SOFF, K_BITS)
                 vx, vs = _load_part(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_v,
                                     vcol, vsc, RV, V_OFF, V_SOFF)
-            # byte j = 4 w + 2 e + T of the 16, nibble r: fragment position k = r + 2 a + 8 T + 16 e + 32 w
-            k02, k13 = _nibbles(kx, gl.expand_dims(ks.to(gl.float32), 3), NIBBLE_ASM_BYTES)
-            ka = gl.reshape(gl.join(k02, k13), [4, 16, 4, 2, 2, 2, 2, 2])  # (warp, t, a, w1, w0, e, r, T)
-            ka = gl.reshape(gl.permute(ka, (0, 1, 3, 4, 5, 7, 2, 6)), [4, 16, R_])
-            ka = gl.convert_layout(ka, A_L, assert_trivial=True)
-            s = mma_v2(ka, qb, gl.full([4, 16, 8], 0.0, gl.float32, layout=MMA))
-            s = gl.where((blk_i * BS + tok_s) < seq_len, s * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s - gl.expand_dims(m_new, 1))
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = acc * gl.expand_dims(alpha, 1)
-            m_i = m_new
-            pb = gl.convert_layout(p.to(gl.bfloat16), B_L)
-            vlo, vhi = _nibbles(vx, gl.expand_dims(vs.to(gl.float32), 3), NIBBLE_ASM_GROUP)
-            va = gl.permute(gl.join(vlo, vhi), (0, 3, 4, 2, 1))  # (w, t, c, jj, nibble) -> (w, jj, nibble, c, t)
-            va = gl.convert_layout(gl.reshape(va, [4, R_, 16]), A_L, assert_trivial=True)
-            acc = mma_v2(va, pb, acc)
+            m_i, l_i, acc = _attend(kx, ks, vx, vs, blk_i * BS, seq_len, qb, s_mul, tok_s, m_i, l_i, acc, K_BITS)
             blk = nxt
         if STAGES > 0:
             async_copy.wait_group(0)  # the copies past the end (masked, zero-filled) land before the program exits
@@ -323,10 +380,10 @@ def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits:
     _roped_int4_decode[(R, layout.groups, num_splits)](
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1), block_table,
         block_table.stride(0), seq_lens, pm, pl, pacc, float(scale) * LOG2E, num_splits,
-        G=layout.groups, QPK=qpk, RK=layout.rank_k, RV=layout.rank_v, RV_P=rv_p, K_SOFF=kf.soff, V_OFF=vf.off,
-        V_SOFF=vf.soff, BS=BLOCK, STAGES=stages, num_warps=4,
+        G=layout.groups, QPK=layout.group_size * qpk, RK=layout.rank_k, RV=layout.rank_v, RV_P=rv_p, K_SOFF=kf.soff,
+        V_OFF=vf.off, V_SOFF=vf.soff, BS=BLOCK, STAGES=stages, K_BITS=layout.bits_k, num_warps=4,
         **({"maxnreg": 128 if maxnreg is None else maxnreg} if maxnreg != 0 else {}))
-    launch_reduce(pm, pl, pacc, f, out, nsp, 1, qpk, f.bv)
+    launch_reduce(pm, pl, pacc, f, out, nsp, layout.group_size, qpk, f.bv)
     return out
 
 
