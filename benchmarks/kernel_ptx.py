@@ -9,7 +9,7 @@ memory, the layout conversions in the TTGIR and the PTX instruction mix of the m
 tile): with 64 x (rank_k + rank_v) latent values per tile over 128 threads, instructions per value follow.
 EXPLICIT=1: the explicit-layout kernel (kernels/triton_latent/explicit.py, Gluon) for a Llama-3-8B layer
 instead (RK=, RV=: its ranks, 128 by default; DTYPE=int8/int4@g32: 8-bit keys; RING=N: its code bytes through
-shared-memory rings of N blocks),
+shared-memory rings of N blocks; LAZY=1: the first block's max as the softmax reference),
 compiled as a launch specialises it (16-byte aligned pointers and strides), with the SASS report (its one loop is
 the block loop: one warp's 16 tokens, 64 K and 64 V values per thread). SASS_OUT=FILE writes the first loop's SASS
 there. SASS=1 also assembles the PTX with the ptxas that Triton's package carries (its PTX version lowered to what
@@ -55,7 +55,8 @@ def explicit_report():
     lay = LatentLayout(8, 1, 128, rk, rv, os.environ.get("DTYPE", "int4@g32"))
     kf, vf = row_format(lay)
     const = dict(G=8, QPK=4, RK=rk, RV=rv, RV_P=max(16, 1 << (rv - 1).bit_length()), K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=64,
-                 STAGES=int(os.environ.get("RING", explicit.STAGES)), K_BITS=lay.bits_k)
+                 STAGES=int(os.environ.get("RING", explicit.STAGES)), K_BITS=lay.bits_k,
+                 LAZY_MAX=os.environ.get("LAZY", str(int(explicit.LAZY_MAX))) == "1")
     fn = explicit._roped_int4_decode
     sig = {n: "constexpr" if n in const else PTRS.get(n, "*fp32" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}

@@ -37,7 +37,8 @@ class LaunchConfig:
     tile_rotation: decode kernel: RoPE as R(t0 + i) = R(t0) R(i) with cos / sin computed in the kernel (needs
         the factors' inv_freq, see ``angles_match``); False: the cos / sin table.
     lazy_max: decode kernel: the first tile's max is the softmax reference, with an exact second pass for the
-        programs where that could overflow.
+        programs where that could overflow; explicit kernel (without rings) likewise, the first block's max per warp
+        (None there: ``explicit.LAZY_MAX``).
     maxnreg: decode kernel: registers per thread at most (Triton's ``maxnreg``; more programs per SM, spilling
         what does not fit); 0: the compiler's choice; None: the measured default (:func:`decode_defaults`).
     scale_ahead: decode kernel, integer latents, one KV head per program: the fp16 scales of each tile are loaded

@@ -277,7 +277,7 @@ def _run_plan(plan: LaunchPlan, q, kv_cache, f: LatentFactors, block_table, seq_
     cfg = plan.config
     if plan.kernel == "explicit":
         return explicit.launch(q, kv_cache, f, block_table, seq_lens, scale, out, cfg.num_splits, cfg.maxnreg,
-                              cfg.stages)
+                              cfg.stages, cfg.lazy_max)
     if plan.kernel == "decode":
         assert sink is None, "the multi-head decode kernel does not merge a sink (plan_launch(sink=True))"
         qsl = seq_lens if plan.direct else query_start_loc

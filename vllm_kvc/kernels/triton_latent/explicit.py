@@ -53,6 +53,9 @@ DTYPES = ("int4@g32", "int8/int4@g32")  # 4- or 8-bit keys, 4-bit values, 32 val
 # default: straight loads into registers (the rings hide the loads' latency but add ~115 instructions and two
 # barriers per step: 12 % slower per layer in one wave, 2 % faster in the whole model; RESULTS.md, round 9)
 STAGES = 0
+# stages 0: the first block's max as each warp's softmax reference (per thread sums and maxima, no rescaling; a second
+# sweep where a later score exceeds it by 2^64)
+LAZY_MAX = False
 
 
 def per_sm(maxnreg: int | None = None) -> int:
@@ -213,9 +216,9 @@ if AVAILABLE:
         async_copy.commit_group()
 
     @gluon.jit
-    def _attend(kx, ks, vx, vs, t0, seq_len, qb, s_mul, tok_s, m_i, l_i, acc, K_BITS: gl.constexpr):
-        """One block (its first token t0) of code bytes and scales (kx, ks: keys, vx, vs: values) into the running
-        (max, sum, weighted value latents) of each warp's 16 tokens."""
+    def _scores(kx, ks, t0, seq_len, qb, s_mul, tok_s, K_BITS: gl.constexpr):
+        """Scores [warp, token, head] (log2 units; tokens from seq_len on -inf) of one block (its first token t0)
+        of K code bytes and scales."""
         if K_BITS == 8:
             # byte j = 2 J + r of the 32 (J = 8 j3 + 4 j2 + 2 j1 + j0): fragment position
             # k = r + 2 a + 8 j0 + 16 j1 + 32 j2 + 64 j3 (the coordinates k_rank gives, as for 4 bits)
@@ -229,26 +232,61 @@ if AVAILABLE:
             ka = gl.reshape(gl.permute(ka, (0, 1, 3, 4, 5, 7, 2, 6)), [4, 16, R_])
         ka = gl.convert_layout(ka, A_L, assert_trivial=True)
         s = mma_v2(ka, qb, gl.full([4, 16, 8], 0.0, gl.float32, layout=MMA))
-        s = gl.where((t0 + tok_s) < seq_len, s * s_mul, float("-inf"))
+        return gl.where((t0 + tok_s) < seq_len, s * s_mul, float("-inf"))
+
+    @gluon.jit
+    def _weigh_values(vx, vs, p, acc):
+        """acc + the block's values (V code bytes and scales) weighted by p [warp, token, head]."""
+        pb = gl.convert_layout(p.to(gl.bfloat16), B_L)
+        vlo, vhi = _nibbles(vx, gl.expand_dims(vs.to(gl.float32), 3), NIBBLE_ASM_GROUP)
+        va = gl.permute(gl.join(vlo, vhi), (0, 3, 4, 2, 1))  # (w, t, c, jj, nibble) -> (w, jj, nibble, c, t)
+        va = gl.convert_layout(gl.reshape(va, [4, R_, 16]), A_L, assert_trivial=True)
+        return mma_v2(va, pb, acc)
+
+    @gluon.jit
+    def _attend(kx, ks, vx, vs, t0, seq_len, qb, s_mul, tok_s, m_i, l_i, acc, K_BITS: gl.constexpr):
+        """One block (its first token t0) of code bytes and scales (kx, ks: keys, vx, vs: values) into the running
+        (max, sum, weighted value latents) of each warp's 16 tokens (online softmax)."""
+        s = _scores(kx, ks, t0, seq_len, qb, s_mul, tok_s, K_BITS)
         m_new = gl.maximum(m_i, gl.max(s, 1))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p, 1)
         acc = acc * gl.expand_dims(alpha, 1)
-        m_i = m_new
-        pb = gl.convert_layout(p.to(gl.bfloat16), B_L)
-        vlo, vhi = _nibbles(vx, gl.expand_dims(vs.to(gl.float32), 3), NIBBLE_ASM_GROUP)
-        va = gl.permute(gl.join(vlo, vhi), (0, 3, 4, 2, 1))  # (w, t, c, jj, nibble) -> (w, jj, nibble, c, t)
-        va = gl.convert_layout(gl.reshape(va, [4, R_, 16]), A_L, assert_trivial=True)
-        acc = mma_v2(va, pb, acc)
-        return m_i, l_i, acc
+        return m_new, l_i, _weigh_values(vx, vs, p, acc)
+
+    @gluon.jit
+    def _sweep_fixed(m_ref, cache_ptr, bt_row, b_lo, b_hi, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc,
+                     tok_v, vcol, vsc, qb, s_mul, tok_s, RK: gl.constexpr, RV: gl.constexpr, K_SOFF: gl.constexpr,
+                     V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr, K_BITS: gl.constexpr):
+        """The blocks b_lo .. b_hi - 1 against a fixed softmax reference m_ref [warp, head] (no rescaling, no
+        reductions across lanes per block): (each thread's running max of its scores, its sums of the weights,
+        weighted value latents)."""
+        mx = gl.full([4, 16, 8], -1.0e30, gl.float32, layout=MMA)
+        l_t = gl.full([4, 16, 8], 0.0, gl.float32, layout=MMA)
+        acc = gl.full([4, R_, 8], 0.0, gl.float32, layout=MMA)
+        ref = gl.expand_dims(m_ref, 1)
+        blk = gl.load(bt_row + b_lo, mask=b_lo < b_hi, other=0)
+        for blk_i in range(b_lo, b_hi):
+            nxt = gl.load(bt_row + blk_i + 1, mask=blk_i + 1 < b_hi, other=0)
+            kx, ks = _load_part(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_k,
+                                kcol, ksc, RK, 0, K_SOFF, K_BITS)
+            vx, vs = _load_part(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_v,
+                                vcol, vsc, RV, V_OFF, V_SOFF)
+            s = _scores(kx, ks, blk_i * BS, seq_len, qb, s_mul, tok_s, K_BITS)
+            mx = gl.maximum(mx, s)
+            p = gl.exp2(s - ref)
+            l_t = l_t + p
+            acc = _weigh_values(vx, vs, p, acc)
+            blk = nxt
+        return mx, l_t, acc
 
     @gluon.jit
     def _roped_int4_decode(q_ptr, stride_qt, stride_qh, cache_ptr, stride_cb, stride_cs, bt_ptr, stride_bt,
                            seq_lens_ptr, pm_ptr, pl_ptr, pacc_ptr, qk_scale, num_splits,
                            G: gl.constexpr, QPK: gl.constexpr, RK: gl.constexpr, RV: gl.constexpr, RV_P: gl.constexpr,
                            K_SOFF: gl.constexpr, V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr,
-                           STAGES: gl.constexpr, K_BITS: gl.constexpr):
+                           STAGES: gl.constexpr, K_BITS: gl.constexpr, LAZY_MAX: gl.constexpr):
         """Program (request r, head group g, split sp): the blocks of its split, one per step; per warp the
         partial (max, sum, weighted value latents) of its 16 tokens of each block -> split sp * 4 + warp."""
         r = gl.program_id(0)
@@ -311,6 +349,24 @@ if AVAILABLE:
                                 ksc, RK, 0, K_SOFF)
             vs_n = _load_scales(cache_ptr, blk, b_lo < b_hi, b_lo * BS, seq_len, g, stride_cb, stride_cs, tok_v, vcol,
                                 vsc, RV, V_OFF, V_SOFF)
+        if LAZY_MAX and STAGES == 0:
+            # the first block's max as the softmax reference: no rescaling and no reductions across lanes per block;
+            # where a later score exceeds it by more than 2^64 (weights past bf16's range for the products' sums)
+            # the program sweeps its blocks again against the true max
+            kx, ks = _load_part(cache_ptr, blk, b_lo < b_hi, b_lo * BS, seq_len, g, stride_cb, stride_cs, tok_k,
+                                kcol, ksc, RK, 0, K_SOFF, K_BITS)
+            m_i = gl.maximum(gl.max(_scores(kx, ks, b_lo * BS, seq_len, qb, s_mul, tok_s, K_BITS), 1), -1.0e30)
+            mx, l_t, acc = _sweep_fixed(m_i, cache_ptr, bt_row, b_lo, b_hi, seq_len, g, stride_cb, stride_cs, tok_k,
+                                        kcol, ksc, tok_v, vcol, vsc, qb, s_mul, tok_s, RK, RV, K_SOFF, V_OFF, V_SOFF,
+                                        BS, K_BITS)
+            m_max = gl.max(mx, 1)
+            if gl.max(gl.max(m_max - m_i, 1), 0) > 64.0:
+                m_i = m_max
+                mx, l_t, acc = _sweep_fixed(m_i, cache_ptr, bt_row, b_lo, b_hi, seq_len, g, stride_cb, stride_cs,
+                                            tok_k, kcol, ksc, tok_v, vcol, vsc, qb, s_mul, tok_s, RK, RV, K_SOFF,
+                                            V_OFF, V_SOFF, BS, K_BITS)
+            l_i = gl.sum(l_t, 1)
+            b_hi = b_lo  # (the online-softmax loop below runs no step)
         for blk_i in range(b_lo, b_hi):
             # the next block's id now, a register carried to the next step (its load is off the critical path)
             nxt = gl.load(bt_row + blk_i + 1, mask=blk_i + 1 < b_hi, other=0)
@@ -353,12 +409,13 @@ if AVAILABLE:
 
 
 def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits: int, maxnreg: int | None = None,
-           stages: int | None = None):
+           stages: int | None = None, lazy_max: bool | None = None):
     """Decode over ``kv_cache`` for ``q [R, Hq, rank_k]`` (latent queries, bf16) of the layout of ``f`` (one of
     :func:`serves`), then the split-KV reduce (``B_v``) into ``out`` ([R, Hq, head_dim], allocated if None).
     ``maxnreg``: a register cap (Triton's; None: 128, the compiler's own choice at rank 128 and what keeps 4
     programs per SM at smaller ranks without spills; 0: the compiler's choice). ``stages``: blocks in the
-    shared-memory rings of code bytes (0: loads straight into registers; None: :data:`STAGES`)."""
+    shared-memory rings of code bytes (0: loads straight into registers; None: :data:`STAGES`). ``lazy_max``
+    (stages 0): the first block's max as each warp's softmax reference (None: :data:`LAZY_MAX`)."""
     from .prefill import LOG2E, launch_reduce
     layout = f.layout
     R, hq = q.shape[:2]
@@ -381,7 +438,8 @@ def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits:
         q, q.stride(0), q.stride(1), kv_cache, kv_cache.stride(0), kv_cache.stride(1), block_table,
         block_table.stride(0), seq_lens, pm, pl, pacc, float(scale) * LOG2E, num_splits,
         G=layout.groups, QPK=layout.group_size * qpk, RK=layout.rank_k, RV=layout.rank_v, RV_P=rv_p, K_SOFF=kf.soff,
-        V_OFF=vf.off, V_SOFF=vf.soff, BS=BLOCK, STAGES=stages, K_BITS=layout.bits_k, num_warps=4,
+        V_OFF=vf.off, V_SOFF=vf.soff, BS=BLOCK, STAGES=stages, K_BITS=layout.bits_k,
+        LAZY_MAX=bool(LAZY_MAX if lazy_max is None else lazy_max) and not stages, num_warps=4,
         **({"maxnreg": 128 if maxnreg is None else maxnreg} if maxnreg != 0 else {}))
     launch_reduce(pm, pl, pacc, f, out, nsp, layout.group_size, qpk, f.bv)
     return out
