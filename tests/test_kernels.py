@@ -1205,7 +1205,7 @@ def test_triton_roped_keys_match_reference(name, lat, seq_lens, q_lens, case_kw,
     ex = explicit_kernel()
     served = (ex.serves(args["layout"], qt.shape[1], case_kw["bs"], True) and ex.device_ok(qt)
               and cfg.explicit is not False and kw.get("max_query_len") == 1)
-    if served:  # roped int4@g32 of rank 128 on sm_90: the explicit-layout kernel
+    if served:  # roped int4@g32 / int8/int4@g32 at even ranks up to 128 on sm_90: the explicit-layout kernel
         assert plan.kernel == "explicit"
     elif tk.heads_supported(args["layout"], qt.shape[1]) and cfg.heads != 0 and kw.get("max_query_len") == 1:
         assert plan.kernel == "decode"

@@ -2,6 +2,7 @@
 # round 10, call 2: two blocks per step on the explicit kernel (pairs: the second block's loads in flight while the
 # first is decoded; no bytes carried between steps): GPU tests, one layer (pairs with register caps 128 / 168 / the
 # compiler's) for 4- and 8-bit keys at ranks 128 and 112, the whole model
+# (run on a tree with a "pairs" launch option, since removed: RESULTS.md, round 10, "Tried and not kept")
 date -u; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
 export PYTHONUNBUFFERED=1
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -n 12 \
