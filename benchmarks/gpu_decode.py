@@ -258,7 +258,7 @@ def cfg_text(cfg: dict) -> str:
             f"p{cfg.get('pieces') or 1} s{cfg['num_splits']}"
             f"{'' if rot is None else (' tile rotation' if rot else ' table')}"
             f"{'' if lazy is None else (' lazy max' if lazy else ' running max')}"
-            f"{' maxnreg %d' % cfg['maxnreg'] if cfg.get('maxnreg') else ''}"
+            f"{'' if cfg.get('maxnreg') is None else ' maxnreg %d' % cfg['maxnreg']}"
             f"{'' if cfg.get('explicit') is None else (' explicit' if cfg['explicit'] else ' triton')}"
             f"{' rings %d' % cfg['stages'] if cfg.get('stages') else ''}")
 

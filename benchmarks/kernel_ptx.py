@@ -8,7 +8,7 @@ Defaults: one Llama-3-8B layer's decode launch at rank 64, ``int4@g32`` latents 
 memory, the layout conversions in the TTGIR and the PTX instruction mix of the main tile loop (per thread and
 tile): with 64 x (rank_k + rank_v) latent values per tile over 128 threads, instructions per value follow.
 EXPLICIT=1: the explicit-layout kernel (kernels/triton_latent/explicit.py, Gluon) for a Llama-3-8B layer
-instead (RK=, RV=: its ranks, 128 by default; DTYPE=int8/int4@g32: 8-bit keys; RING=N: its code bytes through
+instead (RK=, RV=: its ranks, 128 by default; GS=2: head groups of 2 KV heads; DTYPE=int8/int4@g32: 8-bit keys; RING=N: its code bytes through
 shared-memory rings of N blocks; LAZY=1: the first block's max as the softmax reference),
 compiled as a launch specialises it (16-byte aligned pointers and strides), with the SASS report (its one loop is
 the block loop: one warp's 16 tokens, 64 K and 64 V values per thread). SASS_OUT=FILE writes the first loop's SASS
@@ -51,10 +51,10 @@ def explicit_report():
     from vllm_kvc.kernels.triton_latent import explicit
     from vllm_kvc.kernels.triton_latent.config import row_format
     from vllm_kvc.layout import LatentLayout
-    rk, rv = int(os.environ.get("RK", "128")), int(os.environ.get("RV", "128"))
-    lay = LatentLayout(8, 1, 128, rk, rv, os.environ.get("DTYPE", "int4@g32"))
+    rk, rv, gs = int(os.environ.get("RK", "128")), int(os.environ.get("RV", "128")), int(os.environ.get("GS", "1"))
+    lay = LatentLayout(8 // gs, gs, 128, rk, rv, os.environ.get("DTYPE", "int4@g32"))
     kf, vf = row_format(lay)
-    const = dict(G=8, QPK=4, RK=rk, RV=rv, RV_P=max(16, 1 << (rv - 1).bit_length()), K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=64,
+    const = dict(G=8 // gs, QPK=4 * gs, RK=rk, RV=rv, RV_P=max(16, 1 << (rv - 1).bit_length()), K_SOFF=kf.soff, V_OFF=vf.off, V_SOFF=vf.soff, BS=64,
                  STAGES=int(os.environ.get("RING", explicit.STAGES)), K_BITS=lay.bits_k,
                  LAZY_MAX=os.environ.get("LAZY", str(int(explicit.LAZY_MAX))) == "1")
     fn = explicit._roped_int4_decode

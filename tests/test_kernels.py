@@ -224,7 +224,7 @@ def explicit_kernel():
     return explicit
 
 def test_plan_takes_the_explicit_kernel_where_it_serves():
-    """One-query-per-request batches of roped int4@g32 or int8/int4@g32 at even ranks up to 128 in 64-token blocks
+    """One-query-per-request batches of roped int4@g32 or int8/int4@g32 at even ranks up to 256 in 64-token blocks
     take the explicit-layout kernel where the device suits it, with KV splits by the resident-program rule (4 per SM, 5
     under a 96-register cap), head groups of several KV heads included; anything else (pre-RoPE keys, odd ranks,
     other blocks, a sink, 16 query heads per head group, prompts, explicit=False, a device that does not suit) keeps
@@ -253,6 +253,12 @@ def test_plan_takes_the_explicit_kernel_where_it_serves():
     # head groups of 2 KV heads: their 8 query heads are the score tile's 8 columns; of 4: 16, too many
     for gs, spec, kernel in ((2, "int4@g32", "explicit"), (2, "int8/int4@g32", "explicit"), (4, "int4@g32", "generic")):
         assert tk.plan_launch(LatentLayout(8 // gs, gs, 128, 128, 96, spec), 32, 16, 16, **kw).kernel == kernel, gs
+    # ranks above 128 (up to 256: two K tiles, two value accumulators) at a register cap of 168: 3 programs per SM
+    for rk, rv, kernel in ((256, 256, "explicit"), (224, 136, "explicit"), (255, 256, "generic")):
+        lay2 = LatentLayout(4, 2, 128, rk, rv, "int8/int4@g32")
+        assert tk.plan_launch(lay2, 32, 16, 16, **kw).kernel == kernel, (rk, rv)
+    assert ex.default_maxnreg(LatentLayout(4, 2, 128, 224, 128, "int4@g32")) == 168 and ex.per_sm(168) == 3
+    assert ex.default_maxnreg(lay) == 128
     assert tk.plan_launch(lay, 32, 40, 16, **dict(kw, max_query_len=9)).kernel != "explicit"
     # the fragment permutations are permutations of the 128 coordinates, and each thread's are contiguous bytes
     assert sorted(ex.k_rank(k) for k in range(128)) == list(range(128))
@@ -272,12 +278,12 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from vllm_kvc.kernels.triton_latent import explicit as ex
 from vllm_kvc.kernels.triton_latent.config import row_format
 from vllm_kvc.layout import LatentLayout
-rk, rv, stages, lazy = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[5] == "1"
-lay = LatentLayout(8, 1, 128, rk, rv, sys.argv[4])
+rk, rv, stages, lazy, gs = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[5] == "1", int(sys.argv[6])
+lay = LatentLayout(8 // gs, gs, 128, rk, rv, sys.argv[4])
 kf, vf = row_format(lay)
 types = {"q_ptr": "*bf16", "cache_ptr": "*u8", "bt_ptr": "*i32", "seq_lens_ptr": "*i32", "pm_ptr": "*fp32",
          "pl_ptr": "*fp32", "pacc_ptr": "*fp32", "qk_scale": "fp32"}
-const = dict(G=8, QPK=4, RK=rk, RV=rv, RV_P=max(16, 1 << (rv - 1).bit_length()), K_SOFF=kf.soff, V_OFF=vf.off,
+const = dict(G=8 // gs, QPK=4 * gs, RK=rk, RV=rv, RV_P=max(16, 1 << (rv - 1).bit_length()), K_SOFF=kf.soff, V_OFF=vf.off,
              V_SOFF=vf.soff, BS=64, STAGES=stages, K_BITS=lay.bits_k, LAZY_MAX=lazy)
 fn = ex._roped_int4_decode
 sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
@@ -291,27 +297,30 @@ print("SHARED", ck.metadata.shared, "MMA", ptx.count("mma.sync.aligned.m16n8k16"
 """
 
 
-@pytest.mark.parametrize("rk,rv,stages,dtype,lazy", [
-    (128, 128, 0, "int4@g32", 0), (120, 72, 0, "int4@g32", 0), (128, 128, 4, "int4@g32", 0),
-    (120, 72, 2, "int4@g32", 0), (128, 128, 0, "int8/int4@g32", 0), (120, 72, 0, "int8/int4@g32", 0),
-    (112, 112, 0, "int4@g32", 1), (128, 96, 0, "int8/int4@g32", 1)])
-def test_explicit_kernel_compiles_for_hopper(rk, rv, stages, dtype, lazy):
+@pytest.mark.parametrize("rk,rv,stages,dtype,lazy,gs", [
+    (128, 128, 0, "int4@g32", 0, 1), (120, 72, 0, "int4@g32", 0, 1), (128, 128, 4, "int4@g32", 0, 1),
+    (120, 72, 2, "int4@g32", 0, 1), (128, 128, 0, "int8/int4@g32", 0, 1), (120, 72, 0, "int8/int4@g32", 0, 1),
+    (112, 112, 0, "int4@g32", 1, 1), (128, 96, 0, "int8/int4@g32", 1, 1), (224, 224, 0, "int4@g32", 0, 2),
+    (256, 136, 0, "int8/int4@g32", 0, 2), (200, 240, 0, "int4@g32", 1, 2)])
+def test_explicit_kernel_compiles_for_hopper(rk, rv, stages, dtype, lazy, gs):
     """The explicit-layout kernel compiles for sm_90 with the installed Triton (no GPU needed; outside the
     interpreter, in a subprocess), at full rank and at ranks below it: its layout conversions between the decoded
     tiles and the mma operands are register renames (``assert_trivial``, checked by the compiler); with stages=0 it
     uses no shared memory, with rings of 2 or 4 blocks their bytes (8 KB a block) filled by cp.async; 4- and 8-bit
-    keys (the latter as fp16 operands); with the first block's max as the softmax reference (lazy)."""
+    keys (the latter as fp16 operands); with the first block's max as the softmax reference (lazy); head groups of
+    2 KV heads at ranks above 128 (two K tiles, two value accumulators)."""
     if not explicit_kernel().AVAILABLE:
         pytest.skip("this triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _COMPILE_EXPLICIT, str(rk), str(rv), str(stages), dtype, str(lazy)],
+    r = subprocess.run([sys.executable, "-c", _COMPILE_EXPLICIT, str(rk), str(rv), str(stages), dtype, str(lazy),
+                        str(gs)],
                        env=env, cwd=root, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     _, shared, _, mma, _, lds, _, cp_async = r.stdout.split()[-8:]
     # (lazy_max: the one cross-warp reduction, whether to sweep again, takes a few bytes)
-    assert (int(shared) <= 64 if lazy else int(shared) == 8192 * stages) and int(mma) >= 16, r.stdout
+    assert (int(shared) <= 64 if lazy else int(shared) == 8192 * stages) and int(mma) >= 16 * (1 + (rk > 128)), r.stdout
     assert (int(lds) > 0, int(cp_async) > 0) == (stages > 0 or bool(lazy), stages > 0), r.stdout
 
 
@@ -1169,6 +1178,14 @@ if CUDA:
          dict(G=8, gs=1, qpk=4, hd=128, rk=112, rv=112, bs=64), dict(max_query_len=1, lazy_max=True, num_splits=3)),
         ("gpu_explicit_gs2_int8_int4_lazy", "int8/int4@g32", [4096, 1, 777, 65], [1] * 4,
          dict(G=4, gs=2, qpk=4, hd=128, rk=128, rv=96, bs=64, bias=True), dict(max_query_len=1, lazy_max=True)),
+        # head groups of 2 KV heads at ranks above 128 (a second K tile and value accumulator): 4- and 8-bit keys,
+        # K / V ranks on either side of 128, splits, bias, one token, the first block's max as the reference
+        ("gpu_explicit_gs2_r224", "int4@g32", [4096, 1, 777, 3001], [1] * 4,
+         dict(G=4, gs=2, qpk=4, hd=128, rk=224, rv=224, bs=64), dict(max_query_len=1)),
+        ("gpu_explicit_gs2_int8_int4_rk256_rv136_bias", "int8/int4@g32", [1000, 64, 65, 1], [1] * 4,
+         dict(G=2, gs=2, qpk=2, hd=128, rk=256, rv=136, bs=64, bias=True), dict(max_query_len=1, num_splits=2)),
+        ("gpu_explicit_gs2_rk120_rv250_lazy", "int4@g32", [3000, 1, 200], [1] * 3,
+         dict(G=4, gs=2, qpk=4, hd=128, rk=120, rv=250, bs=64), dict(max_query_len=1, lazy_max=True)),
         # head groups of 2 KV heads (8 query heads: the score tile's 8 columns), 4- and 8-bit keys, ranks apart
         ("gpu_explicit_gs2_r128", "int4@g32", [4096, 1, 777, 3001], [1] * 4,
          dict(G=4, gs=2, qpk=4, hd=128, rk=128, rv=128, bs=64), dict(max_query_len=1)),

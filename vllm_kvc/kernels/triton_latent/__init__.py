@@ -11,7 +11,7 @@ values stay latent until ``B_v`` is applied once to the softmax-weighted sum. Mo
 - ``decode``: the multi-head decode kernel (group size 1, float latents, one query per program);
 - ``prefill``: the generic kernel (any group size, int8, prefill) and the split-KV reduce;
 - ``explicit``: the explicit-layout decode kernel (Gluon, mma.sync) for roped int4@g32 and int8/int4@g32 latents
-  of even ranks up to 128, up to 8 query heads per head group, in 64-token blocks on sm_90 (``explicit.serves``; ``plan_launch`` picks it, ``LaunchConfig.explicit``);
+  of even ranks up to 256, up to 8 query heads per head group, in 64-token blocks on sm_90 (``explicit.serves``; ``plan_launch`` picks it, ``LaunchConfig.explicit``);
 - ``tiles``: Triton helpers (tile addressing through the block table, loads, RoPE, 4-bit levels);
 - ``write``: the cache-row writer and the fused encoder of packed integer rows (padding slots skipped on the
   device: capturable in CUDA graphs);

@@ -46,7 +46,7 @@ class LaunchConfig:
     k_grouped: decode kernel, roped keys, 4-bit K of rank 97..128 with 32 values per scale: K tiles read one scale
         group (16 bytes) per thread and token (``tiles.load_nibbles_grouped``); None: on.
     explicit: decode batches of the layouts the explicit-layout kernel serves (``explicit.serves``: roped int4@g32
-        or int8/int4@g32 of even ranks up to 128, at most 8 query heads per head group, 64-token blocks, sm_90)
+        or int8/int4@g32 of even ranks up to 256, at most 8 query heads per head group, 64-token blocks, sm_90)
         take it; None: on, False: the Triton kernels.
     stages: explicit kernel: blocks of code bytes in flight per program (shared-memory rings filled by cp.async;
         a power of two, 0: straight loads into registers); None: ``explicit.STAGES`` (0).

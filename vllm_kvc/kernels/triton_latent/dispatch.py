@@ -225,7 +225,7 @@ def plan_launch(layout: LatentLayout, num_heads: int, num_tokens: int, num_reqs:
     if (direct and explicit_ok and cfg.explicit is not False
             and explicit.serves(layout, num_heads, block_size, roped, sink)):
         splits = cfg.num_splits or default_splits(num_reqs * layout.groups, max_ctx, explicit.BLOCK, sms,
-                                                  explicit.per_sm(cfg.maxnreg))
+                                                  explicit.per_sm(cfg.maxnreg or explicit.default_maxnreg(layout)))
         return LaunchPlan("explicit", True, replace(cfg, block_t=explicit.BLOCK, num_warps=4, num_splits=splits))
     decode_like = (max_query_len == 1) if max_query_len is not None else num_tokens <= 2 * num_reqs
     use_decode = (heads_supported(layout, num_heads) and cfg.heads != 0 and not sink

@@ -1,5 +1,5 @@
 """The explicit-layout decode kernel (Gluon): roped 4- or 8-bit keys and 4-bit values with 32-value scales, ranks up
-to 128, head groups of up to 8 query heads.
+to 256, head groups of up to 8 query heads.
 
 The Triton kernels decode a value tile in whatever register layout the compiler derives backwards from the tensor-core
 operand, which for the value tile is one byte per shared-memory load with bank conflicts (benchmarks/RESULTS.md,
@@ -22,8 +22,9 @@ row, and the query (K) and the output rows (V) are permuted to match (:func:`k_r
 (max, sum, weighted values) are written as one split-KV partial; the reduce (``prefill._latent_reduce``) merges
 them and applies ``B_v``.
 
-Served (:func:`serves`): roped keys, ``int4@g32`` or ``int8/int4@g32`` latents of even ranks up to 128 (K and V
-apart; the fragments stay 128 wide, the bytes and scales past a rank are read as zeros and its output rows dropped),
+Served (:func:`serves`): roped keys, ``int4@g32`` or ``int8/int4@g32`` latents of even ranks up to 256 (K and V
+apart; the fragments are 128 wide, a rank above 128 takes a second K tile and a second value accumulator, and the
+bytes and scales past a rank are read as zeros and its output rows dropped),
 any group size with at most 8 query heads per head group (a group's KV heads share its latents: their query heads
 are the score tile's columns), 64-token blocks, bf16 queries, decode (one query per request), no sink, sm_90.
 Everything else keeps the Triton kernels. Measured: benchmarks/RESULTS.md, "GPU speed", rounds 8-10.
@@ -46,7 +47,8 @@ except ImportError:  # pragma: no cover - older triton: the Triton kernels serve
     AVAILABLE = False
 
 BLOCK = 64  # tokens per vLLM block (the kernel reads one block per step: 4 warps x 16 tokens)
-RANK = 128  # the largest K / V rank: the fragments' width (smaller ranks read masked, as zeros)
+FRAG = 128  # the fragments' width in latent coordinates (ranks below a multiple of it read masked, as zeros)
+RANK = 256  # the largest K / V rank: two fragments' widths (the second half of a rank above 128 in a second tile)
 MAX_QPK = 8  # query heads per head group: the columns of the score tile
 DTYPES = ("int4@g32", "int8/int4@g32")  # 4- or 8-bit keys, 4-bit values, 32 values per scale
 # blocks of code bytes in flight per program (shared-memory rings filled by cp.async, a power of two); 0, the
@@ -56,6 +58,17 @@ STAGES = 0
 # stages 0: the first block's max as each warp's softmax reference (per thread sums and maxima, no rescaling; a second
 # sweep where a later score exceeds it by 2^64)
 LAZY_MAX = False
+
+
+# the register cap of ranks above 128 (two K tiles, two value accumulators: ~200 registers uncapped, 2 programs per
+# SM; at 168 three fit, with ~100 bytes of spills)
+WIDE_MAXNREG = 168
+
+
+def default_maxnreg(layout) -> int:
+    """The launch's register cap where the caller gives none: 128 (4 programs per SM without spills) up to rank
+    128, :data:`WIDE_MAXNREG` above."""
+    return 128 if max(layout.rank_k, layout.rank_v) <= FRAG else WIDE_MAXNREG
 
 
 def per_sm(maxnreg: int | None = None) -> int:
@@ -102,8 +115,9 @@ mul.rn.f16x2 $1, h, $3;
 def ring_ok(layout, kv_cache: torch.Tensor) -> bool:
     """Whether the code bytes can go through the shared-memory rings: cp.async copies 4, 8 or 16 bytes, so every
     head group's K and V codes must start 4-byte aligned (ranks multiples of 8) in rows of a multiple of 16 bytes
-    (what the launch specialises on); otherwise the kernel loads them straight into registers."""
-    return (layout.bits_k == 4 and layout.rank_k % 8 == 0 and layout.rank_v % 8 == 0 and kv_cache.stride(1) % 16 == 0
+    (what the launch specialises on), ranks up to 128; otherwise the kernel loads them straight into registers."""
+    return (layout.bits_k == 4 and max(layout.rank_k, layout.rank_v) <= FRAG and layout.rank_k % 8 == 0
+            and layout.rank_v % 8 == 0 and kv_cache.stride(1) % 16 == 0
             and kv_cache.stride(0) % 16 == 0 and kv_cache.data_ptr() % 16 == 0)
 
 
@@ -115,7 +129,7 @@ def device_ok(q: torch.Tensor) -> bool:
 
 
 if AVAILABLE:
-    R_ = gl.constexpr(RANK)  # (globals a kernel reads must be constexprs)
+    R_ = gl.constexpr(FRAG)  # (globals a kernel reads must be constexprs)
     INT8_ASM_C = gl.constexpr(INT8_ASM)
     MMA = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1], instr_shape=[1, 16, 8])
     A_L = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -170,27 +184,28 @@ if AVAILABLE:
 
     @gluon.jit
     def _part_ptrs(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R: gl.constexpr,
-                   OFF: gl.constexpr, SOFF: gl.constexpr, BITS: gl.constexpr = 4):
+                   OFF: gl.constexpr, SOFF: gl.constexpr, BITS: gl.constexpr = 4, C0: gl.constexpr = 0):
         """Pointers and masks of block ``blk``'s (its first token ``t0``) code bytes and fp16 scales of head group g
         in one part of a row (K or V) of rank R at BITS per value, its codes from byte OFF and its scales from SOFF
-        (``tok``, ``col``, ``sc``: :func:`_block_offsets`): tokens from seq_len on, all where not ``live``, and bytes
-        and scales past rank R masked (read as 0)."""
+        (``tok``, ``col``, ``sc``: :func:`_block_offsets`), the 128 coordinates from C0 (0, or 128: the second
+        half of a rank above 128): tokens from seq_len on, all where not ``live``, and bytes and scales past rank R
+        masked (read as 0)."""
         ok = ((t0 + tok) < seq_len) & live  # [4, 16, 1]
         row = cache_ptr + blk.to(gl.int64) * stride_cb + tok * stride_cs
         ok_x = gl.expand_dims(ok, 3)
         ok_s = ok
-        if R < R_:
-            ok_x = ok_x & (col < R * BITS // 8)
-            ok_s = ok_s & (sc < (R + 31) // 32)
-        return (gl.expand_dims(row, 3) + OFF + g * (R * BITS // 8) + col, ok_x,
-                (row + SOFF).to(gl.pointer_type(gl.float16)) + g * ((R + 31) // 32) + sc, ok_s)
+        if R - C0 < R_:
+            ok_x = ok_x & (col < (R - C0) * BITS // 8)
+            ok_s = ok_s & (sc < (R - C0 + 31) // 32)
+        return (gl.expand_dims(row, 3) + OFF + g * (R * BITS // 8) + C0 * BITS // 8 + col, ok_x,
+                (row + SOFF).to(gl.pointer_type(gl.float16)) + g * ((R + 31) // 32) + C0 // 32 + sc, ok_s)
 
     @gluon.jit
     def _load_part(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R: gl.constexpr,
-                   OFF: gl.constexpr, SOFF: gl.constexpr, BITS: gl.constexpr = 4):
+                   OFF: gl.constexpr, SOFF: gl.constexpr, BITS: gl.constexpr = 4, C0: gl.constexpr = 0):
         """(code bytes, fp16 scales) of :func:`_part_ptrs`, loaded."""
         xp, ok_x, sp, ok_s = _part_ptrs(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok, col, sc, R,
-                                        OFF, SOFF, BITS)
+                                        OFF, SOFF, BITS, C0)
         return gl.load(xp, mask=ok_x, other=0), gl.load(sp, mask=ok_s, other=0.0)
 
     @gluon.jit
@@ -216,9 +231,31 @@ if AVAILABLE:
         async_copy.commit_group()
 
     @gluon.jit
-    def _scores(kx, ks, t0, seq_len, qb, s_mul, tok_s, K_BITS: gl.constexpr):
-        """Scores [warp, token, head] (log2 units; tokens from seq_len on -inf) of one block (its first token t0)
-        of K code bytes and scales."""
+    def _load_block(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, tok_v, vcol, vsc,
+                    RK: gl.constexpr, RV: gl.constexpr, K_SOFF: gl.constexpr, V_OFF: gl.constexpr,
+                    V_SOFF: gl.constexpr, K_BITS: gl.constexpr):
+        """Block ``blk``'s (its first token t0) code bytes and scales: K's first 128 coordinates, then its next 128
+        (where rank_k > 128; else the first again, unused), likewise V."""
+        kx, ks = _load_part(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, RK, 0,
+                            K_SOFF, K_BITS)
+        if RK > R_:
+            kx1, ks1 = _load_part(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, RK, 0,
+                                  K_SOFF, K_BITS, R_)
+        else:
+            kx1, ks1 = kx, ks
+        vx, vs = _load_part(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_v, vcol, vsc, RV, V_OFF,
+                            V_SOFF)
+        if RV > R_:
+            vx1, vs1 = _load_part(cache_ptr, blk, live, t0, seq_len, g, stride_cb, stride_cs, tok_v, vcol, vsc, RV,
+                                  V_OFF, V_SOFF, 4, R_)
+        else:
+            vx1, vs1 = vx, vs
+        return kx, ks, kx1, ks1, vx, vs, vx1, vs1
+
+    @gluon.jit
+    def _key_mma(kx, ks, qb, s, K_BITS: gl.constexpr):
+        """s + 128 coordinates' share of the scores [warp, token, head]: K code bytes and scales, decoded into the A
+        fragments, times the latent queries qb."""
         if K_BITS == 8:
             # byte j = 2 J + r of the 32 (J = 8 j3 + 4 j2 + 2 j1 + j0): fragment position
             # k = r + 2 a + 8 j0 + 16 j1 + 32 j2 + 64 j3 (the coordinates k_rank gives, as for 4 bits)
@@ -230,56 +267,77 @@ if AVAILABLE:
             k02, k13 = _nibbles(kx, gl.expand_dims(ks.to(gl.float32), 3), NIBBLE_ASM_BYTES)
             ka = gl.reshape(gl.join(k02, k13), [4, 16, 4, 2, 2, 2, 2, 2])  # (warp, t, a, w1, w0, e, r, T)
             ka = gl.reshape(gl.permute(ka, (0, 1, 3, 4, 5, 7, 2, 6)), [4, 16, R_])
-        ka = gl.convert_layout(ka, A_L, assert_trivial=True)
-        s = mma_v2(ka, qb, gl.full([4, 16, 8], 0.0, gl.float32, layout=MMA))
+        return mma_v2(gl.convert_layout(ka, A_L, assert_trivial=True), qb, s)
+
+    @gluon.jit
+    def _scores(kx, ks, kx1, ks1, t0, seq_len, qb, qb1, s_mul, tok_s, RK: gl.constexpr, K_BITS: gl.constexpr):
+        """Scores [warp, token, head] (log2 units; tokens from seq_len on -inf) of one block (its first token t0):
+        both halves of a rank above 128."""
+        s = _key_mma(kx, ks, qb, gl.full([4, 16, 8], 0.0, gl.float32, layout=MMA), K_BITS)
+        if RK > R_:
+            s = _key_mma(kx1, ks1, qb1, s, K_BITS)
         return gl.where((t0 + tok_s) < seq_len, s * s_mul, float("-inf"))
 
     @gluon.jit
-    def _weigh_values(vx, vs, p, acc):
-        """acc + the block's values (V code bytes and scales) weighted by p [warp, token, head]."""
-        pb = gl.convert_layout(p.to(gl.bfloat16), B_L)
+    def _value_mma(vx, vs, pb, acc):
+        """acc + 128 coordinates of the block's values (V code bytes and scales) weighted by pb."""
         vlo, vhi = _nibbles(vx, gl.expand_dims(vs.to(gl.float32), 3), NIBBLE_ASM_GROUP)
         va = gl.permute(gl.join(vlo, vhi), (0, 3, 4, 2, 1))  # (w, t, c, jj, nibble) -> (w, jj, nibble, c, t)
         va = gl.convert_layout(gl.reshape(va, [4, R_, 16]), A_L, assert_trivial=True)
         return mma_v2(va, pb, acc)
 
     @gluon.jit
-    def _attend(kx, ks, vx, vs, t0, seq_len, qb, s_mul, tok_s, m_i, l_i, acc, K_BITS: gl.constexpr):
-        """One block (its first token t0) of code bytes and scales (kx, ks: keys, vx, vs: values) into the running
-        (max, sum, weighted value latents) of each warp's 16 tokens (online softmax)."""
-        s = _scores(kx, ks, t0, seq_len, qb, s_mul, tok_s, K_BITS)
+    def _weigh_values(vx, vs, vx1, vs1, p, acc, acc1, RV: gl.constexpr):
+        """(acc, acc1) + the block's values weighted by p [warp, token, head]: acc1 the second half of a rank
+        above 128."""
+        pb = gl.convert_layout(p.to(gl.bfloat16), B_L)
+        acc = _value_mma(vx, vs, pb, acc)
+        if RV > R_:
+            acc1 = _value_mma(vx1, vs1, pb, acc1)
+        return acc, acc1
+
+    @gluon.jit
+    def _attend(kx, ks, kx1, ks1, vx, vs, vx1, vs1, t0, seq_len, qb, qb1, s_mul, tok_s, m_i, l_i, acc, acc1,
+                RK: gl.constexpr, RV: gl.constexpr, K_BITS: gl.constexpr):
+        """One block (its first token t0) of code bytes and scales (:func:`_load_block`) into the running (max, sum,
+        weighted value latents) of each warp's 16 tokens (online softmax)."""
+        s = _scores(kx, ks, kx1, ks1, t0, seq_len, qb, qb1, s_mul, tok_s, RK, K_BITS)
         m_new = gl.maximum(m_i, gl.max(s, 1))
-        alpha = gl.exp2(m_i - m_new)
+        alpha = gl.expand_dims(gl.exp2(m_i - m_new), 1)
         p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        l_i = l_i * alpha + gl.sum(p, 1)
-        acc = acc * gl.expand_dims(alpha, 1)
-        return m_new, l_i, _weigh_values(vx, vs, p, acc)
+        l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(p, 1)
+        acc = acc * alpha
+        if RV > R_:
+            acc1 = acc1 * alpha
+        acc, acc1 = _weigh_values(vx, vs, vx1, vs1, p, acc, acc1, RV)
+        return m_new, l_i, acc, acc1
 
     @gluon.jit
     def _sweep_fixed(m_ref, cache_ptr, bt_row, b_lo, b_hi, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc,
-                     tok_v, vcol, vsc, qb, s_mul, tok_s, RK: gl.constexpr, RV: gl.constexpr, K_SOFF: gl.constexpr,
-                     V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr, K_BITS: gl.constexpr):
+                     tok_v, vcol, vsc, qb, qb1, s_mul, tok_s, RK: gl.constexpr, RV: gl.constexpr,
+                     K_SOFF: gl.constexpr, V_OFF: gl.constexpr, V_SOFF: gl.constexpr, BS: gl.constexpr,
+                     K_BITS: gl.constexpr):
         """The blocks b_lo .. b_hi - 1 against a fixed softmax reference m_ref [warp, head] (no rescaling, no
         reductions across lanes per block): (each thread's running max of its scores, its sums of the weights,
-        weighted value latents)."""
+        weighted value latents and their second half)."""
         mx = gl.full([4, 16, 8], -1.0e30, gl.float32, layout=MMA)
         l_t = gl.full([4, 16, 8], 0.0, gl.float32, layout=MMA)
         acc = gl.full([4, R_, 8], 0.0, gl.float32, layout=MMA)
+        acc1 = gl.full([4, R_, 8], 0.0, gl.float32, layout=MMA)
         ref = gl.expand_dims(m_ref, 1)
         blk = gl.load(bt_row + b_lo, mask=b_lo < b_hi, other=0)
         for blk_i in range(b_lo, b_hi):
             nxt = gl.load(bt_row + blk_i + 1, mask=blk_i + 1 < b_hi, other=0)
-            kx, ks = _load_part(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_k,
-                                kcol, ksc, RK, 0, K_SOFF, K_BITS)
-            vx, vs = _load_part(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_v,
-                                vcol, vsc, RV, V_OFF, V_SOFF)
-            s = _scores(kx, ks, blk_i * BS, seq_len, qb, s_mul, tok_s, K_BITS)
+            kx, ks, kx1, ks1, vx, vs, vx1, vs1 = _load_block(
+                cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, tok_v,
+                vcol, vsc, RK, RV, K_SOFF, V_OFF, V_SOFF, K_BITS)
+            s = _scores(kx, ks, kx1, ks1, blk_i * BS, seq_len, qb, qb1, s_mul, tok_s, RK, K_BITS)
             mx = gl.maximum(mx, s)
             p = gl.exp2(s - ref)
             l_t = l_t + p
-            acc = _weigh_values(vx, vs, p, acc)
+            acc, acc1 = _weigh_values(vx, vs, vx1, vs1, p, acc, acc1, RV)
             blk = nxt
-        return mx, l_t, acc
+        return mx, l_t, acc, acc1
 
     @gluon.jit
     def _roped_int4_decode(q_ptr, stride_qt, stride_qh, cache_ptr, stride_cb, stride_cs, bt_ptr, stride_bt,
@@ -309,15 +367,23 @@ if AVAILABLE:
                   + gl.expand_dims(gl.expand_dims(phys_k, 0), 2) + 0 * w3)
         q_ok = (n3 < QPK) & (w3 >= 0) & (gl.expand_dims(gl.expand_dims(phys_k, 0), 2) < RK)
         qf = gl.load(q_ptrs, mask=q_ok, other=0.0).to(gl.float32)
+        if RK > R_:  # coordinates 128 .. of a rank above 128: the second K tile's queries
+            q_ok1 = (n3 < QPK) & (w3 >= 0) & (gl.expand_dims(gl.expand_dims(phys_k, 0), 2) + R_ < RK)
+            qf1 = gl.load(q_ptrs + R_, mask=q_ok1, other=0.0).to(gl.float32)
+        else:
+            qf1 = qf
         if K_BITS == 8:
             # 8-bit keys are fp16 tensor-core operands (exact integers times an fp16 scale): so is the query, divided
             # by its absolute maximum (each warp holds the whole query) and the scores multiplied back
-            qmax = gl.maximum(gl.max(gl.max(gl.abs(qf), 2), 1), 1.0e-30)  # [warp]
+            qmax = gl.maximum(gl.maximum(gl.max(gl.max(gl.abs(qf), 2), 1), gl.max(gl.max(gl.abs(qf1), 2), 1)),
+                              1.0e-30)  # [warp]
             qb = (qf / gl.expand_dims(gl.expand_dims(qmax, 1), 2)).to(gl.float16)
+            qb1 = (qf1 / gl.expand_dims(gl.expand_dims(qmax, 1), 2)).to(gl.float16)
             s_mul = gl.expand_dims(gl.expand_dims(gl.convert_layout(
                 qmax, gl.SliceLayout(1, gl.SliceLayout(2, MMA))), 1), 2) * qk_scale
         else:
             qb = qf.to(gl.bfloat16)
+            qb1 = qf1.to(gl.bfloat16)
             s_mul = qk_scale
 
         # addresses within a block: K [warp, token, scale group, byte], V [warp, token, 8-byte block, byte]
@@ -333,11 +399,13 @@ if AVAILABLE:
         m_i = gl.full([4, 8], -1.0e30, gl.float32, layout=gl.SliceLayout(1, MMA))
         l_i = gl.full([4, 8], 0.0, gl.float32, layout=gl.SliceLayout(1, MMA))
         acc = gl.full([4, R_, 8], 0.0, gl.float32, layout=MMA)
+        acc1 = gl.full([4, R_, 8], 0.0, gl.float32, layout=MMA)  # V coordinates 128 .. (ranks above 128)
         bt_row = bt_ptr + r.to(gl.int64) * stride_bt
         blk = gl.load(bt_row + b_lo, mask=b_lo < b_hi, other=0)
         if STAGES > 0:
             # code bytes through shared-memory rings of STAGES blocks, copied STAGES - 1 blocks ahead; the scales
-            # one block ahead in registers
+            # one block ahead in registers (ranks up to 128: ring_ok)
+            gl.static_assert(RK <= R_ and RV <= R_)
             ring_k = gl.allocate_shared_memory(gl.uint8, [STAGES, 4, 16, 4, 16], RING5)
             ring_v = gl.allocate_shared_memory(gl.uint8, [STAGES, 4, 16, 8, 8], RING5)
             for st in gl.static_range(STAGES - 1):
@@ -353,18 +421,20 @@ if AVAILABLE:
             # the first block's max as the softmax reference: no rescaling and no reductions across lanes per block;
             # where a later score exceeds it by more than 2^64 (weights past bf16's range for the products' sums)
             # the program sweeps its blocks again against the true max
-            kx, ks = _load_part(cache_ptr, blk, b_lo < b_hi, b_lo * BS, seq_len, g, stride_cb, stride_cs, tok_k,
-                                kcol, ksc, RK, 0, K_SOFF, K_BITS)
-            m_i = gl.maximum(gl.max(_scores(kx, ks, b_lo * BS, seq_len, qb, s_mul, tok_s, K_BITS), 1), -1.0e30)
-            mx, l_t, acc = _sweep_fixed(m_i, cache_ptr, bt_row, b_lo, b_hi, seq_len, g, stride_cb, stride_cs, tok_k,
-                                        kcol, ksc, tok_v, vcol, vsc, qb, s_mul, tok_s, RK, RV, K_SOFF, V_OFF, V_SOFF,
-                                        BS, K_BITS)
+            kx, ks, kx1, ks1, vx, vs, vx1, vs1 = _load_block(
+                cache_ptr, blk, b_lo < b_hi, b_lo * BS, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc, tok_v,
+                vcol, vsc, RK, RV, K_SOFF, V_OFF, V_SOFF, K_BITS)
+            m_i = gl.maximum(gl.max(_scores(kx, ks, kx1, ks1, b_lo * BS, seq_len, qb, qb1, s_mul, tok_s, RK, K_BITS),
+                                    1), -1.0e30)
+            mx, l_t, acc, acc1 = _sweep_fixed(m_i, cache_ptr, bt_row, b_lo, b_hi, seq_len, g, stride_cb, stride_cs,
+                                              tok_k, kcol, ksc, tok_v, vcol, vsc, qb, qb1, s_mul, tok_s, RK, RV,
+                                              K_SOFF, V_OFF, V_SOFF, BS, K_BITS)
             m_max = gl.max(mx, 1)
             if gl.max(gl.max(m_max - m_i, 1), 0) > 64.0:
                 m_i = m_max
-                mx, l_t, acc = _sweep_fixed(m_i, cache_ptr, bt_row, b_lo, b_hi, seq_len, g, stride_cb, stride_cs,
-                                            tok_k, kcol, ksc, tok_v, vcol, vsc, qb, s_mul, tok_s, RK, RV, K_SOFF,
-                                            V_OFF, V_SOFF, BS, K_BITS)
+                mx, l_t, acc, acc1 = _sweep_fixed(m_i, cache_ptr, bt_row, b_lo, b_hi, seq_len, g, stride_cb,
+                                                  stride_cs, tok_k, kcol, ksc, tok_v, vcol, vsc, qb, qb1, s_mul,
+                                                  tok_s, RK, RV, K_SOFF, V_OFF, V_SOFF, BS, K_BITS)
             l_i = gl.sum(l_t, 1)
             b_hi = b_lo  # (the online-softmax loop below runs no step)
         for blk_i in range(b_lo, b_hi):
@@ -386,12 +456,13 @@ if AVAILABLE:
                 async_copy.wait_group(STAGES - 1)  # this block's copies (this thread's own bytes) have landed
                 kx = ring_k.index(stage).load(KB_L)
                 vx = ring_v.index(stage).load(VB_L)
+                kx1, ks1, vx1, vs1 = kx, ks, vx, vs
             else:
-                kx, ks = _load_part(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_k,
-                                    kcol, ksc, RK, 0, K_SOFF, K_BITS)
-                vx, vs = _load_part(cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_v,
-                                    vcol, vsc, RV, V_OFF, V_SOFF)
-            m_i, l_i, acc = _attend(kx, ks, vx, vs, blk_i * BS, seq_len, qb, s_mul, tok_s, m_i, l_i, acc, K_BITS)
+                kx, ks, kx1, ks1, vx, vs, vx1, vs1 = _load_block(
+                    cache_ptr, blk, blk_i < b_hi, blk_i * BS, seq_len, g, stride_cb, stride_cs, tok_k, kcol, ksc,
+                    tok_v, vcol, vsc, RK, RV, K_SOFF, V_OFF, V_SOFF, K_BITS)
+            m_i, l_i, acc, acc1 = _attend(kx, ks, kx1, ks1, vx, vs, vx1, vs1, blk_i * BS, seq_len, qb, qb1, s_mul,
+                                          tok_s, m_i, l_i, acc, acc1, RK, RV, K_BITS)
             blk = nxt
         if STAGES > 0:
             async_copy.wait_group(0)  # the copies past the end (masked, zero-filled) land before the program exits
@@ -406,14 +477,17 @@ if AVAILABLE:
         gl.store(pl_ptr + base, l_i, mask=ok)
         col = gl.expand_dims(gl.expand_dims(16 * (o_m % 8) + o_m // 8, 0), 2)  # v_rank
         gl.store(pacc_ptr + gl.expand_dims(base, 1) * RV_P + col, acc, mask=gl.expand_dims(ok, 1) & (col < RV))
+        if RV > R_:
+            gl.store(pacc_ptr + gl.expand_dims(base, 1) * RV_P + col + R_, acc1,
+                     mask=gl.expand_dims(ok, 1) & (col + R_ < RV))
 
 
 def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits: int, maxnreg: int | None = None,
            stages: int | None = None, lazy_max: bool | None = None):
     """Decode over ``kv_cache`` for ``q [R, Hq, rank_k]`` (latent queries, bf16) of the layout of ``f`` (one of
     :func:`serves`), then the split-KV reduce (``B_v``) into ``out`` ([R, Hq, head_dim], allocated if None).
-    ``maxnreg``: a register cap (Triton's; None: 128, the compiler's own choice at rank 128 and what keeps 4
-    programs per SM at smaller ranks without spills; 0: the compiler's choice). ``stages``: blocks in the
+    ``maxnreg``: a register cap (Triton's; None: :func:`default_maxnreg`, 128 up to rank 128: the compiler's own
+    choice at rank 128 and what keeps 4 programs per SM at smaller ranks without spills; 0: the compiler's choice). ``stages``: blocks in the
     shared-memory rings of code bytes (0: loads straight into registers; None: :data:`STAGES`). ``lazy_max``
     (stages 0): the first block's max as each warp's softmax reference (None: :data:`LAZY_MAX`)."""
     from .prefill import LOG2E, launch_reduce
@@ -440,9 +514,10 @@ def launch(q, kv_cache, f, block_table, seq_lens, scale: float, out, num_splits:
         G=layout.groups, QPK=layout.group_size * qpk, RK=layout.rank_k, RV=layout.rank_v, RV_P=rv_p, K_SOFF=kf.soff,
         V_OFF=vf.off, V_SOFF=vf.soff, BS=BLOCK, STAGES=stages, K_BITS=layout.bits_k,
         LAZY_MAX=bool(LAZY_MAX if lazy_max is None else lazy_max) and not stages, num_warps=4,
-        **({"maxnreg": 128 if maxnreg is None else maxnreg} if maxnreg != 0 else {}))
+        **({"maxnreg": default_maxnreg(layout) if maxnreg is None else maxnreg} if maxnreg != 0 else {}))
     launch_reduce(pm, pl, pacc, f, out, nsp, layout.group_size, qpk, f.bv)
     return out
 
 
-__all__ = ["AVAILABLE", "BLOCK", "STAGES", "device_ok", "k_rank", "launch", "ring_ok", "serves", "v_rank"]
+__all__ = ["AVAILABLE", "BLOCK", "STAGES", "default_maxnreg", "device_ok", "k_rank", "launch", "ring_ok", "serves",
+           "v_rank"]
