@@ -71,7 +71,7 @@ class LaunchConfig:
 
     @classmethod
     def parse(cls, text: str, sep: str = ",") -> "LaunchConfig":
-        """'maxnreg=168,pairs=1' (``sep``-separated field=value; switches as 0 / 1): a LaunchConfig, or ValueError
+        """'maxnreg=168,explicit=0' (``sep``-separated field=value; switches as 0 / 1): a LaunchConfig, or ValueError
         naming the field and what it takes."""
         import dataclasses
         kinds = {f.name: f.type for f in dataclasses.fields(cls)}

@@ -303,9 +303,10 @@ if AVAILABLE:
         weighted value latents) of each warp's 16 tokens (online softmax)."""
         s = _scores(kx, ks, kx1, ks1, t0, seq_len, qb, qb1, s_mul, tok_s, RK, K_BITS)
         m_new = gl.maximum(m_i, gl.max(s, 1))
-        alpha = gl.expand_dims(gl.exp2(m_i - m_new), 1)
+        alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        l_i = l_i * gl.exp2(m_i - m_new) + gl.sum(p, 1)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        alpha = gl.expand_dims(alpha, 1)
         acc = acc * alpha
         if RV > R_:
             acc1 = acc1 * alpha
